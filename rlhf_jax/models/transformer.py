@@ -1,0 +1,307 @@
+"""One decoder-only transformer (GPT-2 and Llama flavours) with an LM head or a scalar head.
+
+The same module serves training (full forward, packed or padded rows, dropout), decoding (explicit
+KV cache), the reward model and the value function (scalar head on the same backbone).
+
+Inputs
+  tokens       (B, T) int32.
+  segment_ids  (B, T) int32: 0 marks padding, 1, 2, ... number the documents of a packed row.
+               A token attends to earlier tokens of its own segment only. Default: all ones.
+  positions    (B, T) int32: default = index of the token within its segment (so left padding and
+               packing both get the positions a model sees on an unpadded sequence).
+  cache        optional KV cache from `init_cache`: the call appends its T tokens at slot
+               `cache['index']` and attends to everything cached before them.
+
+Output: (out, new_cache); out is logits (B, T, vocab) for head='lm', a scalar per token (B, T)
+for head='scalar', the final hidden states (B, T, d_model) for head='none'. new_cache is None
+without a cache.
+
+Parameters are stacked over layers (one `nn.scan`), so their leading axis is 'layers'. Every parameter
+carries logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp, layers); `rlhf_jax.sharding`
+maps them to mesh axes. No mesh axis is named here.
+"""
+import functools
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.config import ModelConfig
+
+HEADS = ("lm", "scalar", "none")
+_MASKED = -1e30  # finite, so a fully masked (padding) query row gives uniform weights, not NaN
+
+
+def _dense_init(std):
+  return nn.initializers.normal(stddev=std)
+
+
+def _param(module, name, init, shape, axes, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _dtype(name):
+  return jnp.dtype(name)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """Index of each token within its segment (0 at a segment's first token; 0 on padding)."""
+  seg = segment_ids
+  idx = jnp.arange(seg.shape[-1], dtype=jnp.int32)
+  start = jnp.concatenate([jnp.ones_like(seg[..., :1], bool), seg[..., 1:] != seg[..., :-1]], -1)
+  seg_start = jax.lax.cummax(jnp.where(start, idx, 0), axis=seg.ndim - 1)
+  return jnp.where(seg != 0, idx - seg_start, 0).astype(jnp.int32)
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies theta^(-2i/d), with Llama-3 long-context scaling when configured."""
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+  if cfg.rope_scaling_factor:
+    factor, lo, hi = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    low_wavelen = cfg.rope_original_max_len / lo
+    high_wavelen = cfg.rope_original_max_len / hi
+    wavelen = 2 * math.pi / inv
+    smooth = (cfg.rope_original_max_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * inv / factor + smooth * inv
+    inv = jnp.where(wavelen > low_wavelen, inv / factor,
+                    jnp.where(wavelen < high_wavelen, inv, smoothed))
+  return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding, 'rotate half' convention (as Hugging Face Llama). x: (B, T, H, D)."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq          # (B, T, D/2)
+  cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+  sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
+  return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class Norm(nn.Module):
+  """LayerNorm (gpt2) or RMSNorm (llama), statistics in float32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    pdt = _dtype(cfg.param_dtype)
+    xf = x.astype(jnp.float32)
+    scale = _param(self, "scale", nn.initializers.ones, (cfg.d_model,), ("embed",), pdt)
+    if cfg.flavour == "gpt2":
+      bias = _param(self, "bias", nn.initializers.zeros, (cfg.d_model,), ("embed",), pdt)
+      mean = xf.mean(-1, keepdims=True)
+      var = jnp.square(xf - mean).mean(-1, keepdims=True)
+      y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * scale + bias
+    else:
+      y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + cfg.norm_eps) * scale
+    return y.astype(_dtype(cfg.dtype))
+
+
+class Projection(nn.Module):
+  """y = x @ W (+ b) with W of shape in_shape + out_shape, contracting all of in_shape."""
+  in_shape: tuple
+  out_shape: tuple
+  in_axes: tuple
+  out_axes: tuple
+  use_bias: bool
+  std: float
+  dtype: str
+  param_dtype: str
+
+  @nn.compact
+  def __call__(self, x):
+    pdt = _dtype(self.param_dtype)
+    kernel = _param(self, "kernel", _dense_init(self.std), self.in_shape + self.out_shape,
+                    self.in_axes + self.out_axes, pdt)
+    n_in = len(self.in_shape)
+    x = x.astype(_dtype(self.dtype))
+    y = jax.lax.dot_general(x, kernel.astype(x.dtype),
+                            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+    if self.use_bias:
+      y = y + _param(self, "bias", nn.initializers.zeros, self.out_shape, self.out_axes,
+                     pdt).astype(y.dtype)
+    return y
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  def _proj(self, name, in_shape, out_shape, in_axes, out_axes, std):
+    cfg = self.cfg
+    return Projection(in_shape, out_shape, in_axes, out_axes, cfg.flavour == "gpt2", std,
+                      cfg.dtype, cfg.param_dtype, name=name)
+
+  @nn.compact
+  def __call__(self, x, ctx, layer_cache, deterministic):
+    cfg = self.cfg
+    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    std = 0.02
+    q = self._proj("q", (d,), (h, hd), ("embed",), ("heads", "head_dim"), std)(x)
+    k = self._proj("k", (d,), (kv, hd), ("embed",), ("kv_heads", "head_dim"), std)(x)
+    v = self._proj("v", (d,), (kv, hd), ("embed",), ("kv_heads", "head_dim"), std)(x)
+    if cfg.flavour == "llama":
+      q = apply_rope(q, ctx["positions"], ctx["inv_freq"])
+      k = apply_rope(k, ctx["positions"], ctx["inv_freq"])
+
+    b, t = x.shape[:2]
+    q = q.reshape(b, t, kv, cfg.num_groups, hd) * (hd ** -0.5)
+    # Scores against the new tokens (causal within the call) ...
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(ctx["mask"][:, None, None], scores, _MASKED)
+    values = [v]
+    if layer_cache is not None:
+      # ... and against what is already in the cache (slots before cache['index']). The cache is
+      # read, never copied; the new keys/values are written into it once, outside the layer scan.
+      old = jnp.einsum("btkgd,bskd->bkgts", q, layer_cache["k"].astype(q.dtype),
+                       preferred_element_type=jnp.float32)
+      old = jnp.where(ctx["cache_mask"][:, None, None], old, _MASKED)
+      scores = jnp.concatenate([old, scores], axis=-1)
+      values = [layer_cache["v"].astype(v.dtype), v]
+    probs = jax.nn.softmax(scores, axis=-1)
+    if cfg.dropout_attn and not deterministic:
+      probs = nn.Dropout(cfg.dropout_attn)(probs, deterministic=False)
+    probs = probs.astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, jnp.concatenate(values, axis=1))
+    out = out.reshape(b, t, h, hd)
+    out = self._proj("o", (h, hd), (d,), ("heads", "head_dim"), ("embed",),
+                     std / math.sqrt(2 * cfg.num_layers))(out)
+    return out, {"k": k.astype(_dtype(cfg.dtype)), "v": v.astype(_dtype(cfg.dtype))}
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    bias = cfg.flavour == "gpt2"
+    proj = functools.partial(Projection, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    up = proj((cfg.d_model,), (cfg.d_ff,), ("embed",), ("mlp",), std=0.02, name="up")(x)
+    if cfg.flavour == "gpt2":
+      hidden = jax.nn.gelu(up, approximate=True)
+    else:
+      gate = proj((cfg.d_model,), (cfg.d_ff,), ("embed",), ("mlp",), std=0.02, name="gate")(x)
+      hidden = jax.nn.silu(gate) * up
+    return proj((cfg.d_ff,), (cfg.d_model,), ("mlp",), ("embed",),
+                std=0.02 / math.sqrt(2 * cfg.num_layers), name="down")(hidden)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block; scanned over layers. Carry: hidden states; per layer: cache slice."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, layer_cache, ctx):
+    cfg = self.cfg
+    drop = lambda y: (nn.Dropout(cfg.dropout_resid)(y, deterministic=False)
+                      if cfg.dropout_resid and not self.deterministic else y)
+    attn, new_kv = Attention(cfg, name="attn")(Norm(cfg, name="attn_norm")(x), ctx, layer_cache,
+                                                self.deterministic)
+    x = x + drop(attn)
+    x = x + drop(Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x)))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed_act"))
+    return x, new_kv
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
+  """An empty KV cache for `max_len` slots: keys/values (layers, B, S, kv_heads, head_dim).
+
+  index: next slot to write (shared by the batch); segment_ids (B, S): 0 on empty or padding slots;
+  pos (B,): number of real tokens seen per row, so new tokens get the right positions.
+  """
+  shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, _dtype(cfg.dtype)), "v": jnp.zeros(shape, _dtype(cfg.dtype)),
+          "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
+          "index": jnp.zeros((), jnp.int32), "pos": jnp.zeros((batch_size,), jnp.int32)}
+
+
+def _attention_context(cfg, segment_ids, positions, cache):
+  """Masks and positions shared by all layers (computed once, broadcast through the layer scan)."""
+  t = segment_ids.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  same_seg = segment_ids[:, :, None] == segment_ids[:, None, :]
+  mask = causal[None] & same_seg & (segment_ids != 0)[:, None, :]
+  ctx = {"mask": mask}
+  if cache is not None:
+    slots = jnp.arange(cache["segment_ids"].shape[1])
+    old_ok = (slots[None, :] < cache["index"]) & (cache["segment_ids"] != 0)       # (B, S)
+    ctx["cache_mask"] = old_ok[:, None, :] & (segment_ids != 0)[:, :, None]         # (B, T, S)
+    if positions is None:
+      real = (segment_ids != 0).astype(jnp.int32)
+      positions = jnp.maximum(cache["pos"][:, None] + jnp.cumsum(real, axis=1) - 1, 0)
+  if positions is None:
+    positions = segment_positions(segment_ids)
+  ctx["positions"] = positions.astype(jnp.int32)
+  if cfg.flavour == "llama":
+    ctx["inv_freq"] = rope_frequencies(cfg)
+  return ctx
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+  head: str = "lm"
+
+  @nn.compact
+  def __call__(self, tokens, segment_ids=None, positions=None, cache: Optional[dict] = None, *,
+               deterministic: bool = True):
+    cfg = self.cfg
+    if self.head not in HEADS:
+      raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+    pdt = _dtype(cfg.param_dtype)
+    if segment_ids is None:
+      segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    ctx = _attention_context(cfg, segment_ids, positions, cache)
+
+    embedding = _param(self, "embed", _dense_init(0.02), (cfg.vocab_size, cfg.d_model),
+                       ("vocab", "embed"), pdt)
+    x = jnp.take(embedding, tokens, axis=0).astype(_dtype(cfg.dtype))
+    if cfg.flavour == "gpt2":
+      pos_embedding = _param(self, "pos_embed", _dense_init(0.01), (cfg.max_len, cfg.d_model),
+                             (None, "embed"), pdt)
+      x = x + jnp.take(pos_embedding, ctx["positions"], axis=0).astype(x.dtype)
+    if cfg.dropout_resid and not deterministic:
+      x = nn.Dropout(cfg.dropout_resid)(x, deterministic=False)
+
+    block = Block
+    if cfg.remat:
+      block = nn.remat(block, prevent_cse=False)
+    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                     in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                     unroll=cfg.num_layers if cfg.unroll_layers else 1,
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+    layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    x, new_kv = layers(cfg, deterministic, name="layers")(x, layer_caches, ctx)
+    x = Norm(cfg, name="final_norm")(x)
+
+    new_cache = None
+    if cache is not None:
+      index = cache["index"]
+      write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
+                                                                   index, axis=2)
+      new_cache = {
+          "k": write(cache["k"], new_kv["k"]), "v": write(cache["v"], new_kv["v"]),
+          "segment_ids": jax.lax.dynamic_update_slice_in_dim(
+              cache["segment_ids"], segment_ids.astype(jnp.int32), index, axis=1),
+          "index": index + tokens.shape[1],
+          "pos": cache["pos"] + (segment_ids != 0).sum(axis=1).astype(jnp.int32),
+      }
+
+    if self.head == "none":
+      return x, new_cache
+    if self.head == "scalar":
+      std = 1.0 / math.sqrt(cfg.d_model + 1)
+      out = Projection((cfg.d_model,), (1,), ("embed",), (None,), True, std, "float32",
+                       cfg.param_dtype, name="scalar_head")(x)
+      return out[..., 0], new_cache
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = Projection((cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",), False, 0.02,
+                          cfg.dtype, cfg.param_dtype, name="lm_head")(x).astype(jnp.float32)
+    return logits, new_cache
