@@ -16,6 +16,7 @@ leaves nothing behind. An existing destination is only replaced with --overwrite
 
 Python API: `load_model(path) -> LoadedModel(cfg, params, tokenizer_dir, head)`, `save_model(...)`.
 """
+import atexit
 import dataclasses
 import importlib.util
 import json
@@ -25,6 +26,7 @@ import tempfile
 from typing import Any, Optional
 
 from absl import flags
+import jax
 import numpy as np
 
 from rlhf_jax.errors import UserError, run_cli
@@ -91,11 +93,29 @@ def _expected(cfg, head="lm"):
   return abstract_params(cfg, head)
 
 
-def _gguf_tokenizer(path: str, workdir: str) -> str:
-  from transformers import AutoTokenizer
-  tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                      gguf_file=os.path.basename(path))
-  out = os.path.join(workdir, "tokenizer")
+def _gguf_tokenizer(path: str) -> str:
+  """The GGUF's tokenizer as a Hugging Face tokenizer directory (temporary), without torch.
+
+  transformers' own GGUF loader imports torch; we read the metadata with the `gguf` package and
+  hand it to transformers' GGUF tokenizer builder (tokenizers only).
+  """
+  from rlhf_jax.models.gguf_import import tokenizer_metadata
+  from transformers import PreTrainedTokenizerFast
+  from transformers.integrations.gguf import gguf_tokenizer_mapping as tm
+  metadata = tokenizer_metadata(path)
+  grouped = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
+                     if f"tokenizer.{key}" in metadata}
+             for group, renames in tm.GGUF_TOKENIZER_MAPPING.items()}
+  tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
+  if tokenizer.get("tokenizer_type") == "llama":
+    config.setdefault("add_bos_token", True)
+  for name, key in tm._SPECIAL_TOKENS.items():
+    token_id = metadata.get(f"tokenizer.ggml.{key}")
+    config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+  backend, extra = tm.convert_gguf_tokenizer(metadata["general.architecture"], tokenizer)
+  tok = PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+  out = tempfile.mkdtemp(prefix="rlhf_jax_tokenizer_")
+  atexit.register(shutil.rmtree, out, ignore_errors=True)
   tok.save_pretrained(out)
   return out
 
@@ -116,7 +136,7 @@ def load_model(path: str, head: Optional[str] = None) -> LoadedModel:
     from rlhf_jax.models.gguf_import import read_gguf
     cfg, params = read_gguf(path, _expected)
     stored_head = "lm"
-    tokenizer_dir = _gguf_tokenizer(path, tempfile.mkdtemp(prefix="rlhf_jax_tok_"))
+    tokenizer_dir = _gguf_tokenizer(path)
   else:
     cfg, params, stored_head = _read_native(path)
     if any(os.path.exists(os.path.join(path, f)) for f in hf_format.TOKENIZER_FILES[:2]):
@@ -216,10 +236,11 @@ def save_model(path: str, cfg: ModelConfig, params, fmt: str = "hf", tokenizer_d
 
 def convert(src: str, dst: str, dst_format: str = "hf", dtype: str = "float32",
             overwrite: bool = False) -> LoadedModel:
+  """Loads `src` (any supported format) and writes it to `dst`. Checks `dst` before loading."""
   if dst_format not in ("hf", "rlhf_jax"):
     raise UserError(f"--dst_format must be hf or rlhf_jax, got {dst_format!r}")
   if os.path.exists(dst) and not overwrite:
-    raise UserError(f"--dst={dst}: already exists (pass --overwrite to replace it)")
+    raise UserError(f"{os.path.abspath(dst)}: already exists (pass --overwrite to replace it)")
   model = load_model(src)
   save_model(dst, model.cfg, model.params, dst_format, model.tokenizer_dir, model.head, dtype,
              overwrite)
@@ -241,14 +262,9 @@ def main(argv):
   if not _SRC.value or not _DST.value:
     raise UserError("--src and --dst are required")
   model = convert(_SRC.value, _DST.value, _DST_FORMAT.value, _DTYPE.value, _OVERWRITE.value)
-  n = sum(int(np.prod(np.shape(x))) for x in _leaves(model.params))
+  n = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(model.params))
   print(f"wrote {_DST.value} ({_DST_FORMAT.value}): {model.cfg.flavour}, {model.cfg.num_layers} "
         f"layers x {model.cfg.d_model}, {n / 1e6:.1f}M parameters")
-
-
-def _leaves(tree):
-  import jax
-  return jax.tree.leaves(tree)
 
 
 if __name__ == "__main__":

@@ -103,3 +103,10 @@ def read_gguf(path: str, expected_params_fn):
     tensors[name] = w
   return cfg, params_from_hf(cfg, tensors, path, expected_params_fn(cfg))
 
+
+
+def tokenizer_metadata(path: str) -> dict:
+  """The tokenizer.* and general.architecture metadata of a GGUF file as plain Python values."""
+  reader = _reader(path)
+  return {key: field.contents() for key, field in reader.fields.items()
+          if key.startswith("tokenizer.") or key == "general.architecture"}
