@@ -8,6 +8,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 
 class UserError(Exception):
@@ -26,6 +27,8 @@ def run_cli(main):
   """absl `app.run(main)` with flag errors and `UserError`s reported as one line, exit status 2."""
 
   def wrapped(argv):
+    if not flags.FLAGS["verbosity"].present:   # library INFO chatter (orbax, jax) off by default
+      logging.set_verbosity(logging.WARNING)
     try:
       return main(argv)
     except UserError as e:

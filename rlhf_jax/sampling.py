@@ -1,0 +1,149 @@
+"""Jitted sampling: one prefill, then a `lax.while_loop` of one-token decode steps over a KV cache.
+
+    out = sample(params, cfg, prompts, prompt_segment_ids, rng, SamplingConfig(max_new_tokens=64))
+
+Prompts are left-padded (B, P) with segment ids 1 on real tokens and 0 on padding, so every row's
+last prompt token sits in the last column and all rows decode in lock step; each row still sees its own
+positions (the cache tracks them). With `num_samples=K` the prompts are prefilled once and the cache is
+repeated K times (rows b*K .. b*K+K-1 belong to prompt b): the RM data-collection and best-of-K case.
+
+Per step, from the last logits l:  z = l / temperature; top-k keeps the k largest z; top-p keeps
+the smallest set of tokens whose probability mass reaches p (the sort is skipped when top_p = 1);
+the token is drawn from softmax(z) over what is kept (argmax when greedy). A row stops after its EOS;
+the loop exits early once every row has stopped.
+
+Returned log-probs are log softmax(l / temperature)[token], with no top-k/top-p mask: exactly what a
+fresh forward pass at the same temperature gives, which is what the PPO ratio needs.
+"""
+import dataclasses
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.errors import UserError
+from rlhf_jax.models import ModelConfig, Transformer, init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int = 64
+  temperature: float = 1.0
+  top_k: int = 0            # 0: off
+  top_p: float = 1.0        # 1.0: off
+  greedy: bool = False
+  eos_token_id: Optional[int] = None   # None: never stop early
+  pad_token_id: int = 0                # written after a row's EOS
+
+  def __post_init__(self):
+    if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+      raise UserError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+    if not self.temperature > 0:
+      raise UserError(f"temperature must be > 0, got {self.temperature}")
+    if not isinstance(self.top_k, int) or self.top_k < 0:
+      raise UserError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
+    if not 0 < self.top_p <= 1:
+      raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class Samples(NamedTuple):
+  tokens: jax.Array      # (B*K, N) int32; pad_token_id after a row's EOS
+  mask: jax.Array        # (B*K, N) float32; 1 on generated tokens up to and including EOS
+  logprobs: jax.Array    # (B*K, N) float32; log softmax(logits / T) of the chosen token, 0 where masked
+  lengths: jax.Array     # (B*K,) int32; number of generated tokens (EOS included)
+
+
+def filter_logits(z: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Top-k then top-p (nucleus) filtering of scaled logits z (..., V): removed entries -> -inf."""
+  if top_k and top_k < z.shape[-1]:
+    kth = jax.lax.top_k(z, top_k)[0][..., -1:]
+    z = jnp.where(z < kth, -jnp.inf, z)
+  if top_p < 1.0:
+    sorted_z = jnp.sort(z, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_z, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # Keep a token while the mass of strictly more likely tokens is still below top_p.
+    n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(sorted_z, n_keep - 1, axis=-1)
+    z = jnp.where(z < threshold, -jnp.inf, z)
+  return z
+
+
+def choose_token(logits: jax.Array, rng, sc: SamplingConfig):
+  """(token, logprob at the sampling temperature) for each row of logits (B, V)."""
+  z = logits.astype(jnp.float32) / sc.temperature
+  if sc.greedy:
+    token = jnp.argmax(z, axis=-1)
+  else:
+    token = jax.random.categorical(rng, filter_logits(z, sc.top_k, sc.top_p), axis=-1)
+  logprob = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), token[:, None], axis=-1)[:, 0]
+  return token.astype(jnp.int32), logprob
+
+
+def _repeat_rows(tree, k: int):
+  """Repeat every batch row k times (row b -> rows b*k .. b*k+k-1); cache k/v have batch axis 1."""
+  if k == 1:
+    return tree
+  return {name: (jnp.repeat(x, k, axis=1) if name in ("k", "v") else
+                 x if x.ndim == 0 else jnp.repeat(x, k, axis=0)) for name, x in tree.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sc", "num_samples"))
+def sample(params, cfg: ModelConfig, prompts: jax.Array, prompt_segment_ids: jax.Array, rng,
+           sc: SamplingConfig, num_samples: int = 1) -> Samples:
+  """Samples `sc.max_new_tokens` tokens after left-padded `prompts` (B, P); see the module doc."""
+  model = Transformer(cfg)
+  b, p = prompts.shape
+  n = sc.max_new_tokens
+  cache = init_cache(cfg, b, p + n)
+  logits, cache = model.apply({"params": params}, prompts, segment_ids=prompt_segment_ids,
+                              cache=cache)
+  cache = _repeat_rows(cache, num_samples)
+  last = jnp.repeat(logits[:, -1], num_samples, axis=0)
+  rows = b * num_samples
+
+  rng, first = jax.random.split(rng)
+  token, logprob = choose_token(last, first, sc)
+  done = (token == sc.eos_token_id) if sc.eos_token_id is not None else jnp.zeros(rows, bool)
+  tokens = jnp.full((rows, n), sc.pad_token_id, jnp.int32).at[:, 0].set(token)
+  logprobs = jnp.zeros((rows, n), jnp.float32).at[:, 0].set(logprob)
+  lengths = jnp.ones((rows,), jnp.int32)
+
+  def cond(state):
+    i, _, _, _, _, done, _, _ = state
+    return (i < n) & ~jnp.all(done)
+
+  def body(state):
+    i, cache, token, tokens, logprobs, done, lengths, rng = state
+    rng, step_rng = jax.random.split(rng)
+    logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
+    new, logprob = choose_token(logits[:, 0], step_rng, sc)
+    new = jnp.where(done, sc.pad_token_id, new)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new[:, None], i, axis=1)
+    logprobs = jax.lax.dynamic_update_slice_in_dim(
+        logprobs, jnp.where(done, 0.0, logprob)[:, None], i, axis=1)
+    lengths = lengths + (~done).astype(jnp.int32)
+    if sc.eos_token_id is not None:
+      done = done | (new == sc.eos_token_id)
+    return i + 1, cache, new, tokens, logprobs, done, lengths, rng
+
+  state = (jnp.int32(1), cache, token, tokens, logprobs, done, lengths, rng)
+  _, _, _, tokens, logprobs, _, lengths, _ = jax.lax.while_loop(cond, body, state)
+  mask = (jnp.arange(n)[None, :] < lengths[:, None]).astype(jnp.float32)
+  return Samples(tokens, mask, logprobs * mask, lengths)
+
+
+def left_pad(sequences, pad_token_id: int, length: Optional[int] = None):
+  """Lists of token ids -> left-padded (tokens, segment_ids) int32 arrays of width `length`."""
+  import numpy as np
+  width = length or max(len(s) for s in sequences)
+  tokens = np.full((len(sequences), width), pad_token_id, np.int32)
+  seg = np.zeros((len(sequences), width), np.int32)
+  for i, s in enumerate(sequences):
+    if len(s) > width:
+      raise UserError(f"prompt {i} has {len(s)} tokens, more than the width {width}")
+    if s:
+      tokens[i, width - len(s):] = s
+      seg[i, width - len(s):] = 1
+  return tokens, seg

