@@ -1,12 +1,12 @@
 """Data: JSONL schema, TFDS builders (array_record), public-format converters, tokenizers, grain
 loaders with packing, and the offline task with its gold and simulated labelers.
 
-Typical use:
-  paths = offline_task.write_offline_task("work/offline")            # or formats.convert_file(...)
-  builders.build_datasets({k: paths[k] for k in schema.KINDS}, "work/tfds")
+Typical use (or `python -m rlhf_jax.data.prepare`):
+  paths = prepare.prepare_offline("work/offline")    # JSONL + tokenizer + TFDS; or prepare_public
   tokenizer = tokenizer_lib.load_tokenizer(paths["tokenizer"])
-  source = builders.load_source("work/tfds", "sft", "train")
+  source = builders.load_source(paths["tfds"], "sft", "train")
   batches = loaders.sft_loader(source, tokenizer, batch_size=8, seq_len=128, seed=0)
+  iterator = iter(batches)        # next(iterator); iterator.get_state() / set_state(state)
 """
 from rlhf_jax.data import builders
 from rlhf_jax.data import encoding
@@ -15,6 +15,7 @@ from rlhf_jax.data import labelers
 from rlhf_jax.data import loaders
 from rlhf_jax.data import offline_task
 from rlhf_jax.data import packing
+from rlhf_jax.data import prepare
 from rlhf_jax.data import schema
 from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.data.builders import build_dataset, build_datasets, load_source

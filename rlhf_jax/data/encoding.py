@@ -75,7 +75,8 @@ def comparison_rows(prompt_ids, responses_ids, ranks, bos_id, eos_id, pad_id, se
   """K responses to one prompt as K_max right-padded rows `[bos] prompt response [eos] pad...`.
 
   When a row would not fit, the prompt loses tokens from its left (the same number in every row,
-  bos is kept) until the longest response fits; a response that alone does not fit loses its tail.
+  bos is kept) until the longest response fits, but keeps at least half the row; a response that
+  still does not fit loses its tail (and its eos).
   Missing responses (K < k_max) are all-padding rows with `response_valid` 0 and rank RANK_PAD.
 
   Returns tokens, segment_ids, positions, response_mask (K_max, T); lengths, last_index, ranks,
@@ -86,7 +87,7 @@ def comparison_rows(prompt_ids, responses_ids, ranks, bos_id, eos_id, pad_id, se
            for r in responses_ids]
   n_bos = 0 if bos_id is None else 1
   prompt_ids = np.asarray(prompt_ids, np.int32)
-  room = max(seq_len - n_bos - max(len(t) for t in tails), 0)
+  room = max(seq_len - n_bos - max(len(t) for t in tails), (seq_len - n_bos) // 2)
   prompt_ids = prompt_ids[len(prompt_ids) - min(room, len(prompt_ids)):]
   head = _with_bos(prompt_ids, bos_id)
   tokens = np.full((k_max, seq_len), pad_id, np.int32)

@@ -24,25 +24,6 @@ HH_ASSISTANT = "\n\nAssistant:"
 TLDR_PROMPT = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
 
 
-def _json_lines(path):
-  """Yields (where, decoded object) for each non-blank line of a local JSONL file."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise UserError(f"{path}: no such file")
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path} line {line_number}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(record, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-      yield where, record
-
-
 def _field(where, record, field, kind=str):
   """record[field], checked to exist and be of `kind`."""
   if field not in record:
@@ -67,7 +48,7 @@ def split_hh_transcript(transcript, where="transcript"):
 def convert_hh_rlhf(path):
   """Comparison records from an HH-RLHF JSONL file; returns (records, {reason: skipped count})."""
   records, skipped = [], {"different prompts": 0, "identical responses": 0}
-  for where, record in _json_lines(path):
+  for where, record in schema.json_lines(path):
     chosen_prompt, chosen = split_hh_transcript(_field(where, record, "chosen"),
                                                 f"{where} field 'chosen'")
     rejected_prompt, rejected = split_hh_transcript(_field(where, record, "rejected"),
@@ -99,7 +80,7 @@ def convert_tldr(path, splits=None):
     (records, {reason: skipped count}).
   """
   records, skipped = [], {"no reddit post": 0, "other split": 0, "identical summaries": 0}
-  for where, record in _json_lines(path):
+  for where, record in schema.json_lines(path):
     if splits is not None and record.get("split") not in splits:
       skipped["other split"] += 1
       continue

@@ -22,7 +22,8 @@ Batches (B = batch_size; every `loss_mask`/`response_mask` is aligned with token
   prompt_loader             left-padded `pad... [bos] prompt`:
     tokens, segment_ids, positions (B, T_prompt) int32; lengths (B,) int32; index (B,) int32
 With `drop_remainder=False` a finite loader pads its last batch with rows whose `index` is -1 and
-whose masks are all zero, so the shapes never change.
+whose masks are all zero, so the shapes never change. `prefetch=N` builds N batches ahead in a
+background thread.
 """
 import functools
 
@@ -55,14 +56,17 @@ def _text(value):
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _with_index(index, record):
-  return index, record
+def _with_index(index, record, num_records):
+  """(record index, record); past the first epoch grain's indices run beyond the source and it
+  reads them modulo its size, so the record index is taken modulo too."""
+  return index % num_records, record
 
 
 def indexed_records(source, *, seed, shuffle, num_epochs, shard):
   """The sharded, shuffled, repeated MapDataset of (record index, record) pairs."""
   shard_index, shard_count = host_shard(shard)
-  ds = grain.MapDataset.source(source).map_with_index(_with_index)
+  ds = grain.MapDataset.source(source)
+  ds = ds.map_with_index(functools.partial(_with_index, num_records=len(ds)))
   ds = ds[:len(ds) - len(ds) % shard_count][shard_index::shard_count]
   if len(ds) == 0:
     raise UserError(f"the data has {len(source)} records, fewer than the {shard_count} hosts "
@@ -91,11 +95,21 @@ def _pad_batch(batch, batch_size, pad_id):
   return padded
 
 
-def _batch(ds, batch_size, drop_remainder, pad_id):
+def _batch(ds, batch_size, drop_remainder, pad_id, prefetch):
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   if not drop_remainder:
     ds = ds.map(functools.partial(_pad_batch, batch_size=batch_size, pad_id=pad_id))
-  return ds
+  return _prefetch(ds, prefetch)
+
+
+def _prefetch(ds, prefetch):
+  """Makes `prefetch` batches ahead in a background thread (packing and batching included), so
+  they overlap the training step; 0 (the default) turns it off. The iterator state stays exact.
+  Call the iterator's `close()` when done with it: grain's prefetch thread otherwise complains at
+  interpreter exit."""
+  if not prefetch:
+    return ds
+  return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
 
 
 # ---------------------------------------------------------------- pretraining text (ptx)
@@ -120,7 +134,7 @@ class _PtxChunks(grain.experimental.FlatMapTransform):
 
 
 def ptx_loader(source, tokenizer, *, batch_size, seq_len, seed=0, num_epochs=None, shard=None,
-               shuffle=True, num_bins=None, max_chunks=64, num_threads=2):
+               shuffle=True, num_bins=None, max_chunks=64, num_threads=2, prefetch=0):
   """Packed pretraining batches (B, seq_len); a long document is split into chunks."""
   _check_positive("batch_size", batch_size)
   _check_positive("seq_len", seq_len)
@@ -129,7 +143,7 @@ def ptx_loader(source, tokenizer, *, batch_size, seq_len, seed=0, num_epochs=Non
   docs = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(_read_options(num_threads)),
                                                _PtxChunks(tokenizer, seq_len, max_chunks))
   rows = packing.pack_documents(docs, seq_len, tokenizer.pad_id, num_bins or batch_size)
-  return rows.batch(batch_size, drop_remainder=True)
+  return _prefetch(rows.batch(batch_size, drop_remainder=True), prefetch)
 
 
 # ---------------------------------------------------------------- demonstrations (SFT)
@@ -156,7 +170,8 @@ def _drop_index(doc):
 
 
 def sft_loader(source, tokenizer, *, batch_size, seq_len, seed=0, num_epochs=None, shard=None,
-               shuffle=True, pack=True, num_bins=None, drop_remainder=True, num_threads=2):
+               shuffle=True, pack=True, num_bins=None, drop_remainder=True, num_threads=2,
+               prefetch=0):
   """Demonstration batches (B, seq_len): packed rows, or one right-padded document per row.
 
   A demonstration longer than seq_len loses its tail; one whose prompt alone fills seq_len is
@@ -170,9 +185,9 @@ def sft_loader(source, tokenizer, *, batch_size, seq_len, seed=0, num_epochs=Non
   if pack:
     rows = packing.pack_documents(docs.map(_drop_index), seq_len, tokenizer.pad_id,
                                   num_bins or batch_size)
-    return rows.batch(batch_size, drop_remainder=True)
+    return _prefetch(rows.batch(batch_size, drop_remainder=True), prefetch)
   rows = docs.map(functools.partial(_sft_row, seq_len=seq_len, pad_id=tokenizer.pad_id))
-  return _batch(rows, batch_size, drop_remainder, tokenizer.pad_id)
+  return _batch(rows, batch_size, drop_remainder, tokenizer.pad_id, prefetch)
 
 
 # ---------------------------------------------------------------- ranked comparisons (RM)
@@ -193,7 +208,8 @@ def _encode_comparison(item, tokenizer, seq_len, k_max):
 
 
 def comparison_loader(source, tokenizer, *, batch_size, seq_len, k_max, seed=0, num_epochs=None,
-                      shard=None, shuffle=True, drop_remainder=True, num_threads=2):
+                      shard=None, shuffle=True, drop_remainder=True, num_threads=2,
+                      prefetch=0):
   """Batches of B prompts, each with K_max right-padded responses (B, K_max, seq_len)."""
   _check_positive("batch_size", batch_size)
   _check_positive("seq_len", seq_len)
@@ -202,7 +218,7 @@ def comparison_loader(source, tokenizer, *, batch_size, seq_len, k_max, seed=0, 
   ds = ds.map(functools.partial(_encode_comparison, tokenizer=tokenizer, seq_len=seq_len,
                                 k_max=k_max))
   return _batch(ds.to_iter_dataset(_read_options(num_threads)), batch_size, drop_remainder,
-                tokenizer.pad_id)
+                tokenizer.pad_id, prefetch)
 
 
 # ---------------------------------------------------------------- prompts (PPO, evaluation)
@@ -217,11 +233,12 @@ def _encode_prompt(item, tokenizer, prompt_len):
 
 
 def prompt_loader(source, tokenizer, *, batch_size, prompt_len, seed=0, num_epochs=None,
-                  shard=None, shuffle=True, drop_remainder=True, num_threads=2):
+                  shard=None, shuffle=True, drop_remainder=True, num_threads=2,
+                      prefetch=0):
   """Batches of left-padded prompts (B, prompt_len); a long prompt keeps its right end."""
   _check_positive("batch_size", batch_size)
   _check_positive("prompt_len", prompt_len)
   ds = indexed_records(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs, shard=shard)
   ds = ds.map(functools.partial(_encode_prompt, tokenizer=tokenizer, prompt_len=prompt_len))
   return _batch(ds.to_iter_dataset(_read_options(num_threads)), batch_size, drop_remainder,
-                tokenizer.pad_id)
+                tokenizer.pad_id, prefetch)

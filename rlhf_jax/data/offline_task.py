@@ -208,35 +208,43 @@ def gold_scores(prompts, responses):
 # ---------------------------------------------------------------- mistakes
 
 
+def _one_edit(family, words, vocab, rng):
+  """`words` with one random mistake of the kind `perturb_words` describes (may be a no-op)."""
+  words = list(words)
+  if family in ("sort", "reverse"):
+    op = int(rng.integers(4))
+    i = int(rng.integers(len(words))) if words else 0
+    if op == 0 and len(words) >= 2:
+      i = int(rng.integers(len(words) - 1))
+      words[i], words[i + 1] = words[i + 1], words[i]
+    elif op == 1 and words:
+      others = [w for w in vocab if w != words[i]]
+      words[i] = others[int(rng.integers(len(others)))]
+    elif op == 2 and len(words) >= 2:
+      del words[i]
+    else:
+      words.insert(i, words[i] if words else vocab[0])
+    return words
+  if family == "count":
+    delta = int(rng.choice([-2, -1, 1, 2]))
+    count = int(words[0]) + delta
+    return [str(count if count >= 0 else count - 2 * delta)]
+  digits = list(words[0])
+  i = int(rng.integers(len(digits)))
+  digits[i] = str((int(digits[i]) + int(rng.integers(1, 10))) % 10)
+  return [str(int("".join(digits)))]
+
+
 def perturb_words(family, words, config, rng, num_edits=1):
   """`words` with `num_edits` plausible mistakes (a swap, a wrong, missing or doubled word; a
-  digit or a count off by a little)."""
-  words = list(words)
+  digit or a count off by a little). Each edit changes the words it is given."""
   vocab = WORDS[:config.num_words]
   for _ in range(num_edits):
-    if family in ("sort", "reverse"):
-      op = int(rng.integers(4))
-      i = int(rng.integers(len(words))) if words else 0
-      if op == 0 and len(words) >= 2:
-        i = int(rng.integers(len(words) - 1))
-        words[i], words[i + 1] = words[i + 1], words[i]
-      elif op == 1 and words:
-        others = [w for w in vocab if w != words[i]]
-        words[i] = others[int(rng.integers(len(others)))]
-      elif op == 2 and len(words) >= 2:
-        del words[i]
-      else:
-        words.insert(i, words[i] if words else vocab[0])
-    elif family == "count":
-      delta = int(rng.choice([-2, -1, 1, 2]))
-      count = int(words[0]) + delta
-      words = [str(count if count >= 0 else count - 2 * delta)]
-    else:
-      digits = list(words[0])
-      i = int(rng.integers(len(digits)))
-      digits[i] = str((int(digits[i]) + int(rng.integers(1, 10))) % 10)
-      words = [str(int("".join(digits)))]
-  return words
+    edited = _one_edit(family, words, vocab, rng)
+    while edited == words:  # e.g. a swap of two equal words; an insertion always changes them
+      edited = _one_edit(family, words, vocab, rng)
+    words = edited
+  return list(words)
 
 
 def candidate_response(family, args, config, rng, num_edits):

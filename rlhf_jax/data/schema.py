@@ -3,14 +3,14 @@
 Every file holds one JSON object per line (blank lines are skipped). The fields of each kind are
 exactly these (an unknown or missing field is an error, so a typo never passes silently):
 
-  ptx          {"text": str}                        pretraining text, non-empty
-  sft          {"prompt": str, "response": str}     a demonstration; the model sees prompt + response
+  ptx          {"text": str}                      pretraining text, non-empty
+  sft          {"prompt": str, "response": str}   a demonstration (the model sees prompt + response)
   comparisons  {"prompt": str, "responses": [str, ...], "ranks": [int, ...]}
-                                                    K = 2..9 responses to one prompt; ranks[i] is the
-                                                    rank of responses[i], 0 = best, equal ranks are
-                                                    ties, every rank lies in 0..K-1 and at least two
-                                                    ranks differ
-  prompts      {"prompt": str}                      a prompt for PPO rollouts or evaluation
+                                                  K = 2..9 responses to one prompt; ranks[i] is the
+                                                  rank of responses[i], 0 = best, equal ranks are
+                                                  ties, every rank lies in 0..K-1 and at least two
+                                                  ranks differ
+  prompts      {"prompt": str}                    a prompt for PPO rollouts or evaluation
 
 Text is joined without any separator: the document is exactly `prompt + response`, so a prompt
 carries its own trailing marker ("\\n\\nAssistant:", "TL;DR:", "A:") and a response its own leading
@@ -111,17 +111,11 @@ def validate_record(record, kind, where):
   return record
 
 
-def read_jsonl(path, kind):
-  """Reads and validates a whole JSONL file of `kind`; returns the list of records.
-
-  Raises a UserError naming the file and line of the first bad record, before anything is
-  built from the file.
-  """
-  check_kind(kind)
+def json_lines(path, expected="JSONL records"):
+  """Yields (where, object) for each non-blank line of a local JSONL file; `where` = 'path line N'."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise UserError(f"{path}: no such file (expected a JSONL file of {kind} records)")
-  records = []
+    raise UserError(f"{path}: no such file (expected a JSONL file of {expected})")
   with open(path, encoding="utf-8") as f:
     for line_number, line in enumerate(f, start=1):
       if not line.strip():
@@ -131,9 +125,22 @@ def read_jsonl(path, kind):
         record = json.loads(line)
       except json.JSONDecodeError as e:
         raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-      records.append(validate_record(record, kind, where))
+      if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+      yield where, record
+
+
+def read_jsonl(path, kind):
+  """Reads and validates a whole JSONL file of `kind`; returns the list of records.
+
+  Raises a UserError naming the file and line of the first bad record, before anything is
+  built from the file.
+  """
+  check_kind(kind)
+  records = [validate_record(record, kind, where)
+             for where, record in json_lines(path, f"{kind} records")]
   if not records:
-    raise UserError(f"{path}: holds no records (expected one JSON object per line)")
+    raise UserError(f"{os.fspath(path)}: holds no records (expected one JSON object per line)")
   return records
 
 

@@ -283,8 +283,7 @@ def params_from_hf(cfg: ModelConfig, tensors: dict, where: str, expected_params)
   params = {}
   for path, name in _top_names(cfg).items():
     value = take(name)
-    if path == ("lm_head", "kernel"):
-      check(path, value.T, name)
+    if path == ("lm_head", "kernel"):   # HF (vocab, d) -> ours (d, vocab)
       value = value.T
     _set(params, path, check(path, value, name))
 
@@ -327,7 +326,6 @@ def params_from_hf(cfg: ModelConfig, tensors: dict, where: str, expected_params)
 
 def params_to_hf(cfg: ModelConfig, params) -> dict:
   """HF-named numpy tensors from our parameter tree (the inverse of `params_from_hf`)."""
-  params = {k: v for k, v in params.items()}
   out = {}
   for path, name in _top_names(cfg).items():
     value = np.asarray(_get(params, path))
