@@ -1,0 +1,172 @@
+"""A minimal sharded LM train step, shared by the sharding/checkpoint/multi-host/plan tests.
+
+Imported by the tests, and run as a script by tests/test_multihost.py, one process per fake host:
+
+  python tests/multihost_worker.py --process_id=I --num_processes=N --port=P --steps=S --out=F
+
+Each process owns 4 CPU devices, reads only its own rows of every global batch and writes (process 0)
+the loss trajectory and a parameter checksum as JSON to F.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+BATCH_SIZE = 8
+SEQ_LEN = 32
+
+
+def model_config(dropout: float = 0.0):
+  from rlhf_jax.models import get_model_config
+  return get_model_config("tiny", dropout_resid=dropout)
+
+
+def optimizer():
+  """AdamW. Adam divides each update by |g|, so float32 reduction-order noise e in a near-zero
+  gradient moves a weight by about lr * e / |g|: the learning rate is small enough that different
+  meshes agree to 1e-5 in the weights, not only in the loss."""
+  import optax
+  return optax.adamw(1e-4, weight_decay=0.01)
+
+
+def make_batch(index: int, batch_size: int = BATCH_SIZE, seq_len: int = SEQ_LEN,
+               vocab: int = 512) -> dict:
+  """Global batch number `index`: two packed segments per row and trailing padding (seg 0)."""
+  rng = np.random.default_rng(1000 + index)
+  tokens = rng.integers(3, vocab, size=(batch_size, seq_len), dtype=np.int32)
+  seg = np.zeros((batch_size, seq_len), np.int32)
+  for row in range(batch_size):
+    first = int(rng.integers(4, seq_len // 2))
+    total = int(rng.integers(first + 2, seq_len + 1))
+    seg[row, :first], seg[row, first:total] = 1, 2
+  tokens[seg == 0] = 0
+  return {"tokens": tokens, "segment_ids": seg}
+
+
+def lm_loss(logits, tokens, segment_ids):
+  """Mean next-token cross-entropy over targets inside the same (non-padding) segment."""
+  import jax
+  import jax.numpy as jnp
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  mask = (segment_ids[:, 1:] != 0) & (segment_ids[:, 1:] == segment_ids[:, :-1])
+  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def make_step(cfg, tx):
+  """step(state, batch) -> (state, metrics); state = {params, opt_state, step, rng (typed key)}."""
+  import jax
+  import optax
+  from rlhf_jax.models import Transformer
+
+  model = Transformer(cfg)
+
+  def loss_fn(params, batch, rng):
+    logits, _ = model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
+                            deterministic=not cfg.dropout_resid, rngs={"dropout": rng})
+    return lm_loss(logits, batch["tokens"], batch["segment_ids"])
+
+  def step(state, batch):
+    rng, sub = jax.random.split(state["rng"])
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, sub)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
+    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+  return step
+
+
+def state_shardings(cfg, tx, mesh):
+  """Shardings of the whole train state, from the one rule table."""
+  from rlhf_jax import sharding
+  from rlhf_jax.models import abstract_params
+  boxed = abstract_params(cfg, boxed=True)
+  rep = sharding.replicated(mesh)
+  return {"params": sharding.param_shardings(boxed, mesh),
+          "opt_state": sharding.opt_state_shardings(tx, boxed, mesh), "step": rep, "rng": rep}
+
+
+def init_state(cfg, tx, shardings, seed: int = 0):
+  """The train state, initialised under jit straight into its shardings."""
+  import jax
+  import jax.numpy as jnp
+  from rlhf_jax import sharding
+  from rlhf_jax.models import init_params
+
+  def init(key):
+    params = init_params(cfg, key)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key(seed + 1)}
+  return sharding.init_sharded(init, shardings, jax.random.key(seed))
+
+
+def jit_step(cfg, tx, mesh, shardings):
+  """The step jitted with explicit in/out shardings and the state donated."""
+  import jax
+  from rlhf_jax import sharding
+  batch_sh = {"tokens": sharding.batch_sharding(mesh), "segment_ids": sharding.batch_sharding(mesh)}
+  rep = sharding.replicated(mesh)
+  return jax.jit(make_step(cfg, tx), in_shardings=(shardings, batch_sh),
+                 out_shardings=(shardings, {"loss": rep, "grad_norm": rep}), donate_argnums=0)
+
+
+def run(mesh, steps: int, start_state=None, start: int = 0, dropout: float = 0.0):
+  """Trains `steps` steps from batch `start`; returns (state, [losses]). Multi-process aware."""
+  import jax
+  from rlhf_jax import sharding
+  cfg, tx = model_config(dropout), optimizer()
+  shardings = state_shardings(cfg, tx, mesh)
+  state = init_state(cfg, tx, shardings) if start_state is None else start_state
+  step_fn = jit_step(cfg, tx, mesh, shardings)
+  rows = sharding.process_batch_rows(mesh, BATCH_SIZE)
+  losses = []
+  with sharding.activate(mesh):
+    for i in range(start, start + steps):
+      local = {k: v[rows] for k, v in make_batch(i).items()}
+      state, metrics = step_fn(state, sharding.global_batch(local, mesh, BATCH_SIZE))
+      losses.append(float(jax.device_get(metrics["loss"])))
+  return state, losses
+
+
+def param_checksum(params) -> list:
+  """Per-leaf sums of the (gathered) parameters, a cheap cross-process comparison."""
+  import jax
+  from jax.experimental import multihost_utils
+  gathered = multihost_utils.process_allgather(params, tiled=True)
+  return [float(np.sum(np.asarray(x, np.float64))) for x in jax.tree.leaves(gathered)]
+
+
+def _flag(argv, name, default=None):
+  for arg in argv:
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+  return default
+
+
+def main(argv):
+  """One fake host: 4 CPU devices, gloo collectives, its own rows of each batch."""
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from rlhf_jax import distributed, sharding
+  num_processes = int(_flag(argv, "num_processes"))
+  process_id = int(_flag(argv, "process_id"))
+  distributed.initialize_from_env(coordinator_address=f"localhost:{_flag(argv, 'port')}",
+                                  num_processes=num_processes, process_id=process_id)
+  import jax
+  assert jax.process_count() == num_processes and jax.local_device_count() == 4
+  mesh = sharding.make_mesh(_flag(argv, "mesh", "1,-1,1"))
+  state, losses = run(mesh, int(_flag(argv, "steps", "3")))
+  out = {"losses": losses, "checksum": param_checksum(state["params"]),
+         "rows": [sharding.process_batch_rows(mesh, BATCH_SIZE).start,
+                  sharding.process_batch_rows(mesh, BATCH_SIZE).stop],
+         "process_count": jax.process_count(), "device_count": jax.device_count()}
+  with open(f"{_flag(argv, 'out')}.{process_id}", "w") as f:
+    json.dump(out, f)
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
