@@ -53,7 +53,7 @@ def worker_ours(shape, repeats):
   cfg = get_model_config("gpt2-small", num_layers=shape["layers"], d_model=shape["d_model"],
                          num_heads=shape["heads"], num_kv_heads=shape["heads"],
                          head_dim=shape["d_model"] // shape["heads"], d_ff=4 * shape["d_model"],
-                         vocab_size=shape["vocab"], max_len=512, unroll_layers=True)
+                         vocab_size=shape["vocab"], max_len=512)
   params = init_params(cfg, jax.random.key(0))
   tokens = _prompts(shape)
   seg = np.ones_like(tokens)

@@ -9,7 +9,7 @@ repeated K times (rows b*K .. b*K+K-1 belong to prompt b): the RM data-collectio
 
 Per step, from the last logits l:  z = l / temperature; top-k keeps the k largest z; top-p keeps
 the smallest set of tokens whose probability mass reaches p (the sort is skipped when top_p = 1);
-the token is drawn from softmax(z) over what is kept (argmax when greedy). A row stops after its EOS;
+the token is drawn from softmax(z) over what is kept, by inverse CDF (argmax when greedy). A row stops after its EOS;
 the loop exits early once every row has stopped.
 
 Returned log-probs are log softmax(l / temperature)[token], with no top-k/top-p mask: exactly what a
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.errors import UserError
-from rlhf_jax.models import ModelConfig, Transformer, init_cache
+from rlhf_jax.models import ModelConfig, Transformer, init_cache, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,28 +71,45 @@ def filter_logits(z: jax.Array, top_k: int, top_p: float) -> jax.Array:
 
 
 def choose_token(logits: jax.Array, rng, sc: SamplingConfig):
-  """(token, logprob at the sampling temperature) for each row of logits (B, V)."""
+  """(token, logprob at the sampling temperature) for each row of logits (B, V).
+
+  Sampling is by inverse CDF: one uniform u per row, token = first index whose cumulative
+  (filtered) probability exceeds u * total. Exact for the categorical distribution, and it needs
+  B random numbers per step instead of B x V Gumbel draws.
+  """
   z = logits.astype(jnp.float32) / sc.temperature
+  logp = jax.nn.log_softmax(z, axis=-1)
   if sc.greedy:
     token = jnp.argmax(z, axis=-1)
   else:
-    token = jax.random.categorical(rng, filter_logits(z, sc.top_k, sc.top_p), axis=-1)
-  logprob = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), token[:, None], axis=-1)[:, 0]
+    filtered = filter_logits(z, sc.top_k, sc.top_p) if (sc.top_k or sc.top_p < 1.0) else z
+    probs = jnp.exp(filtered - jnp.max(filtered, axis=-1, keepdims=True))
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.random.uniform(rng, (z.shape[0], 1), jnp.float32) * cdf[:, -1:]
+    token = jnp.minimum(jnp.sum(cdf <= u, axis=-1), z.shape[-1] - 1)
+    # Never land on a zero-probability (filtered) token through rounding at a flat CDF step.
+    token = jnp.where(probs[jnp.arange(z.shape[0]), token] > 0, token, jnp.argmax(filtered, -1))
+  logprob = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
   return token.astype(jnp.int32), logprob
 
 
-def _repeat_rows(tree, k: int):
-  """Repeat every batch row k times (row b -> rows b*k .. b*k+k-1); cache k/v have batch axis 1."""
+def _repeat_rows(cache, k: int):
+  """Repeat every batch row of a per-layer cache k times (row b -> rows b*k .. b*k+k-1)."""
   if k == 1:
-    return tree
-  return {name: (jnp.repeat(x, k, axis=1) if name in ("k", "v") else
-                 x if x.ndim == 0 else jnp.repeat(x, k, axis=0)) for name, x in tree.items()}
+    return cache
+  rep = lambda x: jnp.repeat(x, k, axis=0)
+  return {name: (tuple(map(rep, x)) if name in ("k", "v") else x if x.ndim == 0 else rep(x))
+          for name, x in cache.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sc", "num_samples"))
 def sample(params, cfg: ModelConfig, prompts: jax.Array, prompt_segment_ids: jax.Array, rng,
            sc: SamplingConfig, num_samples: int = 1) -> Samples:
   """Samples `sc.max_new_tokens` tokens after left-padded `prompts` (B, P); see the module doc."""
+  # Decode layer by layer with per-layer weights and cache buffers: split the stacked parameters
+  # once here, so the loop never slices (copies) weights or caches.
+  if cfg.scan_layers:
+    cfg, params = cfg.replace(scan_layers=False), unstack_layers(params)
   model = Transformer(cfg)
   b, p = prompts.shape
   n = sc.max_new_tokens

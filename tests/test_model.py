@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.models import (PRESET_NAMES, Transformer, count_params, get_model_config, init_cache,
-                             init_params, segment_positions, with_scalar_head)
+                             init_params, segment_positions, unstack_layers, with_scalar_head)
 from rlhf_jax.models.transformer import rope_frequencies
 
 FLAVOURS = ["tiny", "tiny-gpt2"]
@@ -138,7 +138,7 @@ def test_dropout_switches():
   assert not np.allclose(r1, det1) and not np.allclose(r1, r2)
 
 
-def test_remat_and_unroll_do_not_change_the_function():
+def test_remat_and_unscanned_layers_do_not_change_the_function():
   cfg, params = _model("tiny")
   tokens = jnp.arange(3, 19, dtype=jnp.int32).reshape(2, 8)
 
@@ -147,10 +147,12 @@ def test_remat_and_unroll_do_not_change_the_function():
     return jax.nn.log_softmax(logits).mean()
 
   base_l, base_g = jax.value_and_grad(loss)(params, cfg)
-  for variant in (cfg.replace(remat=True), cfg.replace(unroll_layers=True)):
-    l, g = jax.value_and_grad(loss)(params, variant)
-    np.testing.assert_allclose(l, base_l, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g, base_g)
+  l, g = jax.value_and_grad(loss)(params, cfg.replace(remat=True))
+  np.testing.assert_allclose(l, base_l, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g, base_g)
+  l, g = jax.value_and_grad(loss)(unstack_layers(params), cfg.replace(scan_layers=False))
+  np.testing.assert_allclose(l, base_l, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), unstack_layers(base_g), g)
 
 
 # Published parameter counts. The GPT-3 paper (Table 2.1) rounds its labels; for 350M and 1.3B the

@@ -36,7 +36,7 @@ class ModelConfig:
   dtype: str = "float32"        # activations / matmul inputs
   param_dtype: str = "float32"
   remat: bool = False           # recompute each layer in the backward pass (saves activation memory)
-  unroll_layers: bool = False   # unroll the scan over layers (faster small-batch decoding, slower compile)
+  scan_layers: bool = True      # False: layers one by one with per-layer params (the decode path)
   bos_token_id: int = 1
   eos_token_id: int = 2
   pad_token_id: int = 0

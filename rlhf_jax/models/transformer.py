@@ -149,27 +149,27 @@ class Attention(nn.Module):
 
     b, t = x.shape[:2]
     q = q.reshape(b, t, kv, cfg.num_groups, hd) * (hd ** -0.5)
-    # Scores against the new tokens (causal within the call) ...
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    if layer_cache is None:
+      keys, values, new_kv, layout = k, v, None, "bskd"
+    else:
+      # Write the new keys/values into this layer's cache buffer first, then attend over the whole
+      # buffer (slots are masked by ctx['mask']). Nothing reads the old buffer after the write, so
+      # XLA updates it in place inside the decode loop.
+      write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
+          buf, new.astype(buf.dtype).transpose(0, 2, 1, 3), ctx["index"], axis=2)
+      keys, values = write(layer_cache["k"], k), write(layer_cache["v"], v)
+      new_kv, layout = {"k": keys, "v": values}, "bksd"
+    scores = jnp.einsum(f"btkgd,{layout}->bkgts", q, keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32)
     scores = jnp.where(ctx["mask"][:, None, None], scores, _MASKED)
-    values = [v]
-    if layer_cache is not None:
-      # ... and against what is already in the cache (slots before cache['index']). The cache is
-      # read, never copied; the new keys/values are written into it once, outside the layer scan.
-      old = jnp.einsum("btkgd,bskd->bkgts", q, layer_cache["k"].astype(q.dtype),
-                       preferred_element_type=jnp.float32)
-      old = jnp.where(ctx["cache_mask"][:, None, None], old, _MASKED)
-      scores = jnp.concatenate([old, scores], axis=-1)
-      values = [layer_cache["v"].astype(v.dtype), v]
     probs = jax.nn.softmax(scores, axis=-1)
     if cfg.dropout_attn and not deterministic:
       probs = nn.Dropout(cfg.dropout_attn)(probs, deterministic=False)
-    probs = probs.astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, jnp.concatenate(values, axis=1))
+    out = jnp.einsum(f"bkgts,{layout}->btkgd", probs.astype(v.dtype), values.astype(v.dtype))
     out = out.reshape(b, t, h, hd)
     out = self._proj("o", (h, hd), (d,), ("heads", "head_dim"), ("embed",),
                      std / math.sqrt(2 * cfg.num_layers))(out)
-    return out, {"k": k.astype(_dtype(cfg.dtype)), "v": v.astype(_dtype(cfg.dtype))}
+    return out, new_kv
 
 
 class Mlp(nn.Module):
@@ -208,14 +208,52 @@ class Block(nn.Module):
     return x, new_kv
 
 
+class _Unrolled(nn.Module):
+  """The layers one by one, each with its own parameters (cfg.scan_layers=False).
+
+  Same Block, same function as the scan; parameters are {'0': ..., '1': ...} instead of stacked,
+  and the cache holds one buffer per layer. Decoding uses this: no per-step slicing of stacked
+  weights or caches (see `unstack_layers`).
+  """
+  cfg: ModelConfig
+  block: type
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x, layer_caches, ctx):
+    new = []
+    for i in range(self.cfg.num_layers):
+      layer_cache = (None if layer_caches is None else
+                     {"k": layer_caches["k"][i], "v": layer_caches["v"][i]})
+      x, kv = self.block(self.cfg, self.deterministic, name=str(i))(x, layer_cache, ctx)
+      new.append(kv)
+    if layer_caches is None:
+      return x, None
+    return x, {"k": tuple(kv["k"] for kv in new), "v": tuple(kv["v"] for kv in new)}
+
+
+def unstack_layers(params):
+  """Stacked (scanned) parameters -> per-layer parameters for cfg.replace(scan_layers=False)."""
+  layers = params["layers"]
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return dict(params, layers={str(i): jax.tree.map(lambda x: x[i], layers) for i in range(n)})
+
+
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
-  """An empty KV cache for `max_len` slots: keys/values (layers, B, S, kv_heads, head_dim).
+  """An empty KV cache for `max_len` slots: keys/values (layers, B, kv_heads, S, head_dim)
+  (a tuple of per-layer (B, kv_heads, S, head_dim) buffers when cfg.scan_layers is False).
+
+  The slot axis sits next to head_dim so attention reads the cache with no transpose.
 
   index: next slot to write (shared by the batch); segment_ids (B, S): 0 on empty or padding slots;
   pos (B,): number of real tokens seen per row, so new tokens get the right positions.
   """
-  shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return {"k": jnp.zeros(shape, _dtype(cfg.dtype)), "v": jnp.zeros(shape, _dtype(cfg.dtype)),
+  shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+  if cfg.scan_layers:
+    zeros = lambda: jnp.zeros((cfg.num_layers,) + shape, _dtype(cfg.dtype))
+  else:   # one buffer per layer
+    zeros = lambda: tuple(jnp.zeros(shape, _dtype(cfg.dtype)) for _ in range(cfg.num_layers))
+  return {"k": zeros(), "v": zeros(),
           "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
           "index": jnp.zeros((), jnp.int32), "pos": jnp.zeros((batch_size,), jnp.int32)}
 
@@ -223,17 +261,21 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
 def _attention_context(cfg, segment_ids, positions, cache):
   """Masks and positions shared by all layers (computed once, broadcast through the layer scan)."""
   t = segment_ids.shape[1]
-  causal = jnp.tril(jnp.ones((t, t), bool))
-  same_seg = segment_ids[:, :, None] == segment_ids[:, None, :]
-  mask = causal[None] & same_seg & (segment_ids != 0)[:, None, :]
-  ctx = {"mask": mask}
-  if cache is not None:
-    slots = jnp.arange(cache["segment_ids"].shape[1])
-    old_ok = (slots[None, :] < cache["index"]) & (cache["segment_ids"] != 0)       # (B, S)
-    ctx["cache_mask"] = old_ok[:, None, :] & (segment_ids != 0)[:, :, None]         # (B, T, S)
+  if cache is None:
+    q_slot, k_slot, k_seg = jnp.arange(t), jnp.arange(t), segment_ids
+    ctx = {}
+  else:   # keys are the cache's slots, this call's tokens written at index .. index + t - 1
+    index = cache["index"]
+    q_slot, k_slot = index + jnp.arange(t), jnp.arange(cache["segment_ids"].shape[1])
+    k_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(jnp.int32),
+                                                index, axis=1)
+    ctx = {"index": index, "segment_ids": k_seg}
     if positions is None:
       real = (segment_ids != 0).astype(jnp.int32)
       positions = jnp.maximum(cache["pos"][:, None] + jnp.cumsum(real, axis=1) - 1, 0)
+  causal = k_slot[None, :] <= q_slot[:, None]
+  same_seg = segment_ids[:, :, None] == k_seg[:, None, :]
+  ctx["mask"] = causal[None] & same_seg & (k_seg != 0)[:, None, :]        # (B, T, S)
   if positions is None:
     positions = segment_positions(segment_ids)
   ctx["positions"] = positions.astype(jnp.int32)
@@ -270,24 +312,21 @@ class Transformer(nn.Module):
     block = Block
     if cfg.remat:
       block = nn.remat(block, prevent_cse=False)
-    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                     in_axes=(0, nn.broadcast), length=cfg.num_layers,
-                     unroll=cfg.num_layers if cfg.unroll_layers else 1,
-                     metadata_params={nn.PARTITION_NAME: "layers"})
     layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-    x, new_kv = layers(cfg, deterministic, name="layers")(x, layer_caches, ctx)
+    if cfg.scan_layers:
+      layers = nn.scan(block, variable_axes={"params": 0},
+                       split_rngs={"params": True, "dropout": True}, in_axes=(0, nn.broadcast),
+                       length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, new_kv = layers(cfg, deterministic, name="layers")(x, layer_caches, ctx)
+    else:
+      x, new_kv = _Unrolled(cfg, block, deterministic, name="layers")(x, layer_caches, ctx)
     x = Norm(cfg, name="final_norm")(x)
 
     new_cache = None
     if cache is not None:
-      index = cache["index"]
-      write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
-                                                                   index, axis=2)
       new_cache = {
-          "k": write(cache["k"], new_kv["k"]), "v": write(cache["v"], new_kv["v"]),
-          "segment_ids": jax.lax.dynamic_update_slice_in_dim(
-              cache["segment_ids"], segment_ids.astype(jnp.int32), index, axis=1),
-          "index": index + tokens.shape[1],
+          "k": new_kv["k"], "v": new_kv["v"], "segment_ids": ctx["segment_ids"],
+          "index": ctx["index"] + tokens.shape[1],
           "pos": cache["pos"] + (segment_ids != 0).sum(axis=1).astype(jnp.int32),
       }
 
