@@ -1,7 +1,7 @@
 """Data: JSONL schema, TFDS builders (array_record), public-format converters, tokenizers, grain
 loaders with packing, and the offline task with its gold and simulated labelers.
 
-Typical use (or `python -m rlhf_jax.data.prepare`):
+Typical use (`from rlhf_jax.data import prepare`, or `python -m rlhf_jax.data.prepare`):
   paths = prepare.prepare_offline("work/offline")    # JSONL + tokenizer + TFDS; or prepare_public
   tokenizer = tokenizer_lib.load_tokenizer(paths["tokenizer"])
   source = builders.load_source(paths["tfds"], "sft", "train")
@@ -15,7 +15,6 @@ from rlhf_jax.data import labelers
 from rlhf_jax.data import loaders
 from rlhf_jax.data import offline_task
 from rlhf_jax.data import packing
-from rlhf_jax.data import prepare
 from rlhf_jax.data import schema
 from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.data.builders import build_dataset, build_datasets, load_source

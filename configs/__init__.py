@@ -1,0 +1,1 @@
+"""Stage configs (ml-collections): `--config=configs/sft.py:tiny`, `--config=configs/rm.py:tiny`."""

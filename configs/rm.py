@@ -1,0 +1,32 @@
+r"""Reward-model config: `--config=configs/rm.py:<preset>`.
+
+  python -m rlhf_jax.main --config=configs/rm.py:tiny          # from <workdir>/sft/model
+
+Presets as in configs/sft.py. InstructGPT (appendix C.2): one epoch, lr 9e-6, cosine decay to 10%,
+batch 64 prompts with K = 4..9 responses each, no dropout; a 6B reward model for every policy size.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import models  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def get_config(preset="tiny"):
+  name = "6.7b" if preset == "175b" else preset     # the paper uses a 6B RM for every policy
+  c = models.base_config(preset, "rm")
+  c.model = models.model_config(name, dropout_resid=0.0, dropout_attn=0.0)   # no dropout in RM
+  c.k_max = 0              # responses per prompt in a batch; 0 = the largest K in the data
+  c.norm_examples = 512    # demonstrations whose mean reward the bias subtracts (0 = off)
+  c.data.norm_split = "train"
+  if preset == "tiny":
+    c.optimizer.lr, c.optimizer.warmup_steps = 1e-3, 10
+    c.batch_size, c.eval_batch_size, c.seq_len, c.num_steps = 16, 32, 48, 250
+    c.eval_every, c.log_every = 50, 25
+  elif preset == "smollm2":
+    c.optimizer.lr, c.optimizer.weight_decay = 1e-5, 0.0
+    c.batch_size, c.eval_batch_size, c.seq_len, c.num_steps, c.num_epochs = 16, 16, 128, 0, 1.0
+  else:
+    c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.weight_decay = 9e-6, 0, 0.0
+    c.batch_size, c.eval_batch_size, c.seq_len, c.num_steps, c.num_epochs = 64, 64, 1024, 0, 1.0
+  return c

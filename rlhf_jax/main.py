@@ -1,0 +1,57 @@
+r"""Entry point: runs the stage named by an ml-collections config.
+
+  python -m rlhf_jax.main --config=configs/sft.py:tiny --config.stage=pretrain   # offline base model
+  python -m rlhf_jax.main --config=configs/sft.py:tiny                          # SFT
+  python -m rlhf_jax.main --config=configs/rm.py:tiny                           # reward model
+  python -m rlhf_jax.main --config=configs/sft.py:smollm2 --workdir=runs/smol   # from SmolLM2
+
+--workdir defaults to runs/<config.name>; every stage writes `<workdir>/<stage>/` (metrics.jsonl,
+checkpoints/, model/), and a stage whose `model/` exists is skipped. The offline data are prepared
+under `<workdir>/data` on first use. Multi-host runs take --coordinator_address, --num_processes,
+--process_id (see rlhf_jax.distributed). Bad configs end with one line on stderr and exit status 2.
+"""
+import os
+
+from absl import flags
+from ml_collections import config_flags
+
+from rlhf_jax import distributed  # noqa: F401  (defines the multi-host flags)
+from rlhf_jax.errors import UserError, run_cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (path.py[:preset]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.name>).")
+
+
+def _run_training_stage(stage):
+  def run(config, workdir):
+    from rlhf_jax.train import rm, sft  # pylint: disable=g-import-not-at-top
+    return {"pretrain": sft, "sft": sft, "rm": rm}[stage].run(config, workdir)
+  return run
+
+
+# stage name -> run(config, workdir) -> path of the stage's final model. PPO joins here.
+STAGES = {name: _run_training_stage(name) for name in ("pretrain", "sft", "rm")}
+
+
+def workdir_for(config):
+  return _WORKDIR.value or os.path.join("runs", str(config.get("name", "run")))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise UserError("--config is required (e.g. --config=configs/sft.py:tiny)")
+  from rlhf_jax.train import common  # pylint: disable=g-import-not-at-top
+  common.validate_config(config)
+  if config.stage not in STAGES:
+    raise UserError(f"config.stage must be one of {', '.join(STAGES)}, got {config.stage!r}")
+  distributed.initialize_from_flags()
+  workdir = os.path.abspath(workdir_for(config))
+  STAGES[config.stage](config, workdir)
+
+
+if __name__ == "__main__":
+  run_cli(main)

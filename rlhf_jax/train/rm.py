@@ -1,0 +1,302 @@
+"""Stage 2: the reward model, trained on K-way rankings with the paper's C(K, 2) loss.
+
+Initialised from the SFT model with the LM head replaced by a scalar head
+(`rlhf_jax.models.with_scalar_head`). A batch holds B prompts with K_max responses each
+(`comparison_loader`: (B, K_max, T)); the step reshapes it to (B * K_max, T), forwards EVERY
+RESPONSE ONCE, reads the reward at each response's last token (`last_index`: its eos), reshapes
+to (B, K_max) and applies `losses.ranking_loss` over all pairs of different rank of each prompt.
+All C(K, 2) comparisons of a prompt are one batch element: K forwards instead of the K(K-1)
+forwards of a chosen/rejected pair loader, and no prompt is seen once per pair (over-fitting).
+
+Evaluation (held-out comparisons): ranking loss, pairwise accuracy against the labels, the same
+accuracy of the "longer response is better" baseline, and on the offline task accuracy against
+the gold labeler (pairs with different gold scores) for both.
+
+After training, the mean reward of SFT demonstrations (prompt + response, `norm_examples` of the
+train split) is subtracted from `scalar_head.bias`, so the saved reward model scores
+demonstrations at mean 0 for every consumer (PPO, evaluation); the value is recorded in
+`<model>/rlhf_jax_stage.json` as `reward_bias`.
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import losses
+from rlhf_jax import sharding
+from rlhf_jax.errors import UserError
+from rlhf_jax.models import ModelConfig, with_scalar_head
+from rlhf_jax.train import common
+
+TRAIN_KEYS = ("tokens", "segment_ids", "positions", "last_index", "ranks", "response_valid")
+
+
+def response_rewards(cfg: ModelConfig, params, batch, *, rng=None, train=False):
+  """(B, K) rewards: all B*K responses in ONE forward, each read at its last token."""
+  b, k, t = batch["tokens"].shape
+  flat = {name: batch[name].reshape(b * k, t) for name in ("tokens", "segment_ids", "positions")
+          if name in batch}
+  values = common.forward(cfg, "scalar", params, flat, rng=rng, train=train)   # (B*K, T)
+  return losses.gather_last(values, batch["last_index"].reshape(b * k)).reshape(b, k)
+
+
+def make_loss_fn(cfg: ModelConfig):
+  """(params, batch, rng) -> (sum of per-prompt losses, prompts, {correct_sum, pairs_sum})."""
+  def loss_fn(params, batch, rng):
+    rewards = response_rewards(cfg, params, batch, rng=rng, train=True)
+    loss_sum, count = losses.ranking_loss(rewards, batch["ranks"], batch["response_valid"])
+    correct, pairs = losses.ranking_accuracy(rewards, batch["ranks"], batch["response_valid"])
+    return loss_sum, count, {"correct_sum": correct, "pairs_sum": pairs}
+  return loss_fn
+
+
+def make_eval_fn(cfg: ModelConfig):
+  def eval_fn(params, batch):
+    rewards = response_rewards(cfg, params, batch)
+    loss_sum, count = losses.ranking_loss(rewards, batch["ranks"], batch["response_valid"])
+    return loss_sum, count, rewards
+  return eval_fn
+
+
+def summarize(values):
+  out = dict(values)
+  out["accuracy"] = out.pop("correct_sum") / max(out.pop("pairs_sum"), 1.0)
+  out.pop("count", None)
+  return out
+
+
+def pair_accuracy(scores, ranks, valid):
+  """Numpy pairwise accuracy of `scores` (N, K) against preferences `ranks` (lower = better;
+  equal ranks are not compared), a score tie counting half. Returns (correct, pairs)."""
+  scores, ranks = np.asarray(scores, np.float64), np.asarray(ranks, np.float64)
+  valid = np.asarray(valid) > 0
+  pairs = valid[:, :, None] & valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])
+  margin = scores[:, :, None] - scores[:, None, :]
+  hit = (margin > 0) + 0.5 * (margin == 0)
+  return float((pairs * hit).sum()), float(pairs.sum())
+
+
+def check_comparisons(batch):
+  """Every real prompt of a batch needs K >= 2 responses (the ranking loss compares pairs)."""
+  k = np.asarray(batch["response_valid"]).sum(axis=1)
+  index = np.asarray(batch["index"]) if "index" in batch else np.zeros(len(k), np.int32)
+  bad = np.nonzero((index >= 0) & (k < 2))[0]
+  if len(bad):
+    raise UserError(f"comparisons record {int(index[bad[0]])}: has K = {int(k[bad[0]])} "
+                    "response(s); the ranking loss needs K >= 2 per prompt")
+
+
+def _text(v):
+  return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def gold_matrix(source, index, k_max):
+  """(N, K_max) gold scores of the offline task for the records `index` (NaN on padding)."""
+  from rlhf_jax.data import offline_task  # pylint: disable=g-import-not-at-top
+  out = np.full((len(index), k_max), np.nan)
+  for row, i in enumerate(index):
+    if i < 0:
+      continue
+    record = source[int(i)]
+    prompt = _text(record["prompt"])
+    for j, response in enumerate(record["responses"]):
+      out[row, j] = offline_task.gold_score(prompt, _text(response))
+  return out
+
+
+class RmEval:
+  """Held-out reward-model metrics over a comparisons split (host batches read once)."""
+
+  def __init__(self, loader, source, mesh, batch_size, max_batches, gold):
+    self.mesh, self.batch_size = mesh, batch_size
+    self.rows = sharding.process_batch_rows(mesh, batch_size)
+    self.batches, self.info = [], []
+    for i, batch in enumerate(loader):
+      if max_batches and i >= max_batches:
+        break
+      check_comparisons(batch)
+      self.batches.append({k: batch[k] for k in TRAIN_KEYS})
+      info = {k: batch[k] for k in ("ranks", "response_valid", "lengths", "index")}
+      if gold:
+        info["gold"] = gold_matrix(source, batch["index"], batch["ranks"].shape[1])
+      self.info.append(info)
+    if not self.batches:
+      raise UserError("config.data.eval_split: the validation comparisons gave no batch")
+    self.step = None
+
+  def __call__(self, cfg, params, param_shardings):
+    total, count, rewards = 0.0, 0.0, []
+    for local in self.batches:
+      if self.step is None:
+        self.step = common.jit_eval_step(make_eval_fn(cfg), param_shardings, local, self.mesh)
+      s, c, r = jax.device_get(self.step(params, common.to_global(local, self.mesh,
+                                                                 self.batch_size)))
+      total, count = total + float(s), count + float(c)
+      rewards.append(np.asarray(r)[self.rows])
+    return self.metrics(total, count, np.concatenate(rewards))
+
+  def metrics(self, total, count, rewards):
+    info = {k: np.concatenate([b[k] for b in self.info]) for k in self.info[0]}
+    valid = info["response_valid"] * (info["index"] >= 0)[:, None]
+    out = {"loss": total / max(count, 1.0), "prompts": count}
+    acc = pair_accuracy(rewards, info["ranks"], valid)
+    out["accuracy"] = acc[0] / max(acc[1], 1.0)
+    length = pair_accuracy(info["lengths"], info["ranks"], valid)
+    out["length_accuracy"] = length[0] / max(length[1], 1.0)
+    if "gold" in info:
+      gold_valid = valid * ~np.isnan(info["gold"])
+      gold_rank = -np.nan_to_num(info["gold"])
+      g = pair_accuracy(rewards, gold_rank, gold_valid)
+      gl = pair_accuracy(info["lengths"], gold_rank, gold_valid)
+      out["gold_accuracy"] = g[0] / max(g[1], 1.0)
+      out["length_gold_accuracy"] = gl[0] / max(gl[1], 1.0)
+      # How often the labels themselves agree with the gold labeler (the noise ceiling).
+      lab = pair_accuracy(-info["ranks"].astype(np.float64), gold_rank, gold_valid)
+      out["label_gold_accuracy"] = lab[0] / max(lab[1], 1.0)
+    out["pairs"] = acc[1]
+    return out
+
+
+def demonstration_reward_mean(cfg, params, source, tok, mesh, config):
+  """Mean reward at the last token of the first `norm_examples` demonstrations."""
+  from rlhf_jax.data import loaders  # pylint: disable=g-import-not-at-top
+  bs = config.eval_batch_size
+  loader = loaders.sft_loader(source, tok, batch_size=common.local_batch_size(mesh, bs),
+                              seq_len=config.seq_len, num_epochs=1, shuffle=False, pack=False,
+                              drop_remainder=False)
+  rows = sharding.process_batch_rows(mesh, bs)
+
+  def score(params, batch):
+    values = common.forward(cfg, "scalar", params, batch)
+    return losses.gather_last(values, batch["last_index"])
+
+  step, total, n = None, 0.0, 0
+  for batch in loader:
+    keys = {k: batch[k] for k in ("tokens", "segment_ids", "positions", "last_index")}
+    if step is None:
+      step = common.jit_eval_step(score, jax.tree.map(lambda x: x.sharding, params), keys, mesh)
+    with sharding.activate(mesh):
+      r = np.asarray(jax.device_get(step(params, common.to_global(keys, mesh, bs))))[rows]
+    take = batch["index"] >= 0
+    take &= np.cumsum(take) + n <= config.norm_examples
+    total += float(r[take].sum())
+    n += int(take.sum())
+    if n >= config.norm_examples:
+      break
+  if n == 0:
+    raise UserError("config.data.norm_split: no demonstrations to fit the reward bias on")
+  return total / n, n
+
+
+def k_max_of(config, tfds_dir):
+  if config.k_max:
+    return config.k_max
+  from rlhf_jax.data import builders  # pylint: disable=g-import-not-at-top
+  found = builders.prepared_builder(tfds_dir, "comparisons").info.metadata.get("max_k", {})
+  wanted = [found.get(s) for s in (config.data.train_split, config.data.eval_split)]
+  if not all(wanted):
+    raise UserError("config.k_max: 0 (auto) but the comparisons dataset does not record its "
+                    "largest K; set config.k_max")
+  return int(max(wanted))
+
+
+def run(config, workdir):
+  """Runs the reward-model stage in `<workdir>/rm`."""
+  from rlhf_jax.data import builders, loaders  # pylint: disable=g-import-not-at-top
+  stage = "rm"
+  workdir = os.path.abspath(workdir)
+  stage_dir = os.path.join(workdir, stage)
+  final = common.final_model_dir(workdir, stage)
+  if os.path.exists(final):
+    print(f"{stage}: final model exists at {final}; skipping the stage", flush=True)
+    return final
+  cfg = ModelConfig.from_dict(config.model)
+  mesh = sharding.make_mesh(config.mesh)
+  common.check_mesh_batch(config, mesh)
+  tfds_dir, data_tok_dir = common.data_paths(config, workdir)
+  init_from = config.init_from
+  if init_from == "auto":
+    init_from = common.final_model_dir(workdir, "sft")
+    if not os.path.exists(init_from):
+      raise UserError(f"config.init_from: 'auto' means the SFT stage's model {init_from}, which "
+                      "does not exist; run the SFT stage first (configs/sft.py) or set "
+                      "config.init_from")
+  if not init_from:
+    raise UserError("config.init_from: the reward model starts from an SFT model; give its path")
+  lm_params, model_tok_dir = common.load_init_model(init_from, cfg, "config.init_from")
+  params = with_scalar_head(lm_params, cfg, jax.random.key(config.seed))
+  del lm_params
+  tok, tok_dir = common.load_tokenizer_for(config, model_tok_dir, data_tok_dir, cfg)
+
+  def src(kind, split, field):
+    try:
+      return builders.load_source(tfds_dir, kind, split)
+    except UserError as e:
+      raise UserError(f"config.data.{field}: {e}") from None
+  train_source = src("comparisons", config.data.train_split, "train_split")
+  eval_source = src("comparisons", config.data.eval_split, "eval_split")
+  k_max = k_max_of(config, tfds_dir)
+  num_steps = config.num_steps or max(
+      1, int(np.ceil(config.num_epochs * len(train_source) / config.batch_size)))
+  tx, schedule = common.make_optimizer(config.optimizer, num_steps)
+  shardings = common.state_shardings(cfg, "scalar", tx, mesh)
+  state = common.create_state(params, tx, shardings)
+  del params
+
+  local_eval_bs = common.local_batch_size(mesh, config.eval_batch_size)
+  rm_eval = RmEval(loaders.comparison_loader(eval_source, tok, batch_size=local_eval_bs,
+                                             seq_len=config.seq_len, k_max=k_max, num_epochs=1,
+                                             shuffle=False, drop_remainder=False),
+                   eval_source, mesh, config.eval_batch_size, config.eval_batches,
+                   gold=config.data.source == "offline")
+
+  class Batches:
+    def __init__(self):
+      self._it = iter(loaders.comparison_loader(
+          train_source, tok, batch_size=common.local_batch_size(mesh, config.batch_size),
+          seq_len=config.seq_len, k_max=k_max, seed=config.data_seed,
+          prefetch=config.data.prefetch))
+
+    def __next__(self):
+      batch = next(self._it)
+      check_comparisons(batch)
+      return {k: batch[k] for k in TRAIN_KEYS}
+
+    def get_state(self):
+      return self._it.get_state()
+
+    def set_state(self, s):
+      self._it.set_state(s)
+
+    def close(self):
+      if hasattr(self._it, "close"):
+        self._it.close()
+
+  task = common.Task(name=stage, head="scalar", loss_fn=make_loss_fn(cfg), train_batches=Batches,
+                     evaluate=lambda p: rm_eval(cfg, p, shardings["params"]),
+                     summarize=summarize)
+  print(f"{stage}: {cfg.flavour} {cfg.num_layers}x{cfg.d_model} + scalar head from {init_from}, "
+        f"{num_steps} steps of {config.batch_size} prompts x K<={k_max} x {config.seq_len} "
+        f"tokens, mesh {dict(mesh.shape)}; writing {stage_dir}", flush=True)
+  state, last_eval, history = common.run_loop(task, config, workdir, cfg, mesh, tx, schedule,
+                                              state, num_steps)
+  params = state["params"]
+  meta = {"stage": stage, "steps": num_steps, "init_from": init_from, "k_max": k_max,
+          "final_eval": last_eval,
+          "first_eval": next((m for kind, _, m in history if kind == "eval"), None)}
+  if config.norm_examples:
+    sft_source = src("sft", config.data.norm_split, "norm_split")
+    mean, n = demonstration_reward_mean(cfg, params, sft_source, tok, mesh, config)
+    params = dict(params)
+    head = dict(params["scalar_head"])
+    head["bias"] = head["bias"] - jnp.asarray(mean, head["bias"].dtype)
+    params["scalar_head"] = head
+    after, _ = demonstration_reward_mean(cfg, params, sft_source, tok, mesh, config)
+    meta.update(reward_bias=-mean, demonstrations_mean_before=mean,
+                demonstrations_mean_after=after, norm_examples=n)
+    print(f"{stage}: {n} demonstrations scored mean {mean:.4f}; folded {-mean:+.4f} into "
+          f"scalar_head.bias (mean now {after:.2e})", flush=True)
+  path = common.save_final(stage_dir, cfg, params, "scalar", tok_dir, meta)
+  print(f"{stage}: final model written to {path}", flush=True)
+  return path

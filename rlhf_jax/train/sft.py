@@ -1,0 +1,270 @@
+"""Stage 1 (SFT) and the offline base-model pretraining: next-token loss on packed rows.
+
+  sft       demonstrations `[bos] prompt response [eos]` packed into rows; the loss covers the
+            response tokens and eos only (the prompt is masked), as in InstructGPT.
+  pretrain  the same step on pretraining text with every token a target: there is no
+            downloadable base model offline, so the `tiny` pipeline pretrains its own on the
+            offline task's text first.
+
+The step is `train_step(state, batch, rng) -> (state, metrics)` from `common.make_train_step`:
+pure, jitted with explicit shardings, the state donated, gradient accumulation by `lax.scan` over
+micro-batches summing (loss_sum, token count), AdamW with warmup + cosine decay to 10%, residual
+dropout from `config.model.dropout_resid` (paper SFT: 0.2).
+
+Validation: the mean token loss over the whole validation split (prompt-masked for sft), every
+`eval_every` steps. Optional model selection (`config.select_by_rm.rm_path`): at each evaluation
+the policy answers validation prompts greedily, the reward model scores the answers, and the final
+model is the evaluated weights with the best mean reward instead of the last ones.
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import losses
+from rlhf_jax import sharding
+from rlhf_jax.errors import UserError
+from rlhf_jax.models import ModelConfig
+from rlhf_jax.train import common
+
+TRAIN_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
+
+
+def make_loss_fn(cfg: ModelConfig):
+  """(params, batch, rng) -> (token loss sum, target count, {}): the masked next-token loss."""
+  def loss_fn(params, batch, rng):
+    logits = common.forward(cfg, "lm", params, batch, rng=rng, train=True)
+    loss_sum, count = losses.lm_loss(logits, batch["tokens"], batch["loss_mask"])
+    return loss_sum, count, {}
+  return loss_fn
+
+
+def make_eval_fn(cfg: ModelConfig):
+  def eval_fn(params, batch):
+    logits = common.forward(cfg, "lm", params, batch)
+    return losses.lm_loss(logits, batch["tokens"], batch["loss_mask"])
+  return eval_fn
+
+
+def _kind(stage):
+  return "ptx" if stage == "pretrain" else "sft"
+
+
+def _source(tfds_dir, kind, split, field):
+  from rlhf_jax.data import builders  # pylint: disable=g-import-not-at-top
+  try:
+    return builders.load_source(tfds_dir, kind, split)
+  except UserError as e:
+    raise UserError(f"config.data.{field}: {e}") from None
+
+
+def _loader(kind, source, tok, batch_size, seq_len, *, seed, train, prefetch=0):
+  from rlhf_jax.data import loaders  # pylint: disable=g-import-not-at-top
+  if kind == "ptx":
+    return loaders.ptx_loader(source, tok, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                              num_epochs=None if train else 1, shuffle=train, prefetch=prefetch)
+  if train:
+    return loaders.sft_loader(source, tok, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                              prefetch=prefetch)
+  # Validation: one demonstration per row and every record exactly once.
+  return loaders.sft_loader(source, tok, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                            num_epochs=1, shuffle=False, pack=False, drop_remainder=False)
+
+
+def _select(batch, keys):
+  return {k: batch[k] for k in keys}
+
+
+class _Batches:
+  """The training iterator, keeping only what the step needs (state passes through)."""
+
+  def __init__(self, it, keys):
+    self._it, self._keys = it, keys
+
+  def __next__(self):
+    return _select(next(self._it), self._keys)
+
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state):
+    self._it.set_state(state)
+
+  def close(self):
+    if hasattr(self._it, "close"):
+      self._it.close()
+
+
+def estimate_steps(config, source, tok, kind):
+  """Steps for `config.num_epochs` over a packed split: tokens of a sample of records / seq_len."""
+  from rlhf_jax.data import encoding  # pylint: disable=g-import-not-at-top
+  n = len(source)
+  sample = range(0, n, max(1, n // 512))
+  total = 0
+  for i in sample:
+    r = source[i]
+    text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
+    if kind == "ptx":
+      total += min(len(tok.encode(text(r["text"]))) + 2, 64 * config.seq_len)
+    else:
+      doc = encoding.sft_document(tok.encode(text(r["prompt"])), tok.encode(text(r["response"])),
+                                  tok.bos_id, tok.eos_id, config.seq_len)
+      total += 0 if doc is None else len(doc["tokens"])
+  rows = total * n / len(sample) / config.seq_len
+  return max(1, int(np.ceil(config.num_epochs * rows / config.batch_size)))
+
+
+class EvalSet:
+  """Host batches of a validation split, read once and reused at every evaluation."""
+
+  def __init__(self, loader, mesh, batch_size, keys, max_batches):
+    self.mesh, self.batch_size = mesh, batch_size
+    self.batches = []
+    for i, batch in enumerate(loader):
+      if max_batches and i >= max_batches:
+        break
+      self.batches.append(_select(batch, keys))
+    if not self.batches:
+      raise UserError("the validation split gave no batch (is it smaller than eval_batch_size "
+                      "for packed pretraining text?)")
+
+  def __iter__(self):
+    for batch in self.batches:
+      yield batch, common.to_global(batch, self.mesh, self.batch_size)
+
+
+def run(config, workdir):
+  """Runs the 'pretrain' or 'sft' stage named by `config.stage` in `<workdir>/<stage>`."""
+  stage = config.stage
+  workdir = os.path.abspath(workdir)
+  stage_dir = os.path.join(workdir, stage)
+  final = common.final_model_dir(workdir, stage)
+  if os.path.exists(final):
+    print(f"{stage}: final model exists at {final}; skipping the stage", flush=True)
+    return final
+
+  cfg = ModelConfig.from_dict(config.model)
+  mesh = sharding.make_mesh(config.mesh)
+  common.check_mesh_batch(config, mesh)
+  tfds_dir, data_tok_dir = common.data_paths(config, workdir)
+  init_from = config.init_from
+  if init_from == "auto":
+    init_from = "" if stage == "pretrain" else common.final_model_dir(workdir, "pretrain")
+    if init_from and not os.path.exists(init_from):
+      raise UserError(f"config.init_from: 'auto' means the pretrain stage's model {init_from}, "
+                      "which does not exist; run that stage first (--config.stage=pretrain) or "
+                      "set config.init_from to a model (e.g. smollm2-135m)")
+  loaded, model_tok_dir = None, None
+  if init_from:
+    loaded, model_tok_dir = common.load_init_model(init_from, cfg, "config.init_from")
+  tok, tok_dir = common.load_tokenizer_for(config, model_tok_dir, data_tok_dir, cfg)
+
+  kind = _kind(stage)
+  train_source = _source(tfds_dir, kind, config.data.train_split, "train_split")
+  eval_source = _source(tfds_dir, kind, config.data.eval_split, "eval_split")
+  num_steps = config.num_steps or estimate_steps(config, train_source, tok, kind)
+  tx, schedule = common.make_optimizer(config.optimizer, num_steps)
+  shardings = common.state_shardings(cfg, "lm", tx, mesh)
+  params = (common.random_params(cfg, "lm", shardings["params"], config.seed) if loaded is None
+            else loaded)
+  state = common.create_state(params, tx, shardings)
+  del params, loaded
+
+  local_bs = common.local_batch_size(mesh, config.batch_size)
+  local_eval_bs = common.local_batch_size(mesh, config.eval_batch_size)
+  eval_keys = TRAIN_KEYS
+  eval_set = EvalSet(_loader(kind, eval_source, tok, local_eval_bs, config.seq_len,
+                             seed=config.data_seed, train=False),
+                     mesh, config.eval_batch_size, eval_keys, config.eval_batches)
+  eval_step = None
+
+  def evaluate(params):
+    nonlocal eval_step
+    total, count = 0.0, 0.0
+    for local, batch in eval_set:
+      if eval_step is None:
+        eval_step = common.jit_eval_step(make_eval_fn(cfg), shardings["params"], local, mesh)
+      s, c = jax.device_get(eval_step(params, batch))
+      total, count = total + float(s), count + float(c)
+    out = {"loss": total / max(count, 1.0), "tokens": count}
+    out.update(selector.score(params) if selector else {})
+    return out
+
+  selector = None
+  if config.select_by_rm.rm_path:
+    selector = RewardSelector(config, cfg, mesh, tok, tfds_dir)
+
+  task = common.Task(
+      name=stage, head="lm", loss_fn=make_loss_fn(cfg),
+      train_batches=lambda: _Batches(iter(_loader(
+          kind, train_source, tok, local_bs, config.seq_len, seed=config.data_seed, train=True,
+          prefetch=config.data.prefetch)), TRAIN_KEYS),
+      evaluate=evaluate)
+  print(f"{stage}: {cfg.flavour} {cfg.num_layers}x{cfg.d_model}, {num_steps} steps of "
+        f"{config.batch_size}x{config.seq_len} tokens, mesh {dict(mesh.shape)}, init "
+        f"{init_from or 'random'}; writing {stage_dir}", flush=True)
+  state, last_eval, history = common.run_loop(
+      task, config, workdir, cfg, mesh, tx, schedule, state, num_steps,
+      on_eval=selector.observe if selector else None)
+  params = state["params"]
+  meta = {"stage": stage, "steps": num_steps, "init_from": init_from or None,
+          "final_eval": last_eval,
+          "first_eval": next((m for kind_, _, m in history if kind_ == "eval"), None)}
+  if selector and selector.best is not None:
+    params = selector.best_params
+    meta["selected_by_rm"] = {"step": selector.best_step, "reward": selector.best,
+                              "rm_path": config.select_by_rm.rm_path}
+    print(f"{stage}: keeping the weights of step {selector.best_step} (validation reward "
+          f"{selector.best:.4f})", flush=True)
+  path = common.save_final(stage_dir, cfg, params, "lm", tok_dir, meta)
+  print(f"{stage}: final model written to {path}", flush=True)
+  return path
+
+
+class RewardSelector:
+  """Model selection by validation reward-model score (greedy answers to validation prompts)."""
+
+  def __init__(self, config, cfg, mesh, tok, tfds_dir):
+    from rlhf_jax.convert import load_model  # pylint: disable=g-import-not-at-top
+    from rlhf_jax.data import loaders  # pylint: disable=g-import-not-at-top
+    sel = config.select_by_rm
+    common.check_positive(config, "select_by_rm.num_prompts", kind=int)
+    common.check_positive(config, "select_by_rm.max_new_tokens", kind=int)
+    rm = load_model(sel.rm_path)
+    if rm.head != "scalar":
+      raise UserError(f"config.select_by_rm.rm_path: {sel.rm_path} holds a {rm.head!r} model, "
+                      "expected a reward model (scalar head)")
+    self.rm_cfg, self.rm_params = rm.cfg, jax.device_put(rm.params, sharding.replicated(mesh))
+    self.cfg, self.mesh, self.tok = cfg, mesh, tok
+    self.max_new = sel.max_new_tokens
+    prompt_len = min(config.seq_len // 2, cfg.max_len - self.max_new)
+    source = _source(tfds_dir, "prompts", config.data.eval_split, "eval_split")
+    it = iter(loaders.prompt_loader(source, tok, batch_size=sel.num_prompts,
+                                    prompt_len=prompt_len, num_epochs=1, shuffle=False,
+                                    drop_remainder=False))
+    batch = next(it)
+    self.prompts = {k: jnp.asarray(batch[k]) for k in ("tokens", "segment_ids")}
+    self.valid = batch["index"] >= 0
+    self.best, self.best_step, self.best_params = None, None, None
+
+  def score(self, params):
+    from rlhf_jax.sampling import SamplingConfig, sample  # pylint: disable=g-import-not-at-top
+    sc = SamplingConfig(max_new_tokens=self.max_new, greedy=True, eos_token_id=self.tok.eos_id,
+                        pad_token_id=self.tok.pad_id)
+    out = sample(params, self.cfg, self.prompts["tokens"], self.prompts["segment_ids"],
+                 jax.random.key(0), sc)
+    tokens = jnp.concatenate([self.prompts["tokens"], out.tokens], axis=1)
+    seg = jnp.concatenate([self.prompts["segment_ids"], (out.mask > 0).astype(jnp.int32)], axis=1)
+    last = self.prompts["tokens"].shape[1] + jnp.maximum(out.lengths, 1) - 1
+    values = common.forward(self.rm_cfg, "scalar", self.rm_params,
+                            {"tokens": tokens, "segment_ids": seg})
+    rewards = np.asarray(losses.gather_last(values, last))
+    return {"rm_reward": float(rewards[self.valid].mean()),
+            "response_length": float(np.asarray(out.lengths)[self.valid].mean())}
+
+  def observe(self, step, params, metrics):
+    reward = metrics.get("rm_reward")
+    if reward is not None and (self.best is None or reward > self.best):
+      self.best, self.best_step = reward, step
+      self.best_params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)

@@ -1,0 +1,155 @@
+"""SFT step: prompt-masked packed loss, exact gradient accumulation, sharded == 1 device, the
+schedule and the config checks."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from rlhf_jax import losses, sharding
+from rlhf_jax.errors import UserError
+from rlhf_jax.models import Transformer, get_model_config, init_params
+from rlhf_jax.train import common, sft
+
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
+DROPOUT = 0.2   # the paper's SFT residual dropout: masks must not depend on the mesh either
+
+
+def _opt(lr=1e-4):
+  return ml_collections.ConfigDict({"lr": lr, "warmup_steps": 0, "final_lr_fraction": 0.1,
+                                    "weight_decay": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
+                                    "grad_clip": 1.0})
+
+
+def packed_batch(seed, batch=8, seq_len=32, vocab=512):
+  """Rows of two packed demonstrations + padding; loss mask on each one's response part."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, vocab, size=(batch, seq_len)).astype(np.int32)
+  seg = np.zeros((batch, seq_len), np.int32)
+  pos = np.zeros((batch, seq_len), np.int32)
+  mask = np.zeros((batch, seq_len), np.float32)
+  for row in range(batch):
+    first = int(rng.integers(6, seq_len // 2))
+    total = int(rng.integers(first + 6, seq_len + 1))
+    for s, (a, b) in enumerate([(0, first), (first, total)], start=1):
+      seg[row, a:b], pos[row, a:b] = s, np.arange(b - a)
+      mask[row, a + (b - a) // 2:b] = 1.0      # the second half is the "response"
+  tokens[seg == 0] = 0
+  return {"tokens": tokens, "segment_ids": seg, "positions": pos, "loss_mask": mask}
+
+
+def test_loss_is_the_mean_over_response_tokens_only():
+  cfg = get_model_config("tiny")
+  params = init_params(cfg, jax.random.key(0))
+  batch = packed_batch(0, batch=2)
+  s, c, _ = jax.jit(sft.make_loss_fn(cfg))(params, batch, jax.random.key(0))
+  logits, _ = jax.jit(Transformer(cfg).apply)({"params": params}, batch["tokens"],
+                                              segment_ids=batch["segment_ids"])
+  logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1), np.float64)
+  ref, n = 0.0, 0
+  for b in range(2):
+    for t in range(1, 32):
+      if batch["loss_mask"][b, t]:
+        ref -= logp[b, t - 1, batch["tokens"][b, t]]
+        n += 1
+  assert float(c) == n and n > 0
+  np.testing.assert_allclose(float(s), ref, rtol=1e-5)
+  # Prompt (masked) tokens are never targets: with the same logits, changing them all leaves the
+  # loss unchanged.
+  other = np.where(batch["loss_mask"] > 0, batch["tokens"], 5)
+  s2, _ = losses.lm_loss(logits, other, batch["loss_mask"])
+  np.testing.assert_allclose(float(s2), float(s), rtol=1e-6)
+
+
+_PARAMS = {}
+
+
+def _run_steps(mesh, steps=2, accum=1, batch_size=8, dropout=DROPOUT):
+  cfg = get_model_config("tiny", dropout_resid=dropout)
+  if "p" not in _PARAMS:
+    _PARAMS["p"] = jax.device_get(init_params(cfg, jax.random.key(0)))
+  tx, schedule = common.make_optimizer(_opt(), 10)
+  shardings = common.state_shardings(cfg, "lm", tx, mesh)
+  state = common.create_state(_PARAMS["p"], tx, shardings)
+  batches = [packed_batch(20 + i, batch=batch_size) for i in range(steps)]
+  step = common.jit_train_step(common.make_train_step(sft.make_loss_fn(cfg), tx, schedule, accum,
+                                                      mesh), shardings, batches[0], mesh)
+  metrics = []
+  with sharding.activate(mesh):
+    for i, b in enumerate(batches):
+      state, m = step(state, common.to_global(b, mesh, batch_size), jax.random.key(i))
+      metrics.append(jax.device_get(m))
+  assert int(jax.device_get(state["step"])) == steps
+  return jax.device_get(state["params"]), metrics
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+  return _run_steps(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_sharded_sft_step_equals_single_device(shape, single_device_run):
+  ref_params, ref_metrics = single_device_run
+  params, metrics = _run_steps(sharding.make_mesh(shape))
+  for m, r in zip(metrics, ref_metrics):
+    np.testing.assert_allclose(m["loss"], r["loss"], rtol=1e-5)
+    assert m["count"] == r["count"]
+  for p, r in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(p, r, atol=2e-6)
+
+
+def test_cosine_schedule_decays_to_ten_percent():
+  opt = _opt(lr=1e-3)
+  opt.warmup_steps = 10
+  schedule = common.make_schedule(opt, 100)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(100)), 1e-4, rtol=1e-6)
+  assert float(schedule(50)) > float(schedule(80)) > 1e-4
+
+
+def test_weight_decay_skips_norms_and_biases():
+  cfg = get_model_config("tiny-gpt2")
+  params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  mask = common._decay_mask(params)  # pylint: disable=protected-access
+  assert mask["embed"] and mask["layers"]["attn"]["q"]["kernel"]
+  assert not mask["layers"]["attn"]["q"]["bias"] and not mask["final_norm"]["scale"]
+
+
+def _config(**overrides):
+  import importlib.util
+  import os
+  spec = importlib.util.spec_from_file_location(
+      "sft_config", os.path.join(os.path.dirname(__file__), "..", "configs", "sft.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  for key, value in overrides.items():
+    node = config
+    *parents, last = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  return config
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("optimizer.lr", -1.0, "config.optimizer.lr must be a number > 0, got -1.0"),
+    ("optimizer.lr", 0.0, "config.optimizer.lr must be a number > 0, got 0.0"),
+    ("batch_size", 0, "config.batch_size must be an integer > 0, got 0"),
+    ("batch_size", -4, "config.batch_size must be an integer > 0, got -4"),
+    ("grad_accum_steps", 3, "config.grad_accum_steps (3) must divide config.batch_size (16)"),
+    ("seq_len", 100000, "config.seq_len (100000) exceeds config.model.max_len (256)"),
+    ("stage", "ppo", "config.stage must be one of pretrain, sft, rm, got 'ppo'"),
+])
+def test_bad_config_values_are_one_line_errors(field, value, message):
+  with pytest.raises(UserError) as e:
+    common.validate_config(_config(**{field: value}))
+  assert str(e.value) == message
+
+
+def test_micro_batch_must_split_over_the_mesh():
+  config = _config(batch_size=8, grad_accum_steps=2)
+  with pytest.raises(UserError, match=r"= 4 must be a multiple of data x fsdp = 8"):
+    common.check_mesh_batch(config, sharding.make_mesh((1, 8, 1)))
