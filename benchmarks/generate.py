@@ -5,7 +5,7 @@
 
 Each measurement runs in its own subprocess (ours, transformers, tunix), interleaved round by round
 (A B C A B C ...) so a busy moment on a shared machine hits all of them; the report is the median
-over rounds with min-max. Models are random-initialised GPT-2 shapes (tunix has no GPT-2: it runs
+over rounds with min-max, and each ratio is the median over rounds of the ratio within a round. Models are random-initialised GPT-2 shapes (tunix has no GPT-2: it runs
 Qwen2 at the same width/depth/vocabulary). Every run generates exactly `new` tokens per row: sampling
 at temperature 1, top-k/top-p off, no EOS.
 
@@ -142,6 +142,12 @@ def measure(kind, shape_name, repeats, tunix_python):
   return None if res is None else res["tok_s"]
 
 
+def _round_ratio(res, peer):
+  """Median over rounds of ours / peer measured in the same round (robust to a busy moment)."""
+  pairs = [(o, p) for o, p in zip(res.get("ours", []), res.get(peer, [])) if o and p]
+  return statistics.median(o / p for o, p in pairs) if pairs else None
+
+
 def _fmt(values):
   if not values:
     return "n/a"
@@ -174,8 +180,7 @@ def main():
     for s in shapes:
       for kind in kinds:
         tok_s = measure(kind, s, args.repeats, args.tunix_python)
-        if tok_s is not None:
-          results[s][kind].append(tok_s)
+        results[s][kind].append(tok_s)      # None when the run failed (kept: rounds stay aligned)
         sys.stderr.write(f"[round {r + 1}/{args.rounds}] {s} {kind}: {tok_s}\n")
   peak_after = matmul_peak()
 
@@ -186,18 +191,19 @@ def main():
   print("|---|---|---|---|---|---|---|")
   best_peak = max(peak, peak_after)
   for s in shapes:
-    med = {k: (statistics.median(v) if v else None) for k, v in results[s].items()}
+    ok = {k: [x for x in v if x] for k, v in results[s].items()}
+    med = {k: (statistics.median(v) if v else None) for k, v in ok.items()}
     ours, hf, tunix = med.get("ours"), med.get("hf"), med.get("tunix")
-    ratio_hf = ours / hf if ours and hf else None
-    ratio_tunix = ours / tunix if ours and tunix else None
+    ratio_hf = _round_ratio(results[s], "hf")
+    ratio_tunix = _round_ratio(results[s], "tunix")
     roof = ours * flops_per_token(SHAPES[s]) / best_peak if ours else None
     summary[s] = {"ours_tok_s": ours, "hf_tok_s": hf, "tunix_tok_s": tunix,
                   "ratio_vs_hf": ratio_hf, "ratio_vs_tunix": ratio_tunix,
                   "roofline_fraction": roof, "rounds": results[s]}
     f = lambda x, p=2: "n/a" if x is None else f"{x:.{p}f}"
     print(f"| {s} ({SHAPES[s]['layers']}x{SHAPES[s]['d_model']}, vocab {SHAPES[s]['vocab']}, "
-          f"batch {SHAPES[s]['batch']}) | {_fmt(results[s]['ours'])} | {_fmt(results[s]['hf'])} | "
-          f"{_fmt(results[s].get('tunix', []))} | {f(ratio_hf)} | {f(ratio_tunix)} | {f(roof, 3)} |")
+          f"batch {SHAPES[s]['batch']}) | {_fmt(ok['ours'])} | {_fmt(ok['hf'])} | "
+          f"{_fmt(ok.get('tunix', []))} | {f(ratio_hf)} | {f(ratio_tunix)} | {f(roof, 3)} |")
   print("RESULT " + json.dumps(summary))
 
 

@@ -115,7 +115,7 @@ def sample(params, cfg: ModelConfig, prompts: jax.Array, prompt_segment_ids: jax
   n = sc.max_new_tokens
   cache = init_cache(cfg, b, p + n)
   logits, cache = model.apply({"params": params}, prompts, segment_ids=prompt_segment_ids,
-                              cache=cache)
+                              cache=cache, last_only=True)
   cache = _repeat_rows(cache, num_samples)
   last = jnp.repeat(logits[:, -1], num_samples, axis=0)
   rows = b * num_samples

@@ -13,8 +13,8 @@ Inputs
                `cache['index']` and attends to everything cached before them.
 
 Output: (out, new_cache); out is logits (B, T, vocab) for head='lm', a scalar per token (B, T)
-for head='scalar', the final hidden states (B, T, d_model) for head='none'. new_cache is None
-without a cache.
+for head='scalar', the final hidden states (B, T, d_model) for head='none' (T = 1 with
+last_only=True). new_cache is None without a cache.
 
 Parameters are stacked over layers (one `nn.scan`), so their leading axis is 'layers'. Every parameter
 carries logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp, layers); `rlhf_jax.sharding`
@@ -290,7 +290,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, segment_ids=None, positions=None, cache: Optional[dict] = None, *,
-               deterministic: bool = True):
+               deterministic: bool = True, last_only: bool = False):
     cfg = self.cfg
     if self.head not in HEADS:
       raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
@@ -330,6 +330,8 @@ class Transformer(nn.Module):
           "pos": cache["pos"] + (segment_ids != 0).sum(axis=1).astype(jnp.int32),
       }
 
+    if last_only:   # the head at the last position only (a sampler's prefill needs nothing else)
+      x = x[:, -1:]
     if self.head == "none":
       return x, new_cache
     if self.head == "scalar":
