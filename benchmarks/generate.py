@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from machine import matmul_peak  # benchmarks/machine.py (this script's folder)
+
 SHAPES = {
     "small-b1": dict(layers=4, d_model=256, heads=4, vocab=8192, batch=1),
     "small-b8": dict(layers=4, d_model=256, heads=4, vocab=8192, batch=8),
@@ -92,22 +94,6 @@ def worker_hf(shape, repeats):
   return times
 
 
-def matmul_peak(repeats=10):
-  """Measured float32 matmul FLOP/s of this machine (jnp.dot 2048x2048, median of repeats)."""
-  import jax
-  import jax.numpy as jnp
-  n = 2048
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n ** 3 / statistics.median(times)
-
-
 def flops_per_token(shape):
   d, layers, v = shape["d_model"], shape["layers"], shape["vocab"]
   matmul_params = layers * 12 * d * d + d * v
@@ -171,7 +157,6 @@ def main():
                                   "times_s": times}))
     return
 
-  import jax  # noqa: F401  (peak measured in this process)
   have_tunix = os.path.exists(args.tunix_python)
   kinds = ["ours", "hf"] + (["tunix"] if have_tunix else [])
   peak = matmul_peak()

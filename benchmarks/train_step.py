@@ -31,24 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from machine import matmul_peak  # benchmarks/machine.py (this script's folder)
+
 SHAPES = {
     "4x256": dict(layers=4, d_model=256, heads=4, vocab=8192, sft_batch=8, rm_prompts=4),
     "gpt2-small": dict(layers=12, d_model=768, heads=12, vocab=50257, sft_batch=4, rm_prompts=2),
 }
 K = 2
-
-
-def measure_peak(repeats=10):
-  n = 2048
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n ** 3 / statistics.median(times)
 
 
 def model_config(shape, seq_len):
@@ -152,7 +141,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--seq_len", type=int, default=512)
   args = parser.parse_args()
-  peak = measure_peak()
+  peak = matmul_peak()
   print(f"matmul peak (float32 2048^2, {jax.device_count()} device, {jax.devices()[0].platform}): "
         f"{peak / 1e9:.1f} GFLOP/s", flush=True)
   rng = np.random.default_rng(0)
@@ -176,7 +165,7 @@ def main():
             f"{r['optimizer_s']:.3f}"
             + (f", LM head + loss fwd+bwd {r['lm_head_and_loss_s']:.3f}" if kind == "sft" else "")
             + f"), {flops / r['step_s'] / 1e9:.1f} GFLOP/s", flush=True)
-  peak_after = measure_peak()
+  peak_after = matmul_peak()
   best = max(peak, peak_after)
   print(f"matmul peak after: {peak_after / 1e9:.1f} GFLOP/s; using {best / 1e9:.1f}")
   print("\n| shape | step | step s | GFLOP/s | fraction of peak |\n|---|---|---|---|---|")

@@ -89,10 +89,6 @@ def _read_json(path: str) -> dict:
   return value
 
 
-def _expected(cfg, head="lm"):
-  return abstract_params(cfg, head)
-
-
 def _gguf_tokenizer(path: str) -> str:
   """The GGUF's tokenizer as a Hugging Face tokenizer directory (temporary), without torch.
 
@@ -128,13 +124,14 @@ def load_model(path: str, head: Optional[str] = None) -> LoadedModel:
   if fmt == "hf":
     cfg = hf_format.config_from_hf(_read_json(os.path.join(path, "config.json")),
                                    os.path.join(path, "config.json"))
-    params = hf_format.params_from_hf(cfg, hf_format.read_hf_tensors(path), path, _expected(cfg))
+    params = hf_format.params_from_hf(cfg, hf_format.read_hf_tensors(path), path,
+                                          abstract_params(cfg))
     stored_head = "lm"
     if any(os.path.exists(os.path.join(path, f)) for f in hf_format.TOKENIZER_FILES[:2]):
       tokenizer_dir = path
   elif fmt == "gguf":
     from rlhf_jax.models.gguf_import import read_gguf
-    cfg, params = read_gguf(path, _expected)
+    cfg, params = read_gguf(path, abstract_params)
     stored_head = "lm"
     tokenizer_dir = _gguf_tokenizer(path)
   else:
@@ -158,7 +155,7 @@ def _read_native(path: str):
     head = meta["head"]
   except (KeyError, TypeError) as e:
     raise UserError(f"{meta_path}: missing or bad field {e}") from None
-  target = _expected(cfg, head)
+  target = abstract_params(cfg, head)
   params_dir = os.path.join(os.path.abspath(path), "params")
   if not os.path.isdir(params_dir):
     raise UserError(f"{path}: missing params/ directory")

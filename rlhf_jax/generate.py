@@ -8,6 +8,7 @@ comes with the model unless --tokenizer names one. Prints the completion text on
 the EOS token). A model without any tokenizer takes --prompt as space-separated token ids and prints
 ids.
 """
+import dataclasses
 import sys
 
 from absl import flags
@@ -66,7 +67,7 @@ def main(argv):
     raise UserError(f"--prompt: {len(ids)} prompt tokens + {sc.max_new_tokens} new tokens exceed "
                     f"the model's context of {cfg.max_len}")
   eos = tok.eos_token_id if tok is not None and tok.eos_token_id is not None else cfg.eos_token_id
-  sc = SamplingConfig(**{**sc.__dict__, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id})
+  sc = dataclasses.replace(sc, eos_token_id=eos, pad_token_id=cfg.pad_token_id)
   tokens, seg = left_pad([ids], cfg.pad_token_id)
   out = sample(model.params, cfg, tokens, seg, jax.random.key(_SEED.value), sc)
   completion = [int(t) for t in out.tokens[0, :int(out.lengths[0])]]

@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import ModelConfig, Transformer, init_cache, unstack_layers
@@ -153,7 +154,6 @@ def sample(params, cfg: ModelConfig, prompts: jax.Array, prompt_segment_ids: jax
 
 def left_pad(sequences, pad_token_id: int, length: Optional[int] = None):
   """Lists of token ids -> left-padded (tokens, segment_ids) int32 arrays of width `length`."""
-  import numpy as np
   width = length or max(len(s) for s in sequences)
   tokens = np.full((len(sequences), width), pad_token_id, np.int32)
   seg = np.zeros((len(sequences), width), np.int32)

@@ -4,7 +4,6 @@ import itertools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -12,14 +11,8 @@ from rlhf_jax import sharding
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import Transformer, get_model_config, init_params
 from rlhf_jax.train import common, rm
+from stage_steps import MESHES, run_train_steps
 
-MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
-
-
-def _opt(lr=1e-4):
-  return ml_collections.ConfigDict({"lr": lr, "warmup_steps": 0, "final_lr_fraction": 0.1,
-                                    "weight_decay": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
-                                    "grad_clip": 1.0})
 
 
 def comparison_batch(seed, batch=8, k_max=5, seq_len=16, vocab=512):
@@ -118,17 +111,9 @@ def _initial_params(cfg):
 
 def _run_steps(mesh, steps=2, accum=1, batch_size=8):
   cfg = get_model_config("tiny")
-  tx, schedule = common.make_optimizer(_opt(), 10)
-  shardings = common.state_shardings(cfg, "scalar", tx, mesh)
-  state = common.create_state(_initial_params(cfg), tx, shardings)
   batches = [comparison_batch(10 + i, batch=batch_size) for i in range(steps)]
-  step = common.jit_train_step(common.make_train_step(rm.make_loss_fn(cfg), tx, schedule, accum,
-                                                      mesh), shardings, batches[0], mesh)
-  metrics = []
-  with sharding.activate(mesh):
-    for i, b in enumerate(batches):
-      state, m = step(state, common.to_global(b, mesh, batch_size), jax.random.key(i))
-      metrics.append(jax.device_get(m))
+  state, metrics = run_train_steps(cfg, "scalar", rm.make_loss_fn(cfg), _initial_params(cfg),
+                                   batches, mesh, accum, batch_size)
   return jax.device_get(state["params"]), metrics
 
 

@@ -2,7 +2,6 @@
 schedule and the config checks."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -10,15 +9,9 @@ from rlhf_jax import losses, sharding
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import Transformer, get_model_config, init_params
 from rlhf_jax.train import common, sft
+from stage_steps import MESHES, opt_config, run_train_steps
 
-MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
 DROPOUT = 0.2   # the paper's SFT residual dropout: masks must not depend on the mesh either
-
-
-def _opt(lr=1e-4):
-  return ml_collections.ConfigDict({"lr": lr, "warmup_steps": 0, "final_lr_fraction": 0.1,
-                                    "weight_decay": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
-                                    "grad_clip": 1.0})
 
 
 def packed_batch(seed, batch=8, seq_len=32, vocab=512):
@@ -68,17 +61,9 @@ def _run_steps(mesh, steps=2, accum=1, batch_size=8, dropout=DROPOUT):
   cfg = get_model_config("tiny", dropout_resid=dropout)
   if "p" not in _PARAMS:
     _PARAMS["p"] = jax.device_get(init_params(cfg, jax.random.key(0)))
-  tx, schedule = common.make_optimizer(_opt(), 10)
-  shardings = common.state_shardings(cfg, "lm", tx, mesh)
-  state = common.create_state(_PARAMS["p"], tx, shardings)
   batches = [packed_batch(20 + i, batch=batch_size) for i in range(steps)]
-  step = common.jit_train_step(common.make_train_step(sft.make_loss_fn(cfg), tx, schedule, accum,
-                                                      mesh), shardings, batches[0], mesh)
-  metrics = []
-  with sharding.activate(mesh):
-    for i, b in enumerate(batches):
-      state, m = step(state, common.to_global(b, mesh, batch_size), jax.random.key(i))
-      metrics.append(jax.device_get(m))
+  state, metrics = run_train_steps(cfg, "lm", sft.make_loss_fn(cfg), _PARAMS["p"], batches, mesh,
+                                   accum, batch_size)
   assert int(jax.device_get(state["step"])) == steps
   return jax.device_get(state["params"]), metrics
 
@@ -100,7 +85,7 @@ def test_sharded_sft_step_equals_single_device(shape, single_device_run):
 
 
 def test_cosine_schedule_decays_to_ten_percent():
-  opt = _opt(lr=1e-3)
+  opt = opt_config(lr=1e-3)
   opt.warmup_steps = 10
   schedule = common.make_schedule(opt, 100)
   assert float(schedule(0)) == 0.0

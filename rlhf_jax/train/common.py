@@ -315,8 +315,78 @@ def local_batch_size(mesh, global_size):
   return rows.stop - rows.start
 
 
-def to_global(batch, mesh, global_size):
-  return sharding.global_batch(batch, mesh, global_size)
+def load_split(tfds_dir, kind, split, field):
+  """The TFDS source of one split; a missing split names its config field."""
+  from rlhf_jax.data import builders  # pylint: disable=g-import-not-at-top
+  try:
+    return builders.load_source(tfds_dir, kind, split)
+  except UserError as e:
+    raise UserError(f"config.data.{field}: {e}") from None
+
+
+class KeyedBatches:
+  """A resumable training iterator that keeps only the keys the step needs.
+
+  check(batch) runs on every host batch before it is trimmed (e.g. the RM's K >= 2 check);
+  get_state/set_state pass through to the loader's iterator.
+  """
+
+  def __init__(self, it, keys, check=None):
+    self._it, self._keys, self._check = it, keys, check
+
+  def __next__(self):
+    batch = next(self._it)
+    if self._check is not None:
+      self._check(batch)
+    return {k: batch[k] for k in self._keys}
+
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state):
+    self._it.set_state(state)
+
+  def close(self):
+    if hasattr(self._it, "close"):
+      self._it.close()
+
+
+@dataclasses.dataclass
+class StageSetup:
+  """What every stage resolves before it builds anything (see `begin_stage`)."""
+  workdir: str
+  stage_dir: str
+  cfg: ModelConfig
+  mesh: Any
+  tfds_dir: str
+  data_tokenizer_dir: str
+  init_from: str       # the model to start from ('' = random init)
+
+
+def begin_stage(config, workdir, stage, previous):
+  """Resolves paths, the model config, the mesh, the data and `config.init_from` of a stage.
+
+  Returns None (after saying so) when the stage's final model already exists. `previous` is the
+  stage whose model `init_from='auto'` means ('' for none).
+  """
+  workdir = os.path.abspath(workdir)
+  final = final_model_dir(workdir, stage)
+  if os.path.exists(final):
+    print(f"{stage}: final model exists at {final}; skipping the stage", flush=True)
+    return None
+  cfg = ModelConfig.from_dict(config.model)
+  mesh = sharding.make_mesh(config.mesh)
+  check_mesh_batch(config, mesh)
+  tfds_dir, data_tok_dir = data_paths(config, workdir)
+  init_from = config.init_from
+  if init_from == "auto":
+    init_from = final_model_dir(workdir, previous) if previous else ""
+    if init_from and not os.path.exists(init_from):
+      raise UserError(f"config.init_from: 'auto' means the {previous} stage's model {init_from}, "
+                      f"which does not exist; run that stage first or set config.init_from to a "
+                      "model (e.g. smollm2-135m)")
+  return StageSetup(workdir, os.path.join(workdir, stage), cfg, mesh, tfds_dir, data_tok_dir,
+                    init_from)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -432,7 +502,7 @@ def run_loop(task: Task, config, workdir, cfg, mesh, tx, schedule, state, num_st
   try:
     for step in range(start, num_steps):
       local = next(batches)   # host numpy; a stage's iterator checks its batches (e.g. K >= 2)
-      batch = to_global(local, mesh, config.batch_size)
+      batch = sharding.global_batch(local, mesh, config.batch_size)
       if step_fn is None:  # built at the first batch, whose keys and ranks fix the shardings
         step_fn = jit_train_step(
             make_train_step(task.loss_fn, tx, schedule, config.grad_accum_steps, mesh),

@@ -17,7 +17,6 @@ train split) is subtracted from `scalar_head.bias`, so the saved reward model sc
 demonstrations at mean 0 for every consumer (PPO, evaluation); the value is recorded in
 `<model>/rlhf_jax_stage.json` as `reward_bias`.
 """
-import os
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +129,7 @@ class RmEval:
     for local in self.batches:
       if self.step is None:
         self.step = common.jit_eval_step(make_eval_fn(cfg), param_shardings, local, self.mesh)
-      s, c, r = jax.device_get(self.step(params, common.to_global(local, self.mesh,
+      s, c, r = jax.device_get(self.step(params, sharding.global_batch(local, self.mesh,
                                                                  self.batch_size)))
       total, count = total + float(s), count + float(c)
       rewards.append(np.asarray(r)[self.rows])
@@ -177,7 +176,7 @@ def demonstration_reward_mean(cfg, params, source, tok, mesh, config):
     if step is None:
       step = common.jit_eval_step(score, jax.tree.map(lambda x: x.sharding, params), keys, mesh)
     with sharding.activate(mesh):
-      r = np.asarray(jax.device_get(step(params, common.to_global(keys, mesh, bs))))[rows]
+      r = np.asarray(jax.device_get(step(params, sharding.global_batch(keys, mesh, bs))))[rows]
     take = batch["index"] >= 0
     take &= np.cumsum(take) + n <= config.norm_examples
     total += float(r[take].sum())
@@ -203,39 +202,22 @@ def k_max_of(config, tfds_dir):
 
 def run(config, workdir):
   """Runs the reward-model stage in `<workdir>/rm`."""
-  from rlhf_jax.data import builders, loaders  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.data import loaders  # pylint: disable=g-import-not-at-top
   stage = "rm"
-  workdir = os.path.abspath(workdir)
-  stage_dir = os.path.join(workdir, stage)
-  final = common.final_model_dir(workdir, stage)
-  if os.path.exists(final):
-    print(f"{stage}: final model exists at {final}; skipping the stage", flush=True)
-    return final
-  cfg = ModelConfig.from_dict(config.model)
-  mesh = sharding.make_mesh(config.mesh)
-  common.check_mesh_batch(config, mesh)
-  tfds_dir, data_tok_dir = common.data_paths(config, workdir)
-  init_from = config.init_from
-  if init_from == "auto":
-    init_from = common.final_model_dir(workdir, "sft")
-    if not os.path.exists(init_from):
-      raise UserError(f"config.init_from: 'auto' means the SFT stage's model {init_from}, which "
-                      "does not exist; run the SFT stage first (configs/sft.py) or set "
-                      "config.init_from")
+  setup = common.begin_stage(config, workdir, stage, "sft")
+  if setup is None:
+    return common.final_model_dir(workdir, stage)
+  workdir, stage_dir, cfg, mesh = setup.workdir, setup.stage_dir, setup.cfg, setup.mesh
+  tfds_dir, init_from = setup.tfds_dir, setup.init_from
   if not init_from:
     raise UserError("config.init_from: the reward model starts from an SFT model; give its path")
   lm_params, model_tok_dir = common.load_init_model(init_from, cfg, "config.init_from")
   params = with_scalar_head(lm_params, cfg, jax.random.key(config.seed))
   del lm_params
-  tok, tok_dir = common.load_tokenizer_for(config, model_tok_dir, data_tok_dir, cfg)
-
-  def src(kind, split, field):
-    try:
-      return builders.load_source(tfds_dir, kind, split)
-    except UserError as e:
-      raise UserError(f"config.data.{field}: {e}") from None
-  train_source = src("comparisons", config.data.train_split, "train_split")
-  eval_source = src("comparisons", config.data.eval_split, "eval_split")
+  tok, tok_dir = common.load_tokenizer_for(config, model_tok_dir, setup.data_tokenizer_dir, cfg)
+  train_source = common.load_split(tfds_dir, "comparisons", config.data.train_split,
+                                   "train_split")
+  eval_source = common.load_split(tfds_dir, "comparisons", config.data.eval_split, "eval_split")
   k_max = k_max_of(config, tfds_dir)
   num_steps = config.num_steps or max(
       1, int(np.ceil(config.num_epochs * len(train_source) / config.batch_size)))
@@ -251,29 +233,14 @@ def run(config, workdir):
                    eval_source, mesh, config.eval_batch_size, config.eval_batches,
                    gold=config.data.source == "offline")
 
-  class Batches:
-    def __init__(self):
-      self._it = iter(loaders.comparison_loader(
-          train_source, tok, batch_size=common.local_batch_size(mesh, config.batch_size),
-          seq_len=config.seq_len, k_max=k_max, seed=config.data_seed,
-          prefetch=config.data.prefetch))
+  def train_batches():
+    return common.KeyedBatches(iter(loaders.comparison_loader(
+        train_source, tok, batch_size=common.local_batch_size(mesh, config.batch_size),
+        seq_len=config.seq_len, k_max=k_max, seed=config.data_seed,
+        prefetch=config.data.prefetch)), TRAIN_KEYS, check=check_comparisons)
 
-    def __next__(self):
-      batch = next(self._it)
-      check_comparisons(batch)
-      return {k: batch[k] for k in TRAIN_KEYS}
-
-    def get_state(self):
-      return self._it.get_state()
-
-    def set_state(self, s):
-      self._it.set_state(s)
-
-    def close(self):
-      if hasattr(self._it, "close"):
-        self._it.close()
-
-  task = common.Task(name=stage, head="scalar", loss_fn=make_loss_fn(cfg), train_batches=Batches,
+  task = common.Task(name=stage, head="scalar", loss_fn=make_loss_fn(cfg),
+                     train_batches=train_batches,
                      evaluate=lambda p: rm_eval(cfg, p, shardings["params"]),
                      summarize=summarize)
   print(f"{stage}: {cfg.flavour} {cfg.num_layers}x{cfg.d_model} + scalar head from {init_from}, "
@@ -286,7 +253,7 @@ def run(config, workdir):
           "final_eval": last_eval,
           "first_eval": next((m for kind, _, m in history if kind == "eval"), None)}
   if config.norm_examples:
-    sft_source = src("sft", config.data.norm_split, "norm_split")
+    sft_source = common.load_split(tfds_dir, "sft", config.data.norm_split, "norm_split")
     mean, n = demonstration_reward_mean(cfg, params, sft_source, tok, mesh, config)
     params = dict(params)
     head = dict(params["scalar_head"])

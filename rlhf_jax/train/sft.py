@@ -16,7 +16,6 @@ Validation: the mean token loss over the whole validation split (prompt-masked f
 the policy answers validation prompts greedily, the reward model scores the answers, and the final
 model is the evaluated weights with the best mean reward instead of the last ones.
 """
-import os
 
 import jax
 import jax.numpy as jnp
@@ -51,14 +50,6 @@ def _kind(stage):
   return "ptx" if stage == "pretrain" else "sft"
 
 
-def _source(tfds_dir, kind, split, field):
-  from rlhf_jax.data import builders  # pylint: disable=g-import-not-at-top
-  try:
-    return builders.load_source(tfds_dir, kind, split)
-  except UserError as e:
-    raise UserError(f"config.data.{field}: {e}") from None
-
-
 def _loader(kind, source, tok, batch_size, seq_len, *, seed, train, prefetch=0):
   from rlhf_jax.data import loaders  # pylint: disable=g-import-not-at-top
   if kind == "ptx":
@@ -70,30 +61,6 @@ def _loader(kind, source, tok, batch_size, seq_len, *, seed, train, prefetch=0):
   # Validation: one demonstration per row and every record exactly once.
   return loaders.sft_loader(source, tok, batch_size=batch_size, seq_len=seq_len, seed=seed,
                             num_epochs=1, shuffle=False, pack=False, drop_remainder=False)
-
-
-def _select(batch, keys):
-  return {k: batch[k] for k in keys}
-
-
-class _Batches:
-  """The training iterator, keeping only what the step needs (state passes through)."""
-
-  def __init__(self, it, keys):
-    self._it, self._keys = it, keys
-
-  def __next__(self):
-    return _select(next(self._it), self._keys)
-
-  def get_state(self):
-    return self._it.get_state()
-
-  def set_state(self, state):
-    self._it.set_state(state)
-
-  def close(self):
-    if hasattr(self._it, "close"):
-      self._it.close()
 
 
 def estimate_steps(config, source, tok, kind):
@@ -124,45 +91,32 @@ class EvalSet:
     for i, batch in enumerate(loader):
       if max_batches and i >= max_batches:
         break
-      self.batches.append(_select(batch, keys))
+      self.batches.append({k: batch[k] for k in keys})
     if not self.batches:
       raise UserError("the validation split gave no batch (is it smaller than eval_batch_size "
                       "for packed pretraining text?)")
 
   def __iter__(self):
     for batch in self.batches:
-      yield batch, common.to_global(batch, self.mesh, self.batch_size)
+      yield batch, sharding.global_batch(batch, self.mesh, self.batch_size)
 
 
 def run(config, workdir):
   """Runs the 'pretrain' or 'sft' stage named by `config.stage` in `<workdir>/<stage>`."""
   stage = config.stage
-  workdir = os.path.abspath(workdir)
-  stage_dir = os.path.join(workdir, stage)
-  final = common.final_model_dir(workdir, stage)
-  if os.path.exists(final):
-    print(f"{stage}: final model exists at {final}; skipping the stage", flush=True)
-    return final
-
-  cfg = ModelConfig.from_dict(config.model)
-  mesh = sharding.make_mesh(config.mesh)
-  common.check_mesh_batch(config, mesh)
-  tfds_dir, data_tok_dir = common.data_paths(config, workdir)
-  init_from = config.init_from
-  if init_from == "auto":
-    init_from = "" if stage == "pretrain" else common.final_model_dir(workdir, "pretrain")
-    if init_from and not os.path.exists(init_from):
-      raise UserError(f"config.init_from: 'auto' means the pretrain stage's model {init_from}, "
-                      "which does not exist; run that stage first (--config.stage=pretrain) or "
-                      "set config.init_from to a model (e.g. smollm2-135m)")
+  setup = common.begin_stage(config, workdir, stage, "" if stage == "pretrain" else "pretrain")
+  if setup is None:
+    return common.final_model_dir(workdir, stage)
+  workdir, stage_dir, cfg, mesh = setup.workdir, setup.stage_dir, setup.cfg, setup.mesh
+  tfds_dir, init_from = setup.tfds_dir, setup.init_from
   loaded, model_tok_dir = None, None
   if init_from:
     loaded, model_tok_dir = common.load_init_model(init_from, cfg, "config.init_from")
-  tok, tok_dir = common.load_tokenizer_for(config, model_tok_dir, data_tok_dir, cfg)
+  tok, tok_dir = common.load_tokenizer_for(config, model_tok_dir, setup.data_tokenizer_dir, cfg)
 
   kind = _kind(stage)
-  train_source = _source(tfds_dir, kind, config.data.train_split, "train_split")
-  eval_source = _source(tfds_dir, kind, config.data.eval_split, "eval_split")
+  train_source = common.load_split(tfds_dir, kind, config.data.train_split, "train_split")
+  eval_source = common.load_split(tfds_dir, kind, config.data.eval_split, "eval_split")
   num_steps = config.num_steps or estimate_steps(config, train_source, tok, kind)
   tx, schedule = common.make_optimizer(config.optimizer, num_steps)
   shardings = common.state_shardings(cfg, "lm", tx, mesh)
@@ -197,7 +151,7 @@ def run(config, workdir):
 
   task = common.Task(
       name=stage, head="lm", loss_fn=make_loss_fn(cfg),
-      train_batches=lambda: _Batches(iter(_loader(
+      train_batches=lambda: common.KeyedBatches(iter(_loader(
           kind, train_source, tok, local_bs, config.seq_len, seed=config.data_seed, train=True,
           prefetch=config.data.prefetch)), TRAIN_KEYS),
       evaluate=evaluate)
@@ -239,7 +193,7 @@ class RewardSelector:
     self.cfg, self.mesh, self.tok = cfg, mesh, tok
     self.max_new = sel.max_new_tokens
     prompt_len = min(config.seq_len // 2, cfg.max_len - self.max_new)
-    source = _source(tfds_dir, "prompts", config.data.eval_split, "eval_split")
+    source = common.load_split(tfds_dir, "prompts", config.data.eval_split, "eval_split")
     it = iter(loaders.prompt_loader(source, tok, batch_size=sel.num_prompts,
                                     prompt_len=prompt_len, num_epochs=1, shuffle=False,
                                     drop_remainder=False))
