@@ -81,3 +81,138 @@ def ranking_accuracy(rewards, ranks, valid):
   margin = rewards[:, :, None] - rewards[:, None, :]
   hit = (margin > 0).astype(jnp.float32) + 0.5 * (margin == 0).astype(jnp.float32)
   return jnp.sum(pairs * hit), jnp.sum(pairs)
+
+
+# ----------------------------------------------------------------------------- PPO (stage 3)
+#
+# Per-token arrays are (B, N) over the N response positions; `mask` is 1 on generated tokens up
+# to and including EOS. Values, log-probs and rewards at masked positions are ignored.
+
+# Log-ratios are clamped to [-LOG_RATIO_BOUND, LOG_RATIO_BOUND] before `exp` (ratio <= 4.9e8, far
+# from float32 overflow) and in the KL estimators: one wild token cannot make the loss or its
+# gradient inf/NaN. Inside the bound nothing changes; a clamped token's ratio has zero gradient.
+LOG_RATIO_BOUND = 20.0
+
+
+def clamped_log_ratio(logp, other_logp):
+  """log(p / q) = logp - other_logp, clamped to [-LOG_RATIO_BOUND, LOG_RATIO_BOUND]."""
+  return jnp.clip(logp - other_logp, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+
+
+def masked_mean(x, mask):
+  """sum(x * mask) / max(sum(mask), 1)."""
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def whiten(x, mask, shift_mean=True, eps=1e-8):
+  """Normalises x over the masked entries: (x - mean) / sqrt(var + eps), var the population
+  variance of the masked entries; with shift_mean=False the mean is added back (reward whitening
+  rescales without moving the mean). Masked-out entries come back as 0."""
+  mask = mask.astype(jnp.float32)
+  mean = masked_mean(x, mask)
+  var = masked_mean(jnp.square(x - mean), mask)
+  out = (x - mean) * jax.lax.rsqrt(var + eps)
+  if not shift_mean:
+    out = out + mean
+  return out * mask
+
+
+def gae(rewards, values, mask, gamma, lam):
+  """Generalised advantage estimation (Schulman et al. 2016) along each response.
+
+    delta_t = r_t + gamma * m_{t+1} V_{t+1} - V_t
+    A_t     = delta_t + gamma * lam * m_{t+1} A_{t+1}          (A_N = 0, m_N = 0)
+    R_t     = A_t + V_t                                         (the value target)
+
+  m is the response mask (a prefix of ones), so the value after the last real token is 0 and
+  nothing flows back from padding. Returns (advantages, returns), both 0 where mask is 0.
+  rewards, values, mask: (B, N).
+  """
+  mask = mask.astype(jnp.float32)
+  rewards, values = rewards * mask, values * mask
+  next_values = jnp.pad(values[:, 1:], ((0, 0), (0, 1)))
+  next_mask = jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))
+  deltas = rewards + gamma * next_mask * next_values - values
+
+  def step(next_adv, xs):
+    delta, m_next = xs
+    adv = delta + gamma * lam * m_next * next_adv
+    return adv, adv
+  _, adv = jax.lax.scan(step, jnp.zeros(rewards.shape[0], jnp.float32),
+                        (deltas.T, next_mask.T), reverse=True)
+  adv = adv.T * mask
+  return adv, (adv + values) * mask
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps):
+  """The clipped surrogate (PPO, Schulman et al. 2017) as (sum, count, stats).
+
+    ratio_t = exp(clamp(logp_t - old_logp_t))
+    loss_t  = max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps))
+    sum = sum_t m_t loss_t,  count = sum_t m_t
+
+  stats (sums over masked tokens unless named _max): clipped_sum (tokens where the clipped term
+  is the larger), approx_kl_sum (k3 = (ratio - 1) - log ratio, >= 0, 0 iff ratio = 1),
+  ratio_sum, ratio_max.
+  """
+  mask = mask.astype(jnp.float32)
+  log_ratio = clamped_log_ratio(logp, old_logp)
+  ratio = jnp.exp(log_ratio)
+  unclipped = -advantages * ratio
+  clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+  loss = jnp.maximum(unclipped, clipped)
+  stats = {"clipped_sum": jnp.sum((clipped > unclipped) * mask),
+           "approx_kl_sum": jnp.sum(((ratio - 1.0) - log_ratio) * mask),
+           "ratio_sum": jnp.sum(ratio * mask),
+           "ratio_max": jnp.max(jnp.where(mask > 0, ratio, -jnp.inf))}
+  return jnp.sum(loss * mask), jnp.sum(mask), stats
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip_eps):
+  """The clipped value loss as (sum, count).
+
+    V_clip = old_V + clip(V - old_V, -eps, eps)
+    loss_t = 0.5 * max((V_t - R_t)^2, (V_clip_t - R_t)^2)
+  """
+  mask = mask.astype(jnp.float32)
+  v_clip = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+  loss = 0.5 * jnp.maximum(jnp.square(values - returns), jnp.square(v_clip - returns))
+  return jnp.sum(loss * mask), jnp.sum(mask)
+
+
+def token_logprobs(logits, targets, temperature=1.0):
+  """log softmax(logits / T)[target] and the entropy of softmax(logits / T), per position.
+
+  logits (B, N, V), targets (B, N) -> two (B, N) float32 arrays.
+  """
+  z = logits.astype(jnp.float32) / temperature
+  logz = jax.nn.logsumexp(z, axis=-1)
+  picked = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+  probs = jax.nn.softmax(z, axis=-1)
+  entropy = logz - jnp.sum(probs * z, axis=-1)
+  return picked - logz, entropy
+
+
+def kl_penalty_rewards(logp, ref_logp, scores, mask, kl_coef):
+  """The per-token reward of InstructGPT's PPO objective.
+
+    r_t = -beta * clamp(logp_t - ref_logp_t) + [t = last real token] * score
+
+  so sum_t r_t = r_theta(x, y) - beta * log(pi_RL(y|x) / pi_SFT(y|x)) per episode. Returns
+  (rewards (B, N), per-sequence KL estimate sum_t m_t (logp_t - ref_logp_t) (B,)).
+  """
+  mask = mask.astype(jnp.float32)
+  kl = clamped_log_ratio(logp, ref_logp) * mask
+  lengths = jnp.sum(mask, axis=1).astype(jnp.int32)
+  last = jax.nn.one_hot(jnp.maximum(lengths - 1, 0), mask.shape[1], dtype=jnp.float32)
+  return -kl_coef * kl + last * scores[:, None] * mask, jnp.sum(kl, axis=1)
+
+
+def adaptive_kl_coef(kl_coef, kl, target, horizon, num_episodes):
+  """The Ziegler et al. (2019) proportional KL controller.
+
+    e = clip(KL / target - 1, -0.2, 0.2);   beta <- beta * (1 + e * num_episodes / horizon)
+  """
+  error = jnp.clip(kl / target - 1.0, -0.2, 0.2)
+  return kl_coef * (1.0 + error * num_episodes / horizon)

@@ -25,13 +25,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<c
 
 def _run_training_stage(stage):
   def run(config, workdir):
-    from rlhf_jax.train import rm, sft  # pylint: disable=g-import-not-at-top
-    return {"pretrain": sft, "sft": sft, "rm": rm}[stage].run(config, workdir)
+    from rlhf_jax.train import ppo, rm, sft  # pylint: disable=g-import-not-at-top
+    return {"pretrain": sft, "sft": sft, "rm": rm, "ppo": ppo}[stage].run(config, workdir)
   return run
 
 
-# stage name -> run(config, workdir) -> path of the stage's final model. PPO joins here.
-STAGES = {name: _run_training_stage(name) for name in ("pretrain", "sft", "rm")}
+# stage name -> run(config, workdir) -> path of the stage's final model.
+STAGES = {name: _run_training_stage(name) for name in ("pretrain", "sft", "rm", "ppo")}
 
 
 def workdir_for(config):

@@ -4,4 +4,4 @@
   sft       `sft.run`: supervised fine-tuning on demonstrations (prompt masked)
   rm        `rm.run`: reward model on K-way rankings (the C(K, 2) loss), normalised bias
 """
-STAGE_NAMES = ("pretrain", "sft", "rm")
+STAGE_NAMES = ("pretrain", "sft", "rm", "ppo")

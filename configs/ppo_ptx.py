@@ -1,0 +1,93 @@
+r"""PPO-ptx config: `--config=configs/ppo_ptx.py:<preset>`.
+
+  python -m rlhf_jax.main --config=configs/ppo_ptx.py                         # offline default
+  python -m rlhf_jax.main --config=configs/ppo_ptx.py --config.ppo.ptx_coef=0 # plain PPO
+
+The policy and the frozen reference start from `init_from` ('auto' = <workdir>/sft/model), the value
+function from `value_from` and the reward from `reward_model` ('auto' = <workdir>/rm/model).
+
+InstructGPT (Ouyang et al. 2022, appendix C.3) and where each number lives:
+  per-token KL reward coefficient beta 0.02 ............ ppo.kl_coef (fixed; adaptive_kl = Ziegler)
+  pretraining loss coefficient gamma 27.8 .............. ppo.ptx_coef (0 = plain PPO)
+  8x as many pretraining sequences as RL episodes ...... ppo.ptx_per_episode
+  batch 512 episodes, minibatch 64 ...................... ppo.batch_size, ppo.minibatches (= 8)
+  one PPO epoch per batch ................................ ppo.epochs
+  no discount (gamma 1), GAE lambda 0.95 ................ ppo.gamma, ppo.lam
+  clip ratio 0.2 ........................................ ppo.clip_eps, ppo.value_clip_eps
+  policy EMA decay 0.992 ................................ ppo.ema_decay
+  rollouts at temperature 1 ............................. ppo.temperature
+  value function initialised from the reward model ..... value_from
+  256k episodes ......................................... ppo.num_iterations x ppo.batch_size
+The tiny preset shrinks the batch and the coefficients to the offline task's scale (a 2 x 64 model
+for minutes on a CPU); see its comments.
+"""
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import models  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def ppo_fields():
+  return ml_collections.ConfigDict({
+      "num_iterations": 100,
+      "batch_size": 512,          # episodes per iteration
+      "minibatches": 8,           # 512 / 8 = 64 episodes per update
+      "epochs": 1,
+      "prompt_len": 256,
+      "response_len": 256,
+      "temperature": 1.0,
+      "policy_lr": 9.65e-6,
+      "value_lr": 9.65e-6,
+      "clip_eps": 0.2,
+      "value_clip_eps": 0.2,
+      "vf_coef": 1.0,
+      "gamma": 1.0,
+      "lam": 0.95,
+      "kl_coef": 0.02,
+      "adaptive_kl": False,
+      "kl_target": 6.0,           # nats per episode (adaptive_kl)
+      "kl_horizon": 10000.0,      # episodes (adaptive_kl)
+      "whiten_rewards": False,
+      "missing_eos_penalty": 0.0,  # subtracted from the score of a response without EOS
+      "ptx_coef": 27.8,
+      "ptx_per_episode": 8,
+      "ptx_seq_len": 2048,
+      "ema_decay": 0.992,         # 0 = off
+      "log_every": 1,
+      "checkpoint_every": 10,
+      "keep_checkpoints": 2,
+  })
+
+
+def get_config(preset="tiny"):
+  c = models.base_config(preset, "ppo")
+  c.model.dropout_resid = 0.0
+  c.model.dropout_attn = 0.0
+  c.reward_model = "auto"
+  c.value_from = "auto"
+  c.max_nonfinite_steps = 5
+  c.ppo = ppo_fields()
+  p = c.ppo
+  if preset == "tiny":
+    c.optimizer.warmup_steps, c.optimizer.final_lr_fraction = 0, 1.0
+    p.num_iterations, p.batch_size, p.minibatches = 60, 64, 4
+    p.prompt_len, p.response_len = 32, 24
+    p.policy_lr, p.value_lr = 3e-4, 1e-3
+    p.kl_coef = 0.05
+    p.ptx_coef, p.ptx_per_episode, p.ptx_seq_len = 1.0, 1, 128
+    p.missing_eos_penalty = 1.0
+    p.ema_decay = 0.0
+    p.checkpoint_every = 10
+  elif preset == "smollm2":
+    p.num_iterations, p.batch_size, p.minibatches = 20, 16, 2
+    p.prompt_len, p.response_len = 48, 32
+    p.policy_lr, p.value_lr = 2e-6, 5e-6
+    p.ptx_per_episode, p.ptx_seq_len = 1, 128
+    p.ema_decay = 0.0
+  else:  # the paper's sizes
+    c.optimizer.weight_decay = 0.0
+    p.num_iterations = 500      # 256k episodes / 512
+  return c

@@ -1,0 +1,626 @@
+"""Stage 3: PPO-ptx, InstructGPT's reinforcement learning from the reward model.
+
+Objective (Ouyang et al. 2022, eq. 2), maximised over the policy pi_RL:
+
+  E_{x ~ prompts, y ~ pi_RL(.|x)} [ r_theta(x, y) - beta * log(pi_RL(y|x) / pi_SFT(y|x)) ]
+    + gamma * E_{x ~ D_pretrain} [ log pi_RL(x) ]
+
+Models: the policy and the frozen reference pi_SFT start from the SFT model; the value function
+starts from the reward model (same backbone + scalar head); the reward model is frozen and scores
+as stored (its bias was fitted so demonstrations score 0).
+
+One iteration, `iteration(state, frozen, batch, rng) -> (state, metrics, per_minibatch)`, is ONE
+jitted pure function:
+  1. rollout: B prompts -> B responses of at most N tokens with the jitted sampler (temperature T;
+     log-probs are taken at the same temperature everywhere);
+  2. score: old log-probs and entropy (policy), reference log-probs, old values (value function,
+     the state before each response token), the reward at the last token (reward model), minus
+     `missing_eos_penalty` for a response that never emitted EOS;
+  3. per-token reward r_t = -beta * (logp_t - logp_ref_t) (+ the score at the last token)
+     (`losses.kl_penalty_rewards`), optionally whitened; GAE with gamma 1 and lambda
+     (`losses.gae`); advantages whitened over the real tokens of the batch;
+  4. `epochs` x `minibatches` updates inside `lax.scan`: the clipped policy loss, vf_coef x the
+     clipped value loss, and ptx_coef x the LM loss on this minibatch's share of the pretraining
+     rows, all in ONE gradient (the paper's gamma term is not a separate optimizer step). The old
+     log-probs/values of step 2 are computed on the same minibatch split as the first epoch, so the
+     first minibatch of the first epoch has ratio exactly 1 up to float rounding;
+  5. the KL coefficient: fixed, or the Ziegler et al. controller on the rollout's KL; optional EMA
+     of the policy weights (paper 0.992), which is what the stage saves.
+
+The policy and value function are separate networks with their own AdamW (own learning rates and
+gradient clipping), one state pytree: {'params': {'policy', 'value'}, 'opt_state': {'policy',
+'value'}, 'step', 'kl_coef'[, 'ema']}. A minibatch whose loss or gradient is not finite is not
+applied (counted in `nonfinite`). Dropout is off in every forward pass.
+"""
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax import losses
+from rlhf_jax import sharding
+from rlhf_jax.errors import UserError
+from rlhf_jax.models import ModelConfig, abstract_params
+from rlhf_jax.sampling import SamplingConfig, sample
+from rlhf_jax.train import common
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The static hyperparameters of one iteration (from `config.ppo`; see configs/ppo_ptx.py)."""
+  batch_size: int = 16            # episodes (prompts) per iteration
+  prompt_len: int = 32
+  response_len: int = 32
+  temperature: float = 1.0
+  epochs: int = 1
+  minibatches: int = 1
+  clip_eps: float = 0.2
+  value_clip_eps: float = 0.2
+  vf_coef: float = 1.0
+  gamma: float = 1.0
+  lam: float = 0.95
+  whiten_rewards: bool = False
+  missing_eos_penalty: float = 0.0
+  adaptive_kl: bool = False
+  kl_target: float = 6.0
+  kl_horizon: float = 10000.0
+  ptx_coef: float = 0.0
+  ptx_rows: int = 0               # pretraining rows per iteration (split over the minibatches)
+  ema_decay: float = 0.0          # 0: off
+  eos_token_id: int = 2
+  pad_token_id: int = 0
+
+  @property
+  def use_ptx(self):
+    return self.ptx_coef != 0.0 and self.ptx_rows > 0
+
+
+def response_outputs(cfg: ModelConfig, head, params, tokens, segment_ids, prompt_len):
+  """The model's outputs at the N positions that predict the response tokens.
+
+  tokens (B, P + N) = left-padded prompt then response; the output at column P - 1 + t belongs to
+  response token t: the logits that predict it (head 'lm'), or the value of the state before it
+  (head 'scalar'). Returns (B, N, V) or (B, N).
+  """
+  out = common.forward(cfg, head, params, {"tokens": tokens, "segment_ids": segment_ids})
+  return out[:, prompt_len - 1:-1]
+
+
+def policy_logprobs(cfg, params, tokens, segment_ids, prompt_len, temperature):
+  """(log pi(y_t), entropy_t), each (B, N), at the sampling temperature."""
+  logits = response_outputs(cfg, "lm", params, tokens, segment_ids, prompt_len)
+  return losses.token_logprobs(logits, tokens[:, prompt_len:], temperature)
+
+
+def last_token_scores(rm_cfg, rm_params, tokens, segment_ids, prompt_len, lengths):
+  """The reward model's score of each (prompt, response) at the response's last token."""
+  values = common.forward(rm_cfg, "scalar", rm_params,
+                          {"tokens": tokens, "segment_ids": segment_ids})
+  return losses.gather_last(values, prompt_len + jnp.maximum(lengths, 1) - 1)
+
+
+def _split(x, m, mesh):
+  """(B, ...) -> (M, B/M, ...), minibatch a = rows a, a+M, ... (see common.split_micro_batches)."""
+  if mesh is None:
+    return x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1)
+  return common.split_micro_batches(x, m, mesh)
+
+
+def _unsplit(x):
+  """Inverse of `_split`."""
+  return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
+
+
+def guard_nonfinite(old, new, loss, grad_norm):
+  """`new` where loss and gradient norm are finite, else `old` (the update is not applied)."""
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  return jax.tree.map(lambda a, b: jnp.where(finite, b, a), old, new), finite
+
+
+def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: ModelConfig,
+                   s: Settings, txs, mesh=None):
+  """The pure PPO-ptx iteration (see the module docstring). txs = {'policy': tx, 'value': tx}.
+
+  batch: {'prompts', 'prompt_segment_ids'} (B, P) left-padded, and with ptx the pretraining rows
+  {'ptx_tokens', 'ptx_segment_ids', 'ptx_positions', 'ptx_loss_mask'} (ptx_rows, S).
+  """
+  sc = SamplingConfig(max_new_tokens=s.response_len, temperature=s.temperature,
+                      eos_token_id=s.eos_token_id, pad_token_id=s.pad_token_id)
+  p_len, m = s.prompt_len, s.minibatches
+
+  def minibatch_loss(params, mb, ptx):
+    logp, entropy = policy_logprobs(policy_cfg, params["policy"], mb["tokens"],
+                                    mb["segment_ids"], p_len, s.temperature)
+    pg_sum, count, stats = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"],
+                                                  mb["mask"], s.clip_eps)
+    values = response_outputs(value_cfg, "scalar", params["value"], mb["tokens"],
+                              mb["segment_ids"], p_len)
+    vf_sum, _ = losses.ppo_value_loss(values, mb["old_values"], mb["returns"], mb["mask"],
+                                      s.value_clip_eps)
+    denom = jnp.maximum(count, 1.0)
+    policy_loss, value_loss = pg_sum / denom, vf_sum / denom
+    loss = policy_loss + s.vf_coef * value_loss
+    ptx_loss = jnp.zeros((), jnp.float32)
+    if s.use_ptx:
+      logits = common.forward(policy_cfg, "lm", params["policy"], ptx)
+      ptx_sum, ptx_count = losses.lm_loss(logits, ptx["tokens"], ptx["loss_mask"])
+      ptx_loss = ptx_sum / jnp.maximum(ptx_count, 1.0)
+      loss = loss + s.ptx_coef * ptx_loss
+    mask = mb["mask"]
+    aux = {"policy_loss": policy_loss, "value_loss": value_loss, "ptx_loss": ptx_loss,
+           "tokens": count, "clipped": stats["clipped_sum"], "approx_kl": stats["approx_kl_sum"],
+           "ratio_sum": stats["ratio_sum"], "ratio_max": stats["ratio_max"],
+           "ratio_dev": jnp.max(jnp.abs(jnp.exp(losses.clamped_log_ratio(
+               logp, mb["old_logp"])) - 1.0) * mask),
+           "entropy_sum": jnp.sum(entropy * mask)}
+    return loss, aux
+
+  def update(carry, xs):
+    params, opt_state = carry
+    mb, ptx = xs
+    (loss, aux), grads = jax.value_and_grad(minibatch_loss, has_aux=True)(params, mb, ptx)
+    new_params, new_opt = {}, {}
+    for name in ("policy", "value"):
+      upd, new_opt[name] = txs[name].update(grads[name], opt_state[name], params[name])
+      new_params[name] = optax.apply_updates(params[name], upd)
+    grad_norm = optax.tree.norm(grads)
+    (params, opt_state), finite = guard_nonfinite((params, opt_state), (new_params, new_opt),
+                                                  loss, grad_norm)
+    aux = dict(aux, loss=loss, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
+    return (params, opt_state), aux
+
+  def iteration(state, frozen, batch, rng):
+    params = state["params"]
+    sample_rng, shuffle_rng = jax.random.split(rng)
+    prompts, prompt_seg = batch["prompts"], batch["prompt_segment_ids"]
+    b = prompts.shape[0]
+
+    # 1. rollout
+    out = sample(params["policy"], policy_cfg, prompts, prompt_seg, sample_rng, sc)
+    mask = out.mask
+    tokens = jnp.concatenate([prompts, out.tokens], axis=1)
+    seg = jnp.concatenate([prompt_seg, (mask > 0).astype(jnp.int32)], axis=1)
+    has_eos = jnp.any((out.tokens == s.eos_token_id) & (mask > 0), axis=1)
+
+    # 2. score, on the minibatch split of the first epoch (so ratios start at exactly 1)
+    def score(mb):
+      logp, entropy = policy_logprobs(policy_cfg, params["policy"], mb["tokens"],
+                                      mb["segment_ids"], p_len, s.temperature)
+      ref_logp, _ = policy_logprobs(policy_cfg, frozen["ref"], mb["tokens"], mb["segment_ids"],
+                                    p_len, s.temperature)
+      values = response_outputs(value_cfg, "scalar", params["value"], mb["tokens"],
+                                mb["segment_ids"], p_len)
+      scores = last_token_scores(rm_cfg, frozen["rm"], mb["tokens"], mb["segment_ids"], p_len,
+                                 mb["lengths"])
+      return logp, entropy, ref_logp, values, scores
+    rollout = {"tokens": tokens, "segment_ids": seg, "lengths": out.lengths}
+    split = jax.tree.map(lambda x: _split(x, m, mesh), rollout)
+    logp, entropy, ref_logp, values, scores = jax.tree.map(_unsplit, jax.lax.map(score, split))
+    values = values * mask
+
+    # 3. rewards, advantages
+    penalised = scores - s.missing_eos_penalty * (~has_eos).astype(jnp.float32)
+    rewards, seq_kl = losses.kl_penalty_rewards(logp, ref_logp, penalised, mask, state["kl_coef"])
+    if s.whiten_rewards:
+      rewards = losses.whiten(rewards, mask, shift_mean=False)
+    advantages, returns = losses.gae(rewards, values, mask, s.gamma, s.lam)
+    advantages = losses.whiten(advantages, mask)
+
+    # 4. epochs x minibatches
+    data = {"tokens": tokens, "segment_ids": seg, "mask": mask, "old_logp": logp,
+            "old_values": values, "advantages": advantages, "returns": returns}
+    if s.use_ptx:
+      ptx = {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")}
+      ptx = jax.tree.map(lambda x: _split(x, m, mesh), ptx)
+    else:
+      ptx = jnp.zeros((m,), jnp.float32)   # an unused scan input
+
+    def epoch(carry, e):
+      perm = jnp.where(e == 0, jnp.arange(b),
+                       jax.random.permutation(jax.random.fold_in(shuffle_rng, e), b))
+      mbs = jax.tree.map(lambda x: _split(x[perm], m, mesh), data)
+      return jax.lax.scan(update, carry, (mbs, ptx))
+    (new_params, new_opt), per_mb = jax.lax.scan(
+        epoch, (params, state["opt_state"]), jnp.arange(s.epochs))
+    per_mb = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), per_mb)
+
+    # 5. KL coefficient, EMA
+    kl = jnp.mean(seq_kl)
+    kl_coef = state["kl_coef"]
+    if s.adaptive_kl:
+      kl_coef = losses.adaptive_kl_coef(kl_coef, kl, s.kl_target, s.kl_horizon, b)
+    new_state = {"params": new_params, "opt_state": new_opt, "step": state["step"] + 1,
+                 "kl_coef": kl_coef}
+    if "ema" in state:
+      new_state["ema"] = jax.tree.map(lambda e_, p: s.ema_decay * e_ + (1 - s.ema_decay) * p,
+                                      state["ema"], new_params["policy"])
+
+    tok = jnp.maximum(per_mb["tokens"].sum(), 1.0)
+    metrics = {
+        "reward": jnp.mean(scores), "kl": kl, "kl_coef": state["kl_coef"],
+        "objective": jnp.mean(penalised - state["kl_coef"] * seq_kl),
+        "entropy": losses.masked_mean(entropy, mask),
+        "eos_rate": jnp.mean(has_eos.astype(jnp.float32)),
+        "response_length": jnp.mean(out.lengths.astype(jnp.float32)),
+        "value_mean": losses.masked_mean(values, mask),
+        "return_mean": losses.masked_mean(returns, mask),
+        "approx_kl": per_mb["approx_kl"].sum() / tok,
+        "clip_frac": per_mb["clipped"].sum() / tok,
+        "ratio_mean": per_mb["ratio_sum"].sum() / tok,
+        "ratio_max": jnp.max(per_mb["ratio_max"]),
+        "policy_loss": jnp.mean(per_mb["policy_loss"]),
+        "value_loss": jnp.mean(per_mb["value_loss"]),
+        "ptx_loss": jnp.mean(per_mb["ptx_loss"]),
+        "grad_norm": jnp.mean(per_mb["grad_norm"]),
+        "nonfinite": jnp.sum(per_mb["nonfinite"]),
+    }
+    per_minibatch = {k: per_mb[k] for k in ("approx_kl", "ratio_dev", "loss", "nonfinite",
+                                            "tokens")}
+    return new_state, metrics, (per_minibatch, out.tokens, out.lengths)
+
+  return iteration
+
+
+# ----------------------------------------------------------------------------- config
+
+def settings_from_config(config, tok=None):
+  """`Settings` from `config.ppo` (validated first: one line naming the bad field)."""
+  validate_ppo_config(config)
+  p = config.ppo
+  ptx_rows = p.ptx_per_episode * p.batch_size if p.ptx_coef else 0
+  return Settings(
+      batch_size=p.batch_size, prompt_len=p.prompt_len, response_len=p.response_len,
+      temperature=float(p.temperature), epochs=p.epochs, minibatches=p.minibatches,
+      clip_eps=float(p.clip_eps), value_clip_eps=float(p.value_clip_eps),
+      vf_coef=float(p.vf_coef), gamma=float(p.gamma), lam=float(p.lam),
+      whiten_rewards=bool(p.whiten_rewards), missing_eos_penalty=float(p.missing_eos_penalty),
+      adaptive_kl=bool(p.adaptive_kl), kl_target=float(p.kl_target),
+      kl_horizon=float(p.kl_horizon), ptx_coef=float(p.ptx_coef), ptx_rows=ptx_rows,
+      ema_decay=float(p.ema_decay),
+      eos_token_id=tok.eos_id if tok is not None else 2,
+      pad_token_id=tok.pad_id if tok is not None else 0)
+
+
+def validate_ppo_config(config):
+  """Checks every `config.ppo` field before anything is loaded or written."""
+  pos = common.check_positive
+  for name in ("batch_size", "prompt_len", "response_len", "epochs", "minibatches",
+               "num_iterations", "log_every", "checkpoint_every", "keep_checkpoints"):
+    pos(config, f"ppo.{name}", kind=int)
+  pos(config, "ppo.ptx_per_episode", kind=int, allow_zero=True)
+  for name in ("temperature", "kl_target", "kl_horizon", "policy_lr", "value_lr"):
+    pos(config, f"ppo.{name}")
+  for name in ("clip_eps", "value_clip_eps", "vf_coef", "kl_coef", "ptx_coef",
+               "missing_eos_penalty"):
+    pos(config, f"ppo.{name}", allow_zero=True)
+  for name in ("gamma", "lam", "ema_decay"):
+    value = common._get(config, f"ppo.{name}")  # pylint: disable=protected-access
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+      raise UserError(f"config.ppo.{name} must be in [0, 1], got {value!r}")
+  if config.ppo.ema_decay == 1:
+    raise UserError("config.ppo.ema_decay must be < 1 (0 = off), got 1")
+  p = config.ppo
+  if p.batch_size % p.minibatches:
+    raise UserError(f"config.ppo.minibatches ({p.minibatches}) must divide config.ppo.batch_size "
+                    f"({p.batch_size})")
+  if p.ptx_coef and p.ptx_per_episode == 0:
+    raise UserError("config.ppo.ptx_per_episode must be >= 1 when config.ppo.ptx_coef > 0")
+  if p.prompt_len + p.response_len > config.model.max_len:
+    raise UserError(f"config.ppo.prompt_len + config.ppo.response_len ({p.prompt_len} + "
+                    f"{p.response_len}) exceeds config.model.max_len ({config.model.max_len})")
+  if p.ptx_coef and p.ptx_seq_len > config.model.max_len:
+    raise UserError(f"config.ppo.ptx_seq_len ({p.ptx_seq_len}) exceeds config.model.max_len "
+                    f"({config.model.max_len})")
+
+
+def stage_name(config):
+  """'ppo_ptx' with the pretraining term, 'ppo' without (the stage directory under the workdir)."""
+  return "ppo_ptx" if config.ppo.ptx_coef else "ppo"
+
+
+def _optimizer(config, lr, num_iterations, s: Settings):
+  """AdamW as in `common.make_optimizer`, the schedule counted in minibatch updates."""
+  opt = config.optimizer.to_dict()
+  opt["lr"] = lr
+  steps = num_iterations * s.epochs * s.minibatches
+  from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
+  return common.make_optimizer(ConfigDict(opt), steps)[0]
+
+
+# ----------------------------------------------------------------------------- state
+
+def _boxed(policy_cfg, value_cfg):
+  return {"policy": abstract_params(policy_cfg, "lm", boxed=True),
+          "value": abstract_params(value_cfg, "scalar", boxed=True)}
+
+
+def state_shardings(policy_cfg, value_cfg, txs, mesh, ema):
+  boxed = _boxed(policy_cfg, value_cfg)
+  out = {"params": {k: sharding.param_shardings(v, mesh) for k, v in boxed.items()},
+         "opt_state": {k: sharding.opt_state_shardings(txs[k], boxed[k], mesh) for k in boxed},
+         "step": sharding.replicated(mesh), "kl_coef": sharding.replicated(mesh)}
+  if ema:
+    out["ema"] = out["params"]["policy"]
+  return out
+
+
+def create_state(policy, value, txs, shardings, kl_coef):
+  params = jax.device_put({"policy": policy, "value": value}, shardings["params"])
+  opt_state = {k: jax.jit(txs[k].init, out_shardings=shardings["opt_state"][k])(params[k])
+               for k in ("policy", "value")}
+  state = {"params": params, "opt_state": opt_state,
+           "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
+           "kl_coef": jax.device_put(jnp.asarray(kl_coef, jnp.float32), shardings["kl_coef"])}
+  if "ema" in shardings:
+    state["ema"] = jax.tree.map(jnp.copy, params["policy"])
+  return state
+
+
+def jit_iteration(iteration, state_sh, frozen_sh, batch_example, mesh):
+  rep = sharding.replicated(mesh)
+  batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch_example.items()}
+  return jax.jit(iteration, in_shardings=(state_sh, frozen_sh, batch_sh, rep),
+                 out_shardings=(state_sh, rep, rep), donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------- models
+
+def _resolve(path, workdir, stage, field):
+  if path != "auto":
+    return path
+  found = common.final_model_dir(workdir, stage)
+  if not os.path.exists(found):
+    raise UserError(f"config.{field}: 'auto' means the {stage} stage's model {found}, which does "
+                    f"not exist; run that stage first or set config.{field}")
+  return found
+
+
+def load_scalar_model(path, policy_cfg, field):
+  """A scalar-head model (reward model / value function) that can score the policy's tokens."""
+  from rlhf_jax.convert import load_model  # pylint: disable=g-import-not-at-top
+  model = load_model(path)
+  if model.head != "scalar":
+    raise UserError(f"config.{field}: {path} holds a model with a {model.head!r} head; expected a "
+                    "reward model (scalar head)")
+  if model.cfg.vocab_size != policy_cfg.vocab_size:
+    raise UserError(f"config.{field}: {path} has vocab_size {model.cfg.vocab_size} but the policy "
+                    f"has {policy_cfg.vocab_size}; they must share the tokenizer")
+  common.check_same_shapes(model.params, abstract_params(model.cfg, "scalar"), f"config.{field}: "
+                           f"{path}")
+  return model.cfg.replace(dropout_resid=0.0, dropout_attn=0.0), model.params
+
+
+# ----------------------------------------------------------------------------- data
+
+class _Batches:
+  """Prompt batches (and pretraining rows with ptx) for one iteration; resumable."""
+
+  def __init__(self, prompts, ptx):
+    self.prompts, self.ptx = prompts, ptx
+
+  def __next__(self):
+    batch = next(self.prompts)
+    out = {"prompts": batch["tokens"], "prompt_segment_ids": batch["segment_ids"],
+           "index": batch["index"]}
+    if self.ptx is not None:
+      rows = next(self.ptx)
+      out.update({f"ptx_{k}": rows[k] for k in ("tokens", "segment_ids", "positions",
+                                                 "loss_mask")})
+    return out
+
+  def get_state(self):
+    return {"prompts": self.prompts.get_state(),
+            "ptx": None if self.ptx is None else self.ptx.get_state()}
+
+  def set_state(self, state):
+    self.prompts.set_state(state["prompts"])
+    if self.ptx is not None:
+      self.ptx.set_state(state["ptx"])
+
+  def close(self):
+    for it in (self.prompts, self.ptx):
+      if it is not None and hasattr(it, "close"):
+        it.close()
+
+
+def _decode(tok, ids, length):
+  return tok.decode([int(t) for t in ids[:length] if int(t) != tok.eos_id])
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def run(config, workdir):
+  """Runs PPO (ptx_coef 0, in `<workdir>/ppo`) or PPO-ptx (in `<workdir>/ppo_ptx`)."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.checkpoint import CheckpointManager  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.data import loaders  # pylint: disable=g-import-not-at-top
+
+  validate_ppo_config(config)
+  name = stage_name(config)
+  workdir = os.path.abspath(workdir)
+  final = common.final_model_dir(workdir, name)
+  if os.path.exists(final):
+    print(f"{name}: final model exists at {final}; skipping the stage", flush=True)
+    return final
+  p = config.ppo
+  cfg = ModelConfig.from_dict(config.model).replace(dropout_resid=0.0, dropout_attn=0.0)
+  mesh = sharding.make_mesh(config.mesh)
+  for field, size in (("ppo.batch_size", p.batch_size // p.minibatches),):
+    sharding.check_batch_size(size, mesh, f"config.{field} / config.ppo.minibatches")
+  init_from = _resolve(config.init_from, workdir, "sft", "init_from")
+  rm_path = _resolve(config.reward_model, workdir, "rm", "reward_model")
+  value_path = _resolve(config.value_from, workdir, "rm", "value_from")
+  tfds_dir, data_tok_dir = common.data_paths(config, workdir)
+
+  policy_params, model_tok_dir = common.load_init_model(init_from, cfg, "config.init_from")
+  rm_cfg, rm_params = load_scalar_model(rm_path, cfg, "reward_model")
+  value_cfg, value_params = (rm_cfg, rm_params) if value_path == rm_path else \
+      load_scalar_model(value_path, cfg, "value_from")
+  tok, tok_dir = common.load_tokenizer_for(config, model_tok_dir, data_tok_dir, cfg)
+  s = settings_from_config(config, tok)
+  if s.use_ptx:
+    sharding.check_batch_size(s.ptx_rows // s.minibatches, mesh,
+                              "config.ppo.ptx_per_episode x batch_size / minibatches")
+    if s.ptx_rows % s.minibatches:
+      raise UserError(f"config.ppo.minibatches ({s.minibatches}) must divide the pretraining "
+                      f"rows per iteration ({s.ptx_rows})")
+
+  txs = {"policy": _optimizer(config, p.policy_lr, p.num_iterations, s),
+         "value": _optimizer(config, p.value_lr, p.num_iterations, s)}
+  shardings = state_shardings(cfg, value_cfg, txs, mesh, ema=s.ema_decay > 0)
+  frozen_sh = {"ref": shardings["params"]["policy"],
+               "rm": sharding.param_shardings(abstract_params(rm_cfg, "scalar", boxed=True),
+                                              mesh)}
+  frozen = jax.device_put({"ref": policy_params, "rm": rm_params}, frozen_sh)
+  state = create_state(policy_params, value_params, txs, shardings, p.kl_coef)
+  del policy_params, value_params, rm_params
+
+  prompt_source = common.load_split(tfds_dir, "prompts", config.data.train_split, "train_split")
+  local = lambda n: common.local_batch_size(mesh, n)
+  prompts = iter(loaders.prompt_loader(prompt_source, tok, batch_size=local(p.batch_size),
+                                       prompt_len=p.prompt_len, seed=config.data_seed))
+  ptx_it = None
+  if s.use_ptx:
+    ptx_source = common.load_split(tfds_dir, "ptx", config.data.train_split, "train_split")
+    ptx_it = iter(loaders.ptx_loader(ptx_source, tok, batch_size=local(s.ptx_rows),
+                                     seq_len=p.ptx_seq_len, seed=config.data_seed + 1))
+  batches = _Batches(prompts, ptx_it)
+
+  stage_dir = os.path.join(workdir, name)
+  os.makedirs(stage_dir, exist_ok=True)
+  ckpt = CheckpointManager(os.path.join(stage_dir, "checkpoints"), save_every=p.checkpoint_every,
+                           keep=p.keep_checkpoints)
+  start = 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, meta = ckpt.restore(sharding.abstract_with_sharding(state, shardings), latest)
+    batches.set_state(meta["data"])
+    start = int(latest)
+    print(f"{name}: resumed from {ckpt.directory}/{latest}", flush=True)
+
+  gold = None
+  if config.data.source == "offline":
+    from rlhf_jax.data import offline_task  # pylint: disable=g-import-not-at-top
+    gold = offline_task.gold_score
+  print(f"{name}: policy {cfg.num_layers}x{cfg.d_model} from {init_from}, value from "
+        f"{value_path}, reward model {rm_path}; {p.num_iterations} iterations of "
+        f"{p.batch_size} episodes x {p.response_len} tokens, {p.epochs} epoch(s) x "
+        f"{p.minibatches} minibatch(es), ptx_coef {s.ptx_coef}, mesh {dict(mesh.shape)}; "
+        f"writing {stage_dir}", flush=True)
+  bar = tqdm(total=p.num_iterations, initial=start, desc=name, dynamic_ncols=True,
+             disable=jax.process_index() != 0, file=sys.stderr, mininterval=1.0)
+  writer = common.MetricsWriter(os.path.join(stage_dir, "metrics.jsonl"), bar)
+  base_rng = jax.random.key(config.seed + 2)
+  step_fn, pending, t_log, consecutive_bad = None, [], time.time(), 0
+  rows = sharding.process_batch_rows(mesh, p.batch_size)
+  samples = []
+  try:
+    for it in range(start, p.num_iterations):
+      host = next(batches)
+      index = host.pop("index")
+      if step_fn is None:
+        step_fn = jit_iteration(make_iteration(cfg, value_cfg, rm_cfg, s, txs, mesh), shardings,
+                                frozen_sh, host, mesh)
+      batch = {k: sharding.global_batch(v, mesh, p.batch_size if not k.startswith("ptx_")
+                                        else s.ptx_rows) for k, v in host.items()}
+      with sharding.activate(mesh):
+        state, metrics, (_, resp, lengths) = step_fn(state, frozen, batch,
+                                                     jax.random.fold_in(base_rng, it))
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if gold is not None:
+        resp, lengths = np.asarray(resp)[rows], np.asarray(lengths)[rows]
+        texts = [_text(prompt_source[int(i)]["prompt"]) for i in index]
+        answers = [_decode(tok, resp[i], int(lengths[i])) for i in range(len(texts))]
+        scores = [gold(t, a) for t, a in zip(texts, answers)]
+        metrics["gold_score"] = float(np.mean(scores))
+        if it == p.num_iterations - 1:
+          samples = [{"prompt": t, "response": a, "gold": g}
+                     for t, a, g in list(zip(texts, answers, scores))[:4]]
+      consecutive_bad = consecutive_bad + 1 if metrics["nonfinite"] >= s.epochs * s.minibatches \
+          else 0
+      if consecutive_bad >= config.max_nonfinite_steps:
+        raise UserError(f"{name}: {consecutive_bad} consecutive iterations had no finite update "
+                        f"(iteration {it + 1}); stopped. The last good checkpoint is in "
+                        f"{ckpt.directory}")
+      pending.append(metrics)
+      done = it + 1
+      bar.update(1)
+      if done % p.log_every == 0 or done == p.num_iterations:
+        values = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
+        values["nonfinite"] = float(sum(m["nonfinite"] for m in pending))
+        values["iters_per_s"] = len(pending) / max(time.time() - t_log, 1e-9)
+        writer.write("train", done, values)
+        pending, t_log = [], time.time()
+      if ckpt.should_save(done) or done == p.num_iterations:
+        ckpt.save(done, state, meta={"data": batches.get_state()},
+                  force=done == p.num_iterations)
+    ckpt.wait()
+  finally:
+    bar.close()
+    writer.close()
+    ckpt.close()
+    batches.close()
+
+  params = state["ema"] if "ema" in state else state["params"]["policy"]
+  meta = {"stage": name, "iterations": p.num_iterations, "init_from": init_from,
+          "reward_model": rm_path, "value_from": value_path, "ptx_coef": s.ptx_coef,
+          "final_kl_coef": float(state["kl_coef"]), "ema_decay": s.ema_decay,
+          "settings": dataclasses.asdict(s), "samples": samples}
+  path = common.save_final(stage_dir, cfg, params, "lm", tok_dir, meta)
+  print(f"{name}: final model written to {path}", flush=True)
+  return path
+
+
+def _text(value):
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def bench_iteration(model_cfg: ModelConfig, *, num_prompts, prompt_len, response_len, seed=0,
+                    epochs=1, minibatches=1):
+  """A `run()` that does one full PPO iteration (ptx off) on random weights and blocks.
+
+  Rollout with the sampler, scoring by policy/reference/value/reward model, GAE, `epochs` x
+  `minibatches` updates: what benchmarks/ppo_iteration.py times against TRL and tunix.
+  """
+  from rlhf_jax.models import init_params  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  cfg = model_cfg.replace(dropout_resid=0.0, dropout_attn=0.0)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  s = Settings(batch_size=num_prompts, prompt_len=prompt_len, response_len=response_len,
+               epochs=epochs, minibatches=minibatches, eos_token_id=-1)
+  opt = ml_collections.ConfigDict({"lr": 1e-5, "warmup_steps": 0, "final_lr_fraction": 1.0,
+                                   "weight_decay": 0.0, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
+                                   "grad_clip": 1.0})
+  txs = {k: common.make_optimizer(opt, 1000)[0] for k in ("policy", "value")}
+  keys = jax.random.split(jax.random.key(seed), 4)
+  policy = init_params(cfg, keys[0], "lm")
+  value = init_params(cfg, keys[1], "scalar")
+  shardings = state_shardings(cfg, cfg, txs, mesh, ema=False)
+  frozen_sh = {"ref": shardings["params"]["policy"], "rm": shardings["params"]["value"]}
+  frozen = jax.device_put({"ref": policy, "rm": init_params(cfg, keys[2], "scalar")}, frozen_sh)
+  holder = {"state": create_state(policy, value, txs, shardings, 0.02)}
+  rng = np.random.default_rng(seed)
+  host = {"prompts": rng.integers(3, cfg.vocab_size, (num_prompts, prompt_len)).astype(np.int32),
+          "prompt_segment_ids": np.ones((num_prompts, prompt_len), np.int32)}
+  step = jit_iteration(make_iteration(cfg, cfg, cfg, s, txs, mesh), shardings, frozen_sh, host,
+                       mesh)
+  batch = jax.device_put(host)
+  counter = [0]
+
+  def run():
+    counter[0] += 1
+    with sharding.activate(mesh):
+      holder["state"], metrics, _ = step(holder["state"], frozen, batch,
+                                         jax.random.key(counter[0]))
+    jax.block_until_ready((holder["state"], metrics))
+    return metrics
+  return run

@@ -1,0 +1,241 @@
+"""PPO-ptx: estimators and losses against float64 numpy references, and the jitted iteration's
+invariants (ratio 1 on the first minibatch, the ptx gradient summed into the same update,
+sharded == 1 device)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax import losses, sharding
+from rlhf_jax.models import ModelConfig, init_params
+from rlhf_jax.train import ppo
+
+
+def _mask(rng, b, n):
+  lengths = rng.integers(1, n + 1, b)
+  lengths[0] = n  # one row without early EOS
+  return (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
+
+
+def gae_reference(rewards, values, mask, gamma, lam):
+  b, n = rewards.shape
+  adv = np.zeros((b, n))
+  for i in range(b):
+    last = 0.0
+    for t in reversed(range(n)):
+      if not mask[i, t]:
+        last = 0.0
+        continue
+      next_v = values[i, t + 1] if t + 1 < n and mask[i, t + 1] else 0.0
+      if not (t + 1 < n and mask[i, t + 1]):
+        last = 0.0
+      delta = rewards[i, t] + gamma * next_v - values[i, t]
+      last = delta + gamma * lam * last
+      adv[i, t] = last
+  return adv, (adv + values) * mask
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0)])
+def test_gae_matches_numpy_loop(gamma, lam):
+  rng = np.random.default_rng(0)
+  b, n = 5, 9
+  mask = _mask(rng, b, n)
+  rewards = rng.normal(size=(b, n))
+  values = rng.normal(size=(b, n))
+  # Garbage on padding must not leak into real positions.
+  rewards_in = np.where(mask > 0, rewards, 1e3)
+  values_in = np.where(mask > 0, values, -1e3)
+  adv, ret = losses.gae(jnp.asarray(rewards_in, jnp.float32), jnp.asarray(values_in, jnp.float32),
+                        jnp.asarray(mask), gamma, lam)
+  ref_adv, ref_ret = gae_reference(rewards * mask, values * mask, mask, gamma, lam)
+  np.testing.assert_allclose(np.asarray(adv), ref_adv, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ret), ref_ret, atol=1e-5)
+  assert np.all(np.asarray(adv)[mask == 0] == 0)
+
+
+def test_policy_and_value_losses_match_numpy():
+  rng = np.random.default_rng(1)
+  b, n, eps = 4, 7, 0.2
+  mask = _mask(rng, b, n)
+  logp = rng.normal(-2, 0.5, (b, n))
+  old = logp + rng.normal(0, 0.4, (b, n))
+  adv = rng.normal(size=(b, n))
+  s, c, stats = losses.ppo_policy_loss(*(jnp.asarray(x, jnp.float32)
+                                         for x in (logp, old, adv, mask)), eps)
+  ratio = np.exp(logp - old)
+  per = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - eps, 1 + eps))
+  np.testing.assert_allclose(float(s), (per * mask).sum(), rtol=1e-5)
+  assert float(c) == mask.sum()
+  np.testing.assert_allclose(float(stats["approx_kl_sum"]),
+                             (((ratio - 1) - np.log(ratio)) * mask).sum(), rtol=1e-4)
+  clipped = (-adv * np.clip(ratio, 1 - eps, 1 + eps)) > (-adv * ratio)
+  assert float(stats["clipped_sum"]) == (clipped * mask).sum()
+  np.testing.assert_allclose(float(stats["ratio_max"]), ratio[mask > 0].max(), rtol=1e-5)
+
+  values, old_v, returns = (rng.normal(size=(b, n)) for _ in range(3))
+  vs, vc = losses.ppo_value_loss(*(jnp.asarray(x, jnp.float32)
+                                   for x in (values, old_v, returns, mask)), eps)
+  v_clip = old_v + np.clip(values - old_v, -eps, eps)
+  ref = 0.5 * np.maximum((values - returns) ** 2, (v_clip - returns) ** 2)
+  np.testing.assert_allclose(float(vs), (ref * mask).sum(), rtol=1e-5)
+  assert float(vc) == mask.sum()
+
+
+def test_log_ratio_is_clamped():
+  s, _, stats = losses.ppo_policy_loss(jnp.array([[0.0]]), jnp.array([[-500.0]]),
+                                       jnp.array([[1.0]]), jnp.array([[1.0]]), 0.2)
+  assert np.isfinite(float(s)) and np.isfinite(float(stats["approx_kl_sum"]))
+  g = jax.grad(lambda lp: losses.ppo_policy_loss(lp, jnp.array([[-500.0]]), jnp.array([[-1.0]]),
+                                                 jnp.array([[1.0]]), 0.2)[0])(jnp.array([[0.0]]))
+  assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_whiten_ignores_padding():
+  rng = np.random.default_rng(2)
+  mask = _mask(rng, 4, 6)
+  x = rng.normal(3, 2, (4, 6))
+  out = np.asarray(losses.whiten(jnp.asarray(np.where(mask > 0, x, 1e4), jnp.float32),
+                                 jnp.asarray(mask)))
+  real = x[mask > 0]
+  np.testing.assert_allclose(out[mask > 0], (real - real.mean()) / real.std(), rtol=1e-4,
+                             atol=1e-5)
+  assert np.all(out[mask == 0] == 0)
+  kept = np.asarray(losses.whiten(jnp.asarray(x, jnp.float32), jnp.asarray(mask),
+                                  shift_mean=False))
+  np.testing.assert_allclose(kept[mask > 0], (real - real.mean()) / real.std() + real.mean(),
+                             rtol=1e-4)
+
+
+def test_kl_rewards_and_controller():
+  rng = np.random.default_rng(3)
+  mask = _mask(rng, 3, 5)
+  logp, ref = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+  scores = rng.normal(size=3)
+  r, kl = losses.kl_penalty_rewards(*(jnp.asarray(x, jnp.float32) for x in (logp, ref, scores,
+                                                                            mask)), 0.1)
+  expect = -0.1 * (logp - ref) * mask
+  last = mask.sum(1).astype(int) - 1
+  expect[np.arange(3), last] += scores
+  np.testing.assert_allclose(np.asarray(r), expect, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(kl), ((logp - ref) * mask).sum(1), rtol=1e-5)
+  assert float(losses.adaptive_kl_coef(0.1, 12.0, 6.0, 1000.0, 100)) == pytest.approx(0.1 * 1.02)
+  assert float(losses.adaptive_kl_coef(0.1, 6.6, 6.0, 1000.0, 100)) == pytest.approx(0.1 * 1.01)
+
+
+# ----------------------------------------------------------------------------- the iteration
+
+CFG = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                  head_dim=8, d_ff=64, max_len=64)
+B, P, N = 8, 6, 5
+
+
+def _setup(settings, tx=None, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  policy = init_params(CFG, keys[0], "lm")
+  value = init_params(CFG, keys[1], "scalar")
+  rm = init_params(CFG, keys[2], "scalar")
+  tx = tx or optax.adam(3e-3)
+  txs = {"policy": tx, "value": tx}
+  state = {"params": {"policy": policy, "value": value},
+           "opt_state": {"policy": tx.init(policy), "value": tx.init(value)},
+           "step": jnp.zeros((), jnp.int32), "kl_coef": jnp.float32(0.1)}
+  frozen = {"ref": jax.tree.map(jnp.copy, policy), "rm": rm}
+  rng = np.random.default_rng(seed)
+  prompts = rng.integers(3, CFG.vocab_size, (B, P)).astype(np.int32)
+  seg = np.ones((B, P), np.int32)
+  seg[1, :2] = 0  # left padding
+  seg[5, :4] = 0
+  prompts[seg == 0] = 0
+  batch = {"prompts": prompts, "prompt_segment_ids": seg}
+  ptx_tokens = rng.integers(3, CFG.vocab_size, (B, 12)).astype(np.int32)
+  ptx = {"ptx_tokens": ptx_tokens, "ptx_segment_ids": np.ones((B, 12), np.int32),
+         "ptx_positions": np.tile(np.arange(12, dtype=np.int32), (B, 1)),
+         "ptx_loss_mask": np.ones((B, 12), np.float32)}
+  return state, frozen, batch, ptx, txs
+
+
+def _settings(**kw):
+  base = dict(batch_size=B, prompt_len=P, response_len=N, minibatches=2, epochs=2,
+              eos_token_id=2, pad_token_id=0)
+  base.update(kw)
+  return ppo.Settings(**base)
+
+
+def _run(settings, state, frozen, batch, txs, mesh=None):
+  it = jax.jit(ppo.make_iteration(CFG, CFG, CFG, settings, txs, mesh))
+  return it(state, frozen, batch, jax.random.key(7))
+
+
+def test_ratio_is_one_on_first_minibatch_only():
+  s = _settings()
+  state, frozen, batch, _, txs = _setup(s)
+  _, metrics, (per_mb, tokens, lengths) = _run(s, state, frozen, batch, txs)
+  dev, akl = np.asarray(per_mb["ratio_dev"]), np.asarray(per_mb["approx_kl"])
+  assert dev.shape == (4,)
+  assert dev[0] < 1e-6 and akl[0] < 1e-9
+  assert np.all(dev[1:] > 1e-3) and np.all(akl[1:] > 1e-7)
+  assert float(metrics["kl"]) == pytest.approx(0.0, abs=1e-5)   # policy == reference
+  assert np.asarray(tokens).shape == (B, N) and np.all(np.asarray(lengths) >= 1)
+
+
+def test_ptx_coef_zero_is_bit_identical_to_no_pretraining_batch():
+  s0 = _settings(ptx_coef=0.0, ptx_rows=B)
+  state, frozen, batch, ptx, txs = _setup(s0)
+  with_rows, _, _ = _run(s0, state, frozen, {**batch, **ptx}, txs)
+  state, frozen, batch, ptx, txs = _setup(s0)
+  without, _, _ = _run(_settings(), state, frozen, batch, txs)
+  for a, b in zip(jax.tree.leaves(with_rows["params"]), jax.tree.leaves(without["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ptx_gradient_is_summed_into_the_same_update():
+  """With SGD, one epoch and one minibatch: delta(ptx) - delta(no ptx) = -lr * coef * grad(ptx)."""
+  lr, coef = 0.1, 0.5
+  tx = optax.sgd(lr)
+  one = dict(minibatches=1, epochs=1)
+  state, frozen, batch, ptx, txs = _setup(None, tx)
+  policy0 = jax.tree.map(np.asarray, state["params"]["policy"])
+  plain, _, _ = _run(_settings(**one), state, frozen, batch, txs)
+  state, frozen, batch, ptx, txs = _setup(None, tx)
+  mixed, m, _ = _run(_settings(ptx_coef=coef, ptx_rows=B, **one), state, frozen,
+                     {**batch, **ptx}, txs)
+
+  def ptx_loss(p):
+    from rlhf_jax.train import common
+    rows = {k[4:]: jnp.asarray(v) for k, v in ptx.items()}
+    s_, c_ = losses.lm_loss(common.forward(CFG, "lm", p, rows), rows["tokens"], rows["loss_mask"])
+    return s_ / c_
+  g = jax.grad(ptx_loss)(policy0)
+  assert float(m["ptx_loss"]) == pytest.approx(float(ptx_loss(policy0)), rel=1e-5)
+  for a, b_, gg in zip(jax.tree.leaves(mixed["params"]["policy"]),
+                       jax.tree.leaves(plain["params"]["policy"]), jax.tree.leaves(g)):
+    np.testing.assert_allclose(np.asarray(a) - np.asarray(b_), -lr * coef * np.asarray(gg),
+                               atol=2e-6)
+  for a, b_ in zip(jax.tree.leaves(mixed["params"]["value"]),
+                   jax.tree.leaves(plain["params"]["value"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-6)
+
+
+def test_sharded_iteration_equals_one_device():
+  s = _settings(ptx_coef=0.5, ptx_rows=B)
+  state, frozen, batch, ptx, txs = _setup(s)
+  full = {**batch, **ptx}
+  ref_state, ref_metrics, _ = _run(s, state, frozen, full, txs)
+  mesh = sharding.make_mesh((2, 2, 2))
+  state, frozen, batch, ptx, txs = _setup(s)
+  from rlhf_jax.models import abstract_params
+  psh = sharding.param_shardings(abstract_params(CFG, "lm", boxed=True), mesh)
+  vsh = sharding.param_shardings(abstract_params(CFG, "scalar", boxed=True), mesh)
+  state["params"] = {"policy": jax.device_put(state["params"]["policy"], psh),
+                     "value": jax.device_put(state["params"]["value"], vsh)}
+  frozen = {"ref": jax.device_put(frozen["ref"], psh), "rm": jax.device_put(frozen["rm"], vsh)}
+  sharded_batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim))
+                   for k, v in full.items()}
+  with sharding.activate(mesh):
+    got_state, got_metrics, _ = _run(s, state, frozen, sharded_batch, txs, mesh)
+  assert got_state["params"]["policy"]["layers"]["mlp"]["up"]["kernel"].sharding.spec != sharding.replicated(mesh).spec
+  for a, b_ in zip(jax.tree.leaves(got_state["params"]), jax.tree.leaves(ref_state["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-5)
+  for k in ("reward", "kl", "policy_loss", "value_loss", "ptx_loss"):
+    assert float(got_metrics[k]) == pytest.approx(float(ref_metrics[k]), abs=1e-5)
