@@ -24,6 +24,9 @@ setuptools.setup(
         "absl-py>=2.1.0",
         "numpy>=1.26",
         "tqdm>=4.66",
+        # rlhf_jax.report: TensorBoard event files without TensorFlow, and PNG plots (Agg).
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
     ],
     extras_require={
         # Reading GGUF files (llama.cpp) needs only the gguf package, no torch.

@@ -1,0 +1,326 @@
+"""Reports of a run: TensorBoard event files, metrics.jsonl curves as PNG, markdown result tables.
+
+Pure helpers with no JAX: safe to import anywhere, and to call on process 0 only (the caller
+decides; nothing here talks to other processes).
+
+  EventWriter(logdir)          TensorBoard scalars (tensorboardX's synchronous event writer; no
+                               TensorFlow). An unwritable logdir costs one warning, never the run.
+  read_metrics(path)           the records of a stage's `metrics.jsonl`; a truncated line left by a
+                               killed run is dropped.
+  curves(records, key)         {kind: (steps, values)} of one metric, by step, last write wins.
+  plot_curves(series, keys, out_png, title)   one PNG, a panel per metric, a line per run.
+  markdown_table(rows, columns)               a results table in markdown.
+  export_tensorboard(metrics_path, logdir)    a finished run's metrics.jsonl as event files.
+
+TensorBoard tags are `<kind>/<metric>` (e.g. `train/loss`, `eval/accuracy`); `scalar_tags` makes
+them from a metrics record, so live logging and `export_tensorboard` name curves the same way.
+"""
+import itertools
+import json
+import math
+import numbers
+import os
+import sys
+import time
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+
+from rlhf_jax.errors import UserError
+
+_RESERVED = ("kind", "step")
+_file_counter = itertools.count()
+
+
+def _warn(message: str) -> None:
+  sys.stderr.write(f"warning: {message}\n")
+  sys.stderr.flush()
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+class EventWriter:
+  """Writes TensorBoard scalars to `<logdir>/events.out.tfevents.<time>.<host>.<pid>.<n>`.
+
+  Each event file is a TFRecord stream of `Event` protos: for every record
+  `uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)`, the first
+  event holding `file_version = "brain.Event:2"` and each later one a `Summary` of
+  `(tag, simple_value)` pairs at a step. Writes are synchronous (no background thread that could
+  die and block training). If the logdir cannot be created or written, or tensorboardX is missing,
+  ONE warning goes to stderr and every later call is a no-op.
+  """
+
+  def __init__(self, logdir: str):
+    self.logdir = logdir
+    self._events = None
+    self._summary_pb2 = None
+    self._event_pb2 = None
+    try:
+      from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=g-import-not-at-top
+      from tensorboardX.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
+      from tensorboardX.record_writer import directory_check  # pylint: disable=g-import-not-at-top
+      directory_check(logdir)
+      suffix = f".{os.getpid()}.{next(_file_counter)}"
+      self._events = EventsWriter(os.path.join(logdir, "events"), suffix)
+      self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    except (OSError, ImportError) as e:
+      self._disable(e)
+
+  @property
+  def active(self) -> bool:
+    """False once writing failed (or after close): later calls do nothing."""
+    return self._events is not None
+
+  @property
+  def path(self) -> Optional[str]:
+    """The event file being written, or None."""
+    return None if self._events is None else self._events._file_name  # pylint: disable=protected-access
+
+  def _disable(self, error: Exception) -> None:
+    self._events = None
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    _warn(f"TensorBoard logdir {self.logdir}: cannot write event files ({reason}); "
+          "TensorBoard logging is off for this run")
+
+  def scalars(self, step: int, values: Mapping[str, float]) -> None:
+    """Appends one event at `step` with a scalar per (tag, value); non-numbers are skipped."""
+    if self._events is None:
+      return
+    summary = self._summary_pb2.Summary(value=[
+        self._summary_pb2.Summary.Value(tag=str(tag), simple_value=float(v))
+        for tag, v in values.items() if _is_number(v)])
+    event = self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+    try:
+      self._events.write_event(event)
+    except OSError as e:
+      self._disable(e)
+
+  def flush(self) -> None:
+    if self._events is None:
+      return
+    try:
+      self._events.flush()
+    except OSError as e:
+      self._disable(e)
+
+  def close(self) -> None:
+    if self._events is None:
+      return
+    events, self._events = self._events, None
+    try:
+      events.close()
+    except OSError as e:
+      self._disable(e)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def scalar_tags(record: Mapping) -> dict:
+  """{'<kind>/<metric>': value} for the numeric fields of a metrics record (not kind/step)."""
+  kind = record.get("kind", "metrics")
+  return {f"{kind}/{k}": float(v) for k, v in record.items()
+          if k not in _RESERVED and _is_number(v)}
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+
+def _parse_line(line: str):
+  """A record from one line; a line where a killed write was followed by a resumed run's record
+  (`{"kind": "tr{"kind": ...}`) yields the complete record after the cut. None if unparsable."""
+  try:
+    return json.loads(line)
+  except ValueError:
+    pass
+  cut = line.rfind('{"kind"')
+  if cut > 0:
+    try:
+      return json.loads(line[cut:])
+    except ValueError:
+      pass
+  return None
+
+
+def read_metrics(path: str) -> list:
+  """The records of a `metrics.jsonl` (one JSON object per line), in file order.
+
+  Blank lines are ignored and an unparsable LAST line (a run killed mid-write) is dropped. Any
+  other unparsable line, or a line that is not a JSON object, is a UserError naming path:line.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().split("\n")
+  except FileNotFoundError:
+    raise UserError(f"{path}: no such metrics file") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f"{path}: cannot read metrics ({e})") from None
+  numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+  records = []
+  for n, (lineno, line) in enumerate(numbered):
+    record = _parse_line(line)
+    if record is None:
+      if n == len(numbered) - 1:
+        break          # truncated by a kill
+      raise UserError(f"{path}:{lineno}: not valid JSON ({line[:60]!r})")
+    if not isinstance(record, dict):
+      raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    records.append(record)
+  return records
+
+
+def _split_key(records: Sequence[Mapping], key: str):
+  """'kind/name' restricts to records of that kind when such records exist; else a plain name."""
+  if "/" in key:
+    kind, name = key.split("/", 1)
+    if any(r.get("kind") == kind for r in records):
+      return kind, name
+  return None, key
+
+
+def curves(records: Sequence[Mapping], key: str) -> dict:
+  """{kind: (steps, values)} of metric `key` ('loss', or 'eval/loss' for one kind).
+
+  Records without an integer step or a numeric value for the metric are skipped; a step logged
+  twice (a resumed run repeats steps after its last checkpoint) keeps the LAST record; steps ascend.
+  """
+  want_kind, name = _split_key(records, key)
+  by_kind = {}
+  for r in records:
+    kind = r.get("kind", "metrics")
+    if want_kind is not None and kind != want_kind:
+      continue
+    step, value = r.get("step"), r.get(name)
+    if not _is_number(step) or not _is_number(value):
+      continue
+    by_kind.setdefault(kind, {})[int(step)] = float(value)
+  return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in by_kind.items()}
+
+
+# ----------------------------------------------------------------------------- plots
+
+def plot_curves(series: Mapping[str, Union[str, Sequence[Mapping]]], keys: Sequence[str],
+                out_png: str, title: str = "", *, ncols: int = 3,
+                panel_size: tuple = (4.0, 3.0), dpi: int = 100) -> dict:
+  """Writes ONE PNG: a panel per metric in `keys`, a line per run label in `series`.
+
+  `series` maps a label (e.g. 'ppo', 'ppo_ptx') to a metrics.jsonl path (or its records). A key is
+  a metric name or 'kind/metric' (see `curves`); when a run logs the metric under several kinds,
+  each gets its own line, labelled 'label (kind)'. Runs without a key are skipped; a panel with no
+  data says so. The image is min(ncols, len(keys)) x ceil(len(keys)/ncols) panels of `panel_size`
+  inches at `dpi`: exactly that many pixels. Written to a temporary file and renamed into place.
+
+  Returns {key: [line labels drawn]}.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  keys = list(keys)
+  if not keys:
+    raise UserError("plot_curves: keys is empty (name at least one metric to plot)")
+  data = {label: read_metrics(src) if isinstance(src, (str, os.PathLike)) else list(src)
+          for label, src in series.items()}
+  cols = max(1, min(ncols, len(keys)))
+  rows = math.ceil(len(keys) / cols)
+  fig = Figure(figsize=(panel_size[0] * cols, panel_size[1] * rows), dpi=dpi)
+  FigureCanvasAgg(fig)
+  drawn = {}
+  for i, key in enumerate(keys):
+    ax = fig.add_subplot(rows, cols, i + 1)
+    drawn[key] = []
+    for label, records in data.items():
+      found = curves(records, key)
+      for kind, (steps, values) in found.items():
+        name = label if len(found) == 1 else f"{label} ({kind})"
+        ax.plot(steps, values, label=name, marker="." if len(steps) < 20 else None)
+        drawn[key].append(name)
+    ax.set_title(key, fontsize=10)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, alpha=0.3)
+    if drawn[key]:
+      ax.legend(fontsize=7)
+    else:
+      ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+  if title:
+    fig.suptitle(title, fontsize=11)
+  fig.tight_layout()
+  out_dir = os.path.dirname(os.path.abspath(out_png))
+  os.makedirs(out_dir, exist_ok=True)
+  tmp = f"{out_png}.tmp.{os.getpid()}.png"
+  try:
+    fig.savefig(tmp, dpi=dpi, format="png")
+    os.replace(tmp, out_png)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return drawn
+
+
+# ----------------------------------------------------------------------------- tables
+
+Column = Union[tuple, list]
+Formatter = Union[None, str, Callable[[object], str]]
+
+
+def _cell(value, fmt: Formatter, missing: str) -> str:
+  if value is None:
+    return missing
+  if fmt is None:
+    text = str(value)
+  elif callable(fmt):
+    text = fmt(value)
+  else:
+    text = format(value, fmt)
+  return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: Iterable[Mapping], columns: Sequence[Column], missing: str = "-") -> str:
+  """A markdown table: one line per row, one column per (header, key[, fmt]).
+
+  fmt is a format spec ('.3f', 'd', '.1%'), a callable value -> str, or None (str). A missing key
+  or None prints `missing`. Columns whose present values are all numbers are right-aligned.
+  '|' inside a cell is escaped and newlines become spaces. Ends with a newline.
+  """
+  rows = list(rows)
+  specs = []
+  for c in columns:
+    if not isinstance(c, (tuple, list)) or len(c) not in (2, 3):
+      raise UserError(f"markdown_table: column {c!r} must be (header, key) or (header, key, fmt)")
+    specs.append((str(c[0]), c[1], c[2] if len(c) == 3 else None))
+  lines = ["| " + " | ".join(h.replace("|", "\\|") for h, _, _ in specs) + " |"]
+  aligns = []
+  for _, key, _ in specs:
+    present = [r.get(key) for r in rows if r.get(key) is not None]
+    aligns.append("---:" if present and all(_is_number(v) for v in present) else "---")
+  lines.append("|" + "|".join(aligns) + "|")
+  for r in rows:
+    lines.append("| " + " | ".join(_cell(r.get(key), fmt, missing) for _, key, fmt in specs)
+                 + " |")
+  return "\n".join(lines) + "\n"
+
+
+def last_record(records: Sequence[Mapping], kind: str) -> dict:
+  """The last record of `kind` (e.g. the final 'eval'), or {} if there is none."""
+  for r in reversed(records):
+    if r.get("kind") == kind:
+      return dict(r)
+  return {}
+
+
+# ----------------------------------------------------------------------------- export
+
+def export_tensorboard(metrics_path: str, logdir: str) -> int:
+  """Writes every record of a metrics.jsonl as TensorBoard scalars (`scalar_tags`); the count."""
+  records = read_metrics(metrics_path)
+  n = 0
+  with EventWriter(logdir) as writer:
+    for r in records:
+      if _is_number(r.get("step")) and (tags := scalar_tags(r)):
+        writer.scalars(int(r["step"]), tags)
+        n += 1
+  return n

@@ -1,0 +1,335 @@
+"""rlhf_jax.report: event files decoded by an independent reader (our own TFRecord framing, CRC-32C
+and protobuf wire-format decoding; TensorBoard's EventAccumulator too when installed), metrics.jsonl
+reading of killed and resumed runs, PNG size, exact table text."""
+import glob
+import json
+import math
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from rlhf_jax import report
+from rlhf_jax.errors import UserError
+
+
+# ----------------------------------------------------------------------------- independent decoder
+
+def _crc32c(data: bytes) -> int:
+  """Bitwise CRC-32C (Castagnoli, reflected polynomial 0x82F63B78)."""
+  crc = 0xFFFFFFFF
+  for b in data:
+    crc ^= b
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked(crc: int) -> int:
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _records(path):
+  """TFRecord framing: u64 length | u32 masked crc(length) | data | u32 masked crc(data)."""
+  raw = open(path, "rb").read()
+  out, pos = [], 0
+  while pos < len(raw):
+    header = raw[pos:pos + 8]
+    (n,) = struct.unpack("<Q", header)
+    (crc_len,) = struct.unpack("<I", raw[pos + 8:pos + 12])
+    assert crc_len == _masked(_crc32c(header))
+    data = raw[pos + 12:pos + 12 + n]
+    (crc_data,) = struct.unpack("<I", raw[pos + 12 + n:pos + 16 + n])
+    assert crc_data == _masked(_crc32c(data))
+    out.append(data)
+    pos += 16 + n
+  assert pos == len(raw)
+  return out
+
+
+def _varint(buf, pos):
+  value = shift = 0
+  while True:
+    b = buf[pos]
+    pos += 1
+    value |= (b & 0x7F) << shift
+    shift += 7
+    if not b & 0x80:
+      return value, pos
+
+
+def _fields(buf):
+  """Protobuf wire format -> [(field number, value)]; length-delimited values stay bytes."""
+  out, pos = [], 0
+  while pos < len(buf):
+    key, pos = _varint(buf, pos)
+    field, wire = key >> 3, key & 7
+    if wire == 0:
+      value, pos = _varint(buf, pos)
+    elif wire == 1:
+      value, pos = buf[pos:pos + 8], pos + 8
+    elif wire == 5:
+      value, pos = buf[pos:pos + 4], pos + 4
+    elif wire == 2:
+      n, pos = _varint(buf, pos)
+      value, pos = buf[pos:pos + n], pos + n
+    else:
+      raise AssertionError(f"wire type {wire}")
+    out.append((field, value))
+  return out
+
+
+def _decode_event(data):
+  """Event{wall_time=1 double, step=2 int64, file_version=3 string, summary=5 Summary{value=1
+  Value{tag=1 string, simple_value=2 float}}} -> dict."""
+  ev = {"step": 0, "scalars": {}}
+  for field, value in _fields(data):
+    if field == 1:
+      ev["wall_time"] = struct.unpack("<d", value)[0]
+    elif field == 2:
+      ev["step"] = value
+    elif field == 3:
+      ev["file_version"] = value.decode()
+    elif field == 5:
+      for f2, v2 in _fields(value):
+        assert f2 == 1
+        tag, simple = None, None
+        for f3, v3 in _fields(v2):
+          if f3 == 1:
+            tag = v3.decode()
+          elif f3 == 2:
+            simple = struct.unpack("<f", v3)[0]
+        ev["scalars"][tag] = simple
+  return ev
+
+
+def _events(logdir):
+  files = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
+  assert len(files) == 1, files
+  return [_decode_event(d) for d in _records(files[0])]
+
+
+# ----------------------------------------------------------------------------- EventWriter
+
+def test_crc32c_reference_value():
+  assert _crc32c(b"123456789") == 0xE3069283      # the standard CRC-32C check value
+  assert _crc32c(b"123456789") != zlib.crc32(b"123456789")
+
+
+def test_event_writer_round_trip(tmp_path, capsys):
+  logdir = str(tmp_path / "tb" / "sft")
+  written = {3: {"train/loss": 2.5, "train/lr": 1e-4}, 7: {"eval/accuracy": 0.625, "n": 3},
+             11: {"train/loss": float("nan"), "skipped": "text"}}
+  with report.EventWriter(logdir) as w:
+    assert w.active and w.path.startswith(logdir)
+    for step, values in written.items():
+      w.scalars(step, values)
+    w.flush()
+  assert not w.active
+  w.scalars(12, {"late": 1.0})          # after close: a no-op, not an error
+  events = _events(logdir)
+  assert events[0]["file_version"] == "brain.Event:2"
+  assert [e["step"] for e in events[1:]] == [3, 7, 11]
+  for e, (step, values) in zip(events[1:], written.items()):
+    want = {k: v for k, v in values.items() if not isinstance(v, str)}
+    assert set(e["scalars"]) == set(want)
+    for k, v in want.items():
+      got = e["scalars"][k]
+      assert (math.isnan(got) and math.isnan(v)) or got == np.float32(v), (step, k)
+    assert abs(e["wall_time"] - events[0]["wall_time"]) < 60
+  assert capsys.readouterr().err == ""
+
+
+def test_two_writers_in_one_directory_keep_both_files(tmp_path):
+  a, b = report.EventWriter(str(tmp_path)), report.EventWriter(str(tmp_path))
+  a.scalars(1, {"x": 1.0})
+  b.scalars(1, {"x": 2.0})
+  a.close()
+  b.close()
+  files = sorted(glob.glob(str(tmp_path / "events.out.tfevents.*")))
+  assert len(files) == 2
+  assert sorted(_decode_event(_records(f)[1])["scalars"]["x"] for f in files) == [1.0, 2.0]
+
+
+def test_event_files_load_in_tensorboard(tmp_path):
+  accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+  with report.EventWriter(str(tmp_path)) as w:
+    for step in range(5):
+      w.scalars(step, {"train/loss": 1.0 / (step + 1)})
+  acc = accumulator.EventAccumulator(str(tmp_path))
+  acc.Reload()
+  got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+  assert got == [(s, pytest.approx(1.0 / (s + 1))) for s in range(5)]
+
+
+def test_unwritable_logdir_warns_once_and_never_raises(tmp_path, capsys):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  w = report.EventWriter(str(blocker / "tb"))
+  assert not w.active
+  for step in range(3):
+    w.scalars(step, {"loss": 1.0})
+  w.flush()
+  w.close()
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("warning: TensorBoard logdir ") and "tb" in err[0]
+
+
+def test_write_failure_mid_run_warns_once(tmp_path, capsys):
+  w = report.EventWriter(str(tmp_path))
+  w.scalars(1, {"loss": 1.0})
+
+  def full(_):
+    raise OSError(28, "No space left on device")
+  w._events.write_event = full        # pylint: disable=protected-access
+  w.scalars(2, {"loss": 1.0})
+  w.scalars(3, {"loss": 1.0})
+  w.close()
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "No space left on device" in err[0]
+
+
+def test_export_tensorboard(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"kind": "eval", "step": 0, "loss": 3.0},
+          {"kind": "train", "step": 25, "loss": 2.0, "lr": 0.001},
+          {"kind": "note", "text": "no step"}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert report.export_tensorboard(str(path), str(tmp_path / "tb")) == 2
+  events = _events(str(tmp_path / "tb"))[1:]
+  assert [(e["step"], e["scalars"]) for e in events] == [
+      (0, {"eval/loss": 3.0}), (25, {"train/loss": 2.0, "train/lr": np.float32(0.001)})]
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+
+def _write_lines(path, lines):
+  path.write_text("\n".join(lines))
+  return str(path)
+
+
+def test_read_metrics_drops_a_truncated_last_line(tmp_path):
+  good = [{"kind": "train", "step": s, "loss": 1.0 / s} for s in (1, 2)]
+  path = _write_lines(tmp_path / "m.jsonl",
+                      [json.dumps(r) for r in good] + ['{"kind": "train", "step": 3, "lo'])
+  assert report.read_metrics(path) == good
+  # Also with a trailing newline and blank lines.
+  path = _write_lines(tmp_path / "n.jsonl", [json.dumps(good[0]), "", json.dumps(good[1]), ""])
+  assert report.read_metrics(path) == good
+
+
+def test_read_metrics_recovers_a_killed_then_resumed_line(tmp_path):
+  resumed = {"kind": "train", "step": 2, "loss": 0.5}
+  path = _write_lines(tmp_path / "m.jsonl", [
+      json.dumps({"kind": "train", "step": 1, "loss": 1.0}),
+      '{"kind": "train", "step": 2, "lo' + json.dumps(resumed),
+      json.dumps({"kind": "eval", "step": 2, "loss": 0.7})])
+  assert [r["step"] for r in report.read_metrics(path)] == [1, 2, 2]
+  assert report.read_metrics(path)[1] == resumed
+
+
+def test_read_metrics_errors_name_the_line(tmp_path):
+  path = _write_lines(tmp_path / "m.jsonl", ['{"kind": "train", "step": 1}', "garbage", "{}"])
+  with pytest.raises(UserError, match=r"m\.jsonl:2: not valid JSON"):
+    report.read_metrics(path)
+  path = _write_lines(tmp_path / "a.jsonl", ["[1, 2]", "{}"])
+  with pytest.raises(UserError, match=r"a\.jsonl:1: expected a JSON object, got list"):
+    report.read_metrics(path)
+  with pytest.raises(UserError, match="no such metrics file"):
+    report.read_metrics(str(tmp_path / "missing.jsonl"))
+
+
+def test_curves_match_a_brute_force_reference():
+  rng = np.random.default_rng(0)
+  records = []
+  for _ in range(200):
+    r = {"kind": str(rng.choice(["train", "eval"])), "step": int(rng.integers(0, 30))}
+    if rng.random() < 0.8:
+      r["loss"] = float(rng.normal())
+    records.append(r)
+  records.append({"kind": "train", "loss": 1.0})                 # no step: skipped
+  records.append({"kind": "train", "step": 5, "loss": "n/a"})    # not a number: skipped
+  for key, kinds in (("loss", ("train", "eval")), ("eval/loss", ("eval",))):
+    got = report.curves(records, key)
+    for kind in kinds:
+      last = {}
+      for r in records:                    # brute force: the last numeric value per step
+        if r["kind"] == kind and "step" in r and isinstance(r.get("loss"), float):
+          last[r["step"]] = r["loss"]
+      assert got[kind] == (sorted(last), [last[s] for s in sorted(last)])
+    assert set(got) == set(kinds)
+  assert report.curves(records, "reward") == {}
+  # 'a/b' is a plain metric name when no record has kind 'a'.
+  assert report.curves([{"kind": "train", "step": 1, "a/b": 2.0}], "a/b") == {"train": ([1], [2.0])}
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _png_size(path):
+  raw = open(path, "rb").read()
+  assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR"
+  return struct.unpack(">II", raw[16:24])
+
+
+def test_plot_curves_writes_one_png_of_the_right_size(tmp_path):
+  def run(ptx):
+    rows = []
+    for s in range(0, 50, 5):
+      r = {"kind": "train", "step": s, "reward": s / 50, "kl": 0.01 * s}
+      if ptx:
+        r["ptx_loss"] = 3.0 - s / 50
+      rows.append(r)
+      rows.append({"kind": "eval", "step": s, "reward": s / 60})
+    return rows
+  paths = {}
+  for label, ptx in (("ppo", False), ("ppo_ptx", True)):
+    p = tmp_path / label / "metrics.jsonl"
+    p.parent.mkdir()
+    p.write_text("".join(json.dumps(r) + "\n" for r in run(ptx)))
+    paths[label] = str(p)
+  out = str(tmp_path / "plots" / "curves.png")
+  drawn = report.plot_curves(paths, ["train/reward", "kl", "ptx_loss", "eval/reward", "win_rate"],
+                             out, "PPO vs PPO-ptx")
+  assert drawn == {"train/reward": ["ppo", "ppo_ptx"], "kl": ["ppo", "ppo_ptx"],
+                   "ptx_loss": ["ppo_ptx"], "eval/reward": ["ppo", "ppo_ptx"], "win_rate": []}
+  assert _png_size(out) == (3 * 400, 2 * 300)
+  assert os.path.getsize(out) > 5000
+  assert os.listdir(tmp_path / "plots") == ["curves.png"]      # no temporary left behind
+  # A metric logged under two kinds gets a line per kind; records can be passed directly.
+  drawn = report.plot_curves({"ppo": report.read_metrics(paths["ppo"])}, ["reward"], out,
+                             panel_size=(5.0, 2.0), dpi=50)
+  assert drawn == {"reward": ["ppo (train)", "ppo (eval)"]}
+  assert _png_size(out) == (250, 100)
+
+
+def test_plot_curves_needs_a_key(tmp_path):
+  with pytest.raises(UserError, match="keys is empty"):
+    report.plot_curves({}, [], str(tmp_path / "x.png"))
+
+
+# ----------------------------------------------------------------------------- tables
+
+def test_markdown_table_exact_text():
+  rows = [{"run": "sft", "reward": 0.1234, "win": 0.5, "steps": 400},
+          {"run": "ppo|ptx", "reward": -1.5, "steps": 1200, "note": "a\nb"}]
+  text = report.markdown_table(rows, [("run", "run"), ("reward", "reward", ".3f"),
+                                      ("win rate", "win", ".1%"), ("steps", "steps", "d"),
+                                      ("note", "note"), ("x2", "reward", lambda v: f"{2 * v:g}")])
+  assert text == (
+      "| run | reward | win rate | steps | note | x2 |\n"
+      "|---|---:|---:|---:|---|---:|\n"
+      "| sft | 0.123 | 50.0% | 400 | - | 0.2468 |\n"
+      "| ppo\\|ptx | -1.500 | - | 1200 | a b | -3 |\n")
+  assert report.markdown_table([], [("a", "a")], missing="n/a") == "| a |\n|---|\n"
+  with pytest.raises(UserError, match="column 'a' must be"):
+    report.markdown_table(rows, ["a"])
+
+
+def test_last_record_and_scalar_tags():
+  records = [{"kind": "eval", "step": 0, "loss": 3.0}, {"kind": "train", "step": 1, "loss": 2.0},
+             {"kind": "eval", "step": 2, "loss": 1.0, "ok": True}]
+  assert report.last_record(records, "eval") == records[2]
+  assert report.last_record(records, "test") == {}
+  assert report.scalar_tags(records[2]) == {"eval/loss": 1.0}
