@@ -63,7 +63,22 @@ def ppo_fields():
 
 
 def get_config(preset="tiny"):
+  """PPO-ptx and, for the pipeline (rlhf_jax.pipeline), the config of every earlier stage."""
+  from configs import collect as collect_config  # pylint: disable=g-import-not-at-top
+  from configs import rm as rm_config  # pylint: disable=g-import-not-at-top
+  from configs import sft as sft_config  # pylint: disable=g-import-not-at-top
+  from rlhf_jax import evaluate  # pylint: disable=g-import-not-at-top
   c = models.base_config(preset, "ppo")
+  # The pipeline: True runs every missing earlier stage first, then evaluates; False runs PPO only.
+  c.pipeline = True
+  c.pretrain_base = preset == "tiny"      # offline: pretrain the base model on the task's text
+  c.collect_comparisons = preset in ("tiny", "smollm2")   # RM data = ranked SFT samples
+  c.pretrain = sft_config.get_config(preset)
+  c.pretrain.stage = "pretrain"
+  c.sft = sft_config.get_config(preset)
+  c.collect = collect_config.get_config(preset)
+  c.rm = rm_config.get_config(preset)
+  c.eval = evaluate.default_config(preset)
   c.model.dropout_resid = 0.0
   c.model.dropout_attn = 0.0
   c.reward_model = "auto"

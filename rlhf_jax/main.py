@@ -50,7 +50,11 @@ def main(argv):
     raise UserError(f"config.stage must be one of {', '.join(STAGES)}, got {config.stage!r}")
   distributed.initialize_from_flags()
   workdir = os.path.abspath(workdir_for(config))
-  STAGES[config.stage](config, workdir)
+  if config.get("pipeline"):
+    from rlhf_jax import pipeline  # pylint: disable=g-import-not-at-top
+    pipeline.run(config, workdir)
+  else:
+    STAGES[config.stage](config, workdir)
 
 
 if __name__ == "__main__":

@@ -239,3 +239,70 @@ def test_sharded_iteration_equals_one_device():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-5)
   for k in ("reward", "kl", "policy_loss", "value_loss", "ptx_loss"):
     assert float(got_metrics[k]) == pytest.approx(float(ref_metrics[k]), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.fixture(scope="module")
+def ppo_inputs(tmp_path_factory):
+  """Offline data, a random 'SFT' model, a matching reward model and a mismatched one."""
+  from rlhf_jax.convert import save_model
+  from rlhf_jax.data import prepare
+  from rlhf_jax.data.offline_task import OfflineSizes
+  root = tmp_path_factory.mktemp("ppo_inputs")
+  data = root / "data"
+  sizes = OfflineSizes(ptx=50, sft=50, comparisons=20, prompts=64, validation=16)
+  paths = prepare.prepare_offline(str(data), sizes=sizes)
+  cfg = ModelConfig(vocab_size=512, num_layers=1, d_model=32, num_heads=2, num_kv_heads=2,
+                    head_dim=16, d_ff=64, max_len=128)
+  keys = jax.random.split(jax.random.key(0), 3)
+  save_model(str(root / "sft"), cfg, jax.device_get(init_params(cfg, keys[0], "lm")),
+             fmt="rlhf_jax", head="lm", tokenizer_dir=paths["tokenizer"])
+  save_model(str(root / "rm"), cfg, jax.device_get(init_params(cfg, keys[1], "scalar")),
+             fmt="rlhf_jax", head="scalar", tokenizer_dir=paths["tokenizer"])
+  other = cfg.replace(vocab_size=600)
+  save_model(str(root / "rm_other"), other, jax.device_get(init_params(other, keys[2], "scalar")),
+             fmt="rlhf_jax", head="scalar", tokenizer_dir=paths["tokenizer"])
+  return root, cfg
+
+
+def _main(args, workdir, timeout=300):
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = ""
+  return subprocess.run([sys.executable, "-m", "rlhf_jax.main", "--config=configs/ppo_ptx.py",
+                         f"--workdir={workdir}", *args], capture_output=True, text=True,
+                        timeout=timeout, env=env,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _ppo_args(root, cfg, **over):
+  args = {"pipeline": False, "init_from": root / "sft", "reward_model": root / "rm",
+          "value_from": root / "rm", "data.dir": root / "data", "model.num_layers": 1,
+          "model.d_model": 32, "model.num_heads": 2, "model.num_kv_heads": 2,
+          "model.head_dim": 16, "model.d_ff": 64, "model.max_len": 128,
+          "ppo.num_iterations": 2, "ppo.batch_size": 8, "ppo.minibatches": 2,
+          "ppo.prompt_len": 32, "ppo.response_len": 8, "ppo.ptx_seq_len": 32}
+  args.update(over)
+  return [f"--config.{k}={v}" for k, v in args.items()]
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"ppo.kl_coef": -0.1}, "config.ppo.kl_coef"),
+    ({"ppo.minibatches": 3}, "config.ppo.minibatches"),
+    ({"value_from": "RM_OTHER"}, "config.value_from"),
+    ({"reward_model": "RM_OTHER", "value_from": "RM_OTHER"}, "config.reward_model"),
+    ({"reward_model": "SFT"}, "config.reward_model"),
+])
+def test_bad_ppo_input_is_one_line_exit_2(ppo_inputs, tmp_path, over, needle):
+  root, cfg = ppo_inputs
+  names = {"RM_OTHER": root / "rm_other", "SFT": root / "sft"}
+  over = {k: names.get(v, v) if isinstance(v, str) else v for k, v in over.items()}
+  workdir = tmp_path / "w"
+  proc = _main(_ppo_args(root, cfg, **over), workdir)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, lines
+  assert not (workdir / "ppo_ptx").exists()
