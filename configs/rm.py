@@ -19,6 +19,9 @@ def get_config(preset="tiny"):
   c.k_max = 0              # responses per prompt in a batch; 0 = the largest K in the data
   c.norm_examples = 512    # demonstrations whose mean reward the bias subtracts (0 = off)
   c.data.norm_split = "train"
+  # Where the comparisons come from: '' = the data's own comparisons dataset; else a data dir
+  # holding tfds/ with one, e.g. the collect stage's ('auto' = <workdir>/collect).
+  c.data.comparisons_dir = ""
   if preset == "tiny":
     c.optimizer.lr, c.optimizer.warmup_steps = 1e-3, 10
     c.batch_size, c.eval_batch_size, c.seq_len, c.num_steps = 16, 32, 48, 250

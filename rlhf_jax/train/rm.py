@@ -17,6 +17,7 @@ train split) is subtracted from `scalar_head.bias`, so the saved reward model sc
 demonstrations at mean 0 for every consumer (PPO, evaluation); the value is recorded in
 `<model>/rlhf_jax_stage.json` as `reward_bias`.
 """
+import os
 
 import jax
 import jax.numpy as jnp
@@ -200,6 +201,22 @@ def k_max_of(config, tfds_dir):
   return int(max(wanted))
 
 
+def comparisons_tfds_dir(config, workdir, tfds_dir):
+  """The TFDS data_dir of the comparisons: the run's data (`config.data.comparisons_dir` ''), or
+  `<comparisons_dir>/tfds` of another data dir, e.g. the collect stage's ('auto' means
+  <workdir>/collect). The demonstrations of the normalisation stay in the run's data."""
+  where = config.data.get("comparisons_dir", "")
+  if not where:
+    return tfds_dir
+  if where == "auto":
+    where = os.path.join(workdir, "collect")
+  path = os.path.join(where, "tfds")
+  if not os.path.isdir(path):
+    raise UserError(f"config.data.comparisons_dir: {where} has no tfds/ folder (expected a data "
+                    "dir with a comparisons dataset, e.g. <workdir>/collect from collect)")
+  return path
+
+
 def run(config, workdir):
   """Runs the reward-model stage in `<workdir>/rm`."""
   from rlhf_jax.data import loaders  # pylint: disable=g-import-not-at-top
@@ -215,10 +232,12 @@ def run(config, workdir):
   params = with_scalar_head(lm_params, cfg, jax.random.key(config.seed))
   del lm_params
   tok, tok_dir = common.load_tokenizer_for(config, model_tok_dir, setup.data_tokenizer_dir, cfg)
-  train_source = common.load_split(tfds_dir, "comparisons", config.data.train_split,
+  comparisons_dir = comparisons_tfds_dir(config, workdir, tfds_dir)
+  train_source = common.load_split(comparisons_dir, "comparisons", config.data.train_split,
                                    "train_split")
-  eval_source = common.load_split(tfds_dir, "comparisons", config.data.eval_split, "eval_split")
-  k_max = k_max_of(config, tfds_dir)
+  eval_source = common.load_split(comparisons_dir, "comparisons", config.data.eval_split,
+                                  "eval_split")
+  k_max = k_max_of(config, comparisons_dir)
   num_steps = config.num_steps or max(
       1, int(np.ceil(config.num_epochs * len(train_source) / config.batch_size)))
   tx, schedule = common.make_optimizer(config.optimizer, num_steps)
@@ -250,6 +269,7 @@ def run(config, workdir):
                                               state, num_steps)
   params = state["params"]
   meta = {"stage": stage, "steps": num_steps, "init_from": init_from, "k_max": k_max,
+          "comparisons": comparisons_dir,
           "final_eval": last_eval,
           "first_eval": next((m for kind, _, m in history if kind == "eval"), None)}
   if config.norm_examples:
