@@ -89,7 +89,7 @@ def get_config(preset="tiny"):
   if preset == "tiny":
     c.optimizer.warmup_steps, c.optimizer.final_lr_fraction = 0, 1.0
     p.num_iterations, p.batch_size, p.minibatches = 60, 64, 4
-    p.prompt_len, p.response_len = 32, 24
+    p.prompt_len, p.response_len = 24, 16   # offline prompts <= 20 tokens, answers <= 8
     p.policy_lr, p.value_lr = 3e-4, 1e-3
     p.kl_coef = 0.05
     p.ptx_coef, p.ptx_per_episode, p.ptx_seq_len = 1.0, 1, 128

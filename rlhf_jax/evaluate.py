@@ -102,12 +102,6 @@ def sequence_kl(logp, logp_ref, mask):
   return (diff * np.asarray(mask, np.float64)).sum(axis=1)
 
 
-def token_logprobs(logits, targets, temperature):
-  """log softmax(logits / temperature)[targets]: (B, N, V), (B, N) -> (B, N)."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-
-
 # ----------------------------------------------------------------------------- jitted pieces
 
 def make_logprob_fn(cfg, num_new, temperature):
@@ -118,8 +112,8 @@ def make_logprob_fn(cfg, num_new, temperature):
   def fn(params, batch):
     logits = common.forward(cfg, "lm", params, batch)
     width = batch["tokens"].shape[1]
-    return token_logprobs(logits[:, width - num_new - 1:width - 1],
-                          batch["tokens"][:, width - num_new:], temperature)
+    return losses.token_logprobs(logits[:, width - num_new - 1:width - 1],
+                                 batch["tokens"][:, width - num_new:], temperature)[0]
   return fn
 
 

@@ -164,6 +164,10 @@ def run(config, workdir):
   for s in ("pretrain", "sft", "rm"):
     if s in configs:
       common.validate_config(configs[s])
+  from rlhf_jax import collect, evaluate  # pylint: disable=g-import-not-at-top
+  if "collect" in configs:
+    collect.validate(configs["collect"])
+  evaluate.validate(config)
   t0 = time.time()
   result = None
   for stage in stages:
