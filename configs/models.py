@@ -25,7 +25,7 @@ PAPER = ("1.3b", "6.7b", "175b")
 
 def model_config(name, **overrides):
   if name not in MODELS:
-    raise ValueError(f"unknown config preset {name!r}; known: {', '.join(MODELS)}")
+    raise ValueError(f"unknown config preset {name!r} (expected one of {', '.join(MODELS)})")
   key, base = MODELS[name]
   model = model_preset(key)
   for field, value in {**base, **overrides}.items():
@@ -71,4 +71,7 @@ def base_config(name, stage):
   c.keep_checkpoints = 2
   c.seed = 0                 # parameter init and dropout
   c.data_seed = 0            # shuffling
+  # A step whose loss or gradient is NaN/Inf is skipped (not applied); this many in a row stop
+  # the run (exit status 2) without saving, the last checkpoint being the last good state.
+  c.max_nonfinite_steps = 5
   return c

@@ -20,10 +20,15 @@ Properties:
              another; a target that does not match the checkpoint is a one-line UserError.
   ours       the directory holds a marker file; a non-empty directory without it is refused rather
              than written into or cleaned up.
+  damage     a checkpoint whose record or arrays cannot be read (truncated, overwritten files) is
+             a one-line UserError naming its directory and the other steps on disk, without the
+             tensorstore noise of the aborted reads (`quiet_aborted_reads`).
+  latest     `latest_path()`: the newest complete checkpoint's directory, after pending saves.
 
 Typed PRNG keys are stored as `jax.random.key_data` and rewrapped on restore. Nothing is pickled.
 """
 import json
+import sys
 from typing import Any, Optional
 
 import jax
@@ -132,6 +137,36 @@ def _claim_directory(directory: epath.Path, create: bool) -> None:
     tmp.rename(marker)
 
 
+def _first_line(e: BaseException, limit: int = 160) -> str:
+  text = next((l.strip() for l in str(e).splitlines() if l.strip()), "")
+  text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _others(steps, bad) -> str:
+  others = [s for s in steps if s != bad]
+  return f"steps {others} are on disk" if others else "no other checkpoint is on disk"
+
+
+def quiet_aborted_reads() -> None:
+  """When one read of a restore fails, orbax closes its asyncio loop while tensorstore reads are
+  still in flight; each then reports RuntimeError('Event loop is closed') as an unraisable
+  exception, a traceback on stderr around the one-line error. Installed (once) before restores,
+  this drops those reports and only those; every other unraisable goes to the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "rlhf_jax_quiet", False):
+    return
+
+  def hook(unraisable):
+    if (unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    previous(unraisable)
+  hook.rlhf_jax_quiet = True
+  sys.unraisablehook = hook
+
+
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -199,7 +234,7 @@ class CheckpointManager:
     where = self.directory / str(step)
     try:
       record = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many types)
       raise UserError(f"{where}: not an rlhf_jax checkpoint (cannot read its meta item: "
                       f"{type(e).__name__})") from None
     record = record["meta"]
@@ -224,9 +259,23 @@ class CheckpointManager:
             np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), target)
     encoded = _encode_key_target(target)
     check_matches(record[_TREE], describe_tree(encoded), str(self.directory / str(step)))
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(encoded)))
+    quiet_aborted_reads()   # before: a failing read aborts the others at once
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(encoded)))
+    except Exception as e:  # pylint: disable=broad-except
+      # The tree matched the record above, so a failure here is damage on disk (a truncated or
+      # overwritten array file, a missing metadata file): orbax/tensorstore raise many types.
+      raise UserError(f"{self.directory / str(step)}: cannot read the checkpoint's arrays "
+                      f"({_first_line(e)}); if it is damaged, delete it to resume from an earlier "
+                      f"checkpoint ({_others(self.all_steps(), step)})") from None
     return decode_keys(restored["state"], record[_KEYS]), record[_USER]
+
+  def latest_path(self) -> Optional[str]:
+    """Directory of the newest complete checkpoint after pending saves finish (None if none)."""
+    self.wait()
+    step = self.latest_step()
+    return None if step is None else str(self.directory / str(step))
 
   def wait(self) -> None:
     """Blocks until every started save is complete on disk."""

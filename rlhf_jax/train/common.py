@@ -6,8 +6,23 @@ A stage supplies a `Task`: its head, its loss as (sum, count, extra sums), its b
 evaluation; `run_loop` does the rest.
 
 Train state (one pytree, every leaf sharded by `rlhf_jax.sharding`'s rule table):
-  {'params', 'opt_state', 'step'}.  The step RNG is `fold_in(key(seed), step)`, so it is never
+  {'params', 'opt_state', 'step'}.  The step RNG is `fold_in(key(seed + 1), step)`, so it is never
 stored in the state and a resumed run draws the same dropout masks as an uninterrupted one.
+
+Reliability (what a re-run of the same command relies on):
+  resume     `run_loop` restores the newest complete checkpoint: the state, the data-iterator
+             position (taken after the last CONSUMED batch; grain's prefetch thread records the
+             position with every batch it builds ahead), the non-finite counters and the
+             metrics written up to that step (`metrics.jsonl` is cut back to it), so the final
+             model is bit-identical to an uninterrupted run's (tests/test_resume.py kills runs
+             with SIGKILL). A checkpoint written with another config is refused
+             (`check_resume_config`).
+  non-finite a step whose loss or global gradient norm is NaN/Inf is not applied
+             (`guard_nonfinite`: params and optimizer state, its update count included, are kept),
+             while `step` still advances so the next step reads the next batch and RNG; the
+             learning-rate schedule therefore follows applied updates. `NonFiniteCounter` logs
+             each skipped step and stops the run after `config.max_nonfinite_steps` in a row,
+             without saving (the last checkpoint is the last good state).
 """
 import dataclasses
 import json
@@ -56,6 +71,17 @@ def check_positive(config, dotted, kind=float, allow_zero=False):
   return value
 
 
+def check_int(config, dotted):
+  """One-line UserError naming `config.<dotted>` unless it is an integer (e.g. a seed)."""
+  try:
+    value = _get(config, dotted)
+  except (KeyError, AttributeError):
+    raise UserError(f"config.{dotted} is missing") from None
+  if not isinstance(value, int) or isinstance(value, bool):
+    raise UserError(f"config.{dotted} must be an integer, got {value!r}")
+  return value
+
+
 def validate_config(config):
   """Checks every field a stage reads, before anything is loaded or written."""
   from rlhf_jax.train import STAGE_NAMES  # pylint: disable=g-import-not-at-top
@@ -80,6 +106,11 @@ def validate_config(config):
     check_positive(config, name, kind=int)
   for name in ("num_steps", "eval_every", "eval_batches"):
     check_positive(config, name, kind=int, allow_zero=True)
+  check_positive(config, "max_nonfinite_steps", kind=int)
+  check_positive(config, "optimizer.eps", allow_zero=True)
+  check_positive(config, "data.prefetch", kind=int, allow_zero=True)
+  for name in ("seed", "data_seed", "data.task_seed"):
+    check_int(config, name)
   check_positive(config, "num_epochs", allow_zero=True)
   if config.num_steps == 0 and config.num_epochs == 0:
     raise UserError("config.num_steps and config.num_epochs are both 0; set one of them")
@@ -187,8 +218,13 @@ def shape_fields_differ(a: ModelConfig, b: ModelConfig):
 def load_init_model(path, cfg, where):
   """Parameters (host arrays, LM head) and tokenizer dir of the model at `path`, checked against
   the run's model config `cfg` (shape fields must agree; dropout/dtype/remat come from cfg)."""
+  from rlhf_jax.checkpoint import quiet_aborted_reads  # pylint: disable=g-import-not-at-top
   from rlhf_jax.convert import load_model  # pylint: disable=g-import-not-at-top
-  model = load_model(path)
+  quiet_aborted_reads()    # a damaged model: one line, no tensorstore noise
+  try:
+    model = load_model(path)
+  except UserError as e:
+    raise UserError(f"{where}: {e}") from None
   if model.head != "lm":
     raise UserError(f"{where}: {path} holds a model with a {model.head!r} head; expected a "
                     "language model (the previous stage's model)")
@@ -223,6 +259,26 @@ def split_micro_batches(batch, num_micro, mesh):
   return jax.tree.map(one, batch)
 
 
+def guard_nonfinite(old, new, loss, grad_norm):
+  """(`new` if the update is finite else `old`, finite) for any pytrees `old`/`new` alike.
+
+  finite = isfinite(loss) & isfinite(grad_norm); out = where(finite, new, old) leaf by leaf.
+  A select, not a blend, so NaN/Inf in `new` never reaches the result. Guard everything the
+  update changes (params, optimizer state with its count; PPO: value params, EMA...) and leave
+  counters that must move past the bad batch (the data/RNG `step`) outside. Jittable.
+  """
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  return jax.tree.map(lambda a, b: jnp.where(finite, b, a), old, new), finite
+
+
+def applied_lr(schedule, opt_state, step):
+  """The learning rate the optimizer applies next: schedule(its update count), which lags the
+  data `step` by the number of skipped (non-finite) steps; `step` if the state has no count."""
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(
+      x, optax.ScaleByScheduleState)) if isinstance(x, optax.ScaleByScheduleState)]
+  return schedule(found[0].count if found else step)
+
+
 def make_train_step(loss_fn, tx, schedule, grad_accum_steps, mesh):
   """The pure step `train_step(state, batch, rng) -> (state, metrics)`.
 
@@ -230,6 +286,10 @@ def make_train_step(loss_fn, tx, schedule, grad_accum_steps, mesh):
   that are summed over micro-batches, e.g. correct pairs). The gradient is
   `sum_micro grad(loss_sum) / sum_micro count`: exactly the gradient of the full batch's
   `loss_sum / count`, whatever the split.
+
+  Non-finite guard: when the loss or the global gradient norm is NaN/Inf the update is not
+  applied (`guard_nonfinite`: params and opt_state unchanged) and metrics['nonfinite'] is 1;
+  `step` advances either way (the next step reads the next batch and RNG).
   """
   def grads_of(params, batch, rng):
     def f(p):
@@ -257,9 +317,13 @@ def make_train_step(loss_fn, tx, schedule, grad_accum_steps, mesh):
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss_sum / denom, "count": count, "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state["step"]), **extra}
-    return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+    loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
+    kept, finite = guard_nonfinite({"params": params, "opt_state": state["opt_state"]},
+                                   {"params": new_params, "opt_state": opt_state}, loss, grad_norm)
+    metrics = {"loss": loss, "count": count, "grad_norm": grad_norm,
+               "lr": applied_lr(schedule, state["opt_state"], state["step"]),
+               "nonfinite": 1.0 - finite.astype(jnp.float32), **extra}
+    return {**kept, "step": state["step"] + 1}, metrics
 
   return train_step
 
@@ -283,6 +347,8 @@ def jit_eval_step(eval_fn, param_sh, batch_example, mesh):
 def data_paths(config, workdir):
   """(tfds data_dir, default tokenizer dir) of the run's data; the offline task is prepared
   under `<workdir>/data` when missing."""
+  if config.data.source == "dir" and not os.path.isdir(config.data.dir):
+    raise UserError(f"config.data.dir: {config.data.dir} is not a directory")
   if config.data.source == "offline":
     out = config.data.dir or os.path.join(workdir, "data")
     tfds_dir = os.path.join(out, "tfds")
@@ -318,6 +384,12 @@ def local_batch_size(mesh, global_size):
 def load_split(tfds_dir, kind, split, field):
   """The TFDS source of one split; a missing split names its config field."""
   from rlhf_jax.data import builders  # pylint: disable=g-import-not-at-top
+  if kind in builders.BUILDERS:
+    info = os.path.join(tfds_dir, builders.BUILDERS[kind].name, builders.VERSION,
+                        "dataset_info.json")
+    if not os.path.isfile(info):   # checked here: tfds would log a warning line first
+      raise UserError(f"config.data.{field}: {tfds_dir} holds no prepared {kind} dataset (no "
+                      f"{os.path.relpath(info, tfds_dir)}; make it with rlhf_jax.data.prepare)")
   try:
     return builders.load_source(tfds_dir, kind, split)
   except UserError as e:
@@ -363,13 +435,45 @@ class StageSetup:
   init_from: str       # the model to start from ('' = random init)
 
 
+def check_workdir(workdir):
+  """The absolute workdir; a UserError when it exists but is not a directory."""
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir: {workdir} is a file, expected a directory")
+  for parent in _parents(workdir):
+    if os.path.exists(parent) and not os.path.isdir(parent):
+      raise UserError(f"--workdir: {parent} is a file, so {workdir} cannot be created")
+  return workdir
+
+
+def _parents(path):
+  while os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+    yield path
+
+
+def check_checkpoints(config, directory):
+  """Fails early (before models and data are loaded) when the run would resume from checkpoints
+  in `directory` it cannot use: not ours, an unreadable record, or another config. The arrays
+  themselves are read (and checked) when the loop restores them."""
+  if not os.path.exists(directory) or (os.path.isdir(directory) and not os.listdir(directory)):
+    return
+  from rlhf_jax.checkpoint import CheckpointManager  # pylint: disable=g-import-not-at-top
+  with CheckpointManager(directory, save_every=config.checkpoint_every,
+                         keep=config.keep_checkpoints) as ckpt:
+    latest = ckpt.latest_step()
+    if latest is not None:
+      check_resume_config(ckpt.read_meta(latest).get("config"), config,
+                          f"the checkpoint {ckpt.directory}/{latest}")
+
+
 def begin_stage(config, workdir, stage, previous):
   """Resolves paths, the model config, the mesh, the data and `config.init_from` of a stage.
 
   Returns None (after saying so) when the stage's final model already exists. `previous` is the
   stage whose model `init_from='auto'` means ('' for none).
   """
-  workdir = os.path.abspath(workdir)
+  workdir = check_workdir(workdir)
   final = final_model_dir(workdir, stage)
   if os.path.exists(final):
     print(f"{stage}: final model exists at {final}; skipping the stage", flush=True)
@@ -377,14 +481,15 @@ def begin_stage(config, workdir, stage, previous):
   cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh)
   check_mesh_batch(config, mesh)
-  tfds_dir, data_tok_dir = data_paths(config, workdir)
-  init_from = config.init_from
+  init_from = config.init_from   # checked before the offline data are prepared (written)
   if init_from == "auto":
     init_from = final_model_dir(workdir, previous) if previous else ""
     if init_from and not os.path.exists(init_from):
       raise UserError(f"config.init_from: 'auto' means the {previous} stage's model {init_from}, "
                       f"which does not exist; run that stage first or set config.init_from to a "
                       "model (e.g. smollm2-135m)")
+  check_checkpoints(config, os.path.join(workdir, stage, "checkpoints"))
+  tfds_dir, data_tok_dir = data_paths(config, workdir)
   return StageSetup(workdir, os.path.join(workdir, stage), cfg, mesh, tfds_dir, data_tok_dir,
                     init_from)
 
@@ -423,7 +528,8 @@ class MetricsWriter:
     record = {"kind": kind, "step": int(step), **{k: float(v) for k, v in values.items()}}
     self._f.write(json.dumps(record) + "\n")
     self._f.flush()
-    line = f"[{kind}] step {step}: " + " ".join(f"{k} {_fmt(float(v))}" for k, v in values.items())
+    line = f"[{kind}] step {step}: " + " ".join(
+        f"{k} {_fmt(v if isinstance(v, int) else float(v))}" for k, v in values.items())
     if self.bar is not None:
       self.bar.write(line)
     else:
@@ -455,6 +561,130 @@ def save_final(stage_dir, cfg, params, head, tokenizer_dir, meta):
   return final
 
 
+# ----------------------------------------------------------------------------- reliability
+
+class NonFiniteError(UserError):
+  """The run stopped after too many consecutive non-finite steps (exit status 2, one line)."""
+
+
+class NonFiniteCounter:
+  """Counts skipped (non-finite) steps, total and in a row, and stops the run after `limit` in a
+  row with a one-line `NonFiniteError` naming the step and the last good checkpoint.
+
+    counter = NonFiniteCounter(config.max_nonfinite_steps,
+                               last_checkpoint=ckpt.latest_path, on_skip=log_fn)
+    counter.observe(done, metrics["nonfinite"])    # after each step; a device array is fine
+    counter.flush()                                # before a checkpoint save and at the end
+    meta["nonfinite"] = counter.state()            # saved with the checkpoint ...
+    counter.load(meta.get("nonfinite"))            # ... and restored on resume
+
+  `observe` keeps the newest `lag` flags unread (default 1) so reading a flag never waits for the
+  step just dispatched; `flush` reads them all. A flag > 0 counts as skipped (PPO: pass
+  whether the whole iteration was skipped). The error is raised from `observe`/`flush`, before
+  anything of the bad stretch is saved.
+  """
+
+  def __init__(self, limit: int, last_checkpoint: Callable[[], Optional[str]] = lambda: None,
+               on_skip: Optional[Callable[[int, int, int], None]] = None, unit: str = "step",
+               field: str = "config.max_nonfinite_steps", lag: int = 1):
+    self.limit, self.last_checkpoint, self.on_skip = int(limit), last_checkpoint, on_skip
+    self.unit, self.field, self.lag = unit, field, int(lag)
+    self.total, self.consecutive = 0, 0
+    self._pending = []
+
+  def observe(self, step: int, nonfinite) -> None:
+    self._pending.append((int(step), nonfinite))
+    while len(self._pending) > self.lag:
+      self._resolve(*self._pending.pop(0))
+
+  def flush(self) -> None:
+    while self._pending:
+      self._resolve(*self._pending.pop(0))
+
+  def _resolve(self, step, flag):
+    if float(np.asarray(jax.device_get(flag))) <= 0:
+      self.consecutive = 0
+      return
+    self.total += 1
+    self.consecutive += 1
+    if self.on_skip is not None:
+      self.on_skip(step, self.consecutive, self.total)
+    if self.consecutive >= self.limit:
+      self._pending.clear()
+      where = self.last_checkpoint()
+      where = f"the last good checkpoint is {where}" if where else "no checkpoint was written"
+      raise NonFiniteError(
+          f"{self.unit} {step}: the loss or gradient was not finite for {self.consecutive} "
+          f"consecutive {self.unit}s ({self.field} = {self.limit}); stopped without saving; "
+          f"{where}")
+
+  def state(self) -> dict:
+    return {"total": self.total, "consecutive": self.consecutive}
+
+  def load(self, state: Optional[dict]) -> None:
+    if state:
+      self.total, self.consecutive = int(state["total"]), int(state["consecutive"])
+
+
+# Config fields that may differ between a run and its resumption (they do not change the
+# trained parameters): logging, evaluation, checkpointing, prefetch, the mesh (checkpoints
+# restore onto another mesh), where the data folder lives, rematerialisation.
+RESUME_MAY_DIFFER = ("log_every", "eval_every", "eval_batches", "checkpoint_every",
+                     "keep_checkpoints", "max_nonfinite_steps", "data.prefetch", "data.dir",
+                     "mesh", "model.remat")
+
+
+def config_record(config) -> dict:
+  """The config as flat JSON values {dotted field: value}, for the checkpoint meta."""
+  flat = {}
+
+  def walk(prefix, node):
+    for key, value in node.items():
+      name = f"{prefix}{key}"
+      if isinstance(value, dict):
+        walk(name + ".", value)
+      else:
+        flat[name] = value
+  walk("", json.loads(json.dumps(config.to_dict(), default=str)))
+  return flat
+
+
+def check_resume_config(saved: Optional[dict], config, where: str) -> None:
+  """UserError naming the first field (outside RESUME_MAY_DIFFER) whose value differs from the
+  one the checkpoint at `where` was written with: resuming is for the same command."""
+  if not saved:
+    return
+  now = config_record(config)
+  free = lambda name: any(name == f or name.startswith(f + ".") for f in RESUME_MAY_DIFFER)
+  for name in sorted(set(saved) | set(now)):
+    if free(name) or saved.get(name) == now.get(name):
+      continue
+    raise UserError(f"config.{name} is {now.get(name)!r} but {where} was written with "
+                    f"{saved.get(name)!r}; resume with the same config or use a new --workdir")
+
+
+def rewind_metrics(path: str, step: int) -> list:
+  """Cuts `metrics.jsonl` back to what a run resumed at `step` had written: records with
+  step <= step (none when step is 0); a line cut by a kill is dropped. Atomic (tmp + rename).
+  Returns the kept records."""
+  if not os.path.exists(path):
+    return []
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict) and step > 0 and int(record.get("step", step + 1)) <= step:
+        kept.append(record)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+  os.replace(tmp, path)
+  return kept
+
+
 def run_loop(task: Task, config, workdir, cfg, mesh, tx, schedule, state, num_steps,
              on_eval: Optional[Callable] = None):
   """Trains `num_steps` steps with periodic eval, logging and checkpoints; resumes from the newest
@@ -467,23 +697,60 @@ def run_loop(task: Task, config, workdir, cfg, mesh, tx, schedule, state, num_st
   shardings = jax.tree.map(lambda x: x.sharding, state)
   base_rng = jax.random.key(config.seed + 1)
   batches = task.train_batches()
-  step_fn = None
   ckpt = CheckpointManager(os.path.join(stage_dir, "checkpoints"),
                            save_every=config.checkpoint_every, keep=config.keep_checkpoints)
-  start = 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    target = sharding.abstract_with_sharding(state, shardings)
-    state, meta = ckpt.restore(target, latest)
-    batches.set_state(meta["data"])
-    start = int(latest)
-    print(f"{task.name}: resumed from {ckpt.directory}/{latest}", flush=True)
+  writer, bar = None, None
+  try:
+    start, resumed_meta = 0, {}
+    latest = ckpt.latest_step()
+    if latest is not None:
+      where = f"the checkpoint {ckpt.directory}/{latest}"
+      check_resume_config(ckpt.read_meta(latest).get("config"), config, where)
+      target = sharding.abstract_with_sharding(state, shardings)
+      state, resumed_meta = ckpt.restore(target, latest)
+      try:
+        batches.set_state(resumed_meta["data"])
+      except Exception as e:  # pylint: disable=broad-except
+        raise UserError(f"{where}: its data position does not fit this run's data "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                        ) from None
+      start = int(latest)
+      print(f"{task.name}: resumed from {ckpt.directory}/{latest}", flush=True)
 
-  bar = tqdm(total=num_steps, initial=start, desc=task.name, dynamic_ncols=True,
-             disable=jax.process_index() != 0, file=sys.stderr, mininterval=1.0)
-  writer = MetricsWriter(os.path.join(stage_dir, "metrics.jsonl"), bar)
-  history = []
-  last_eval = {}
+    bar = tqdm(total=num_steps, initial=start, desc=task.name, dynamic_ncols=True,
+               disable=jax.process_index() != 0, file=sys.stderr, mininterval=1.0)
+    metrics_path = os.path.join(stage_dir, "metrics.jsonl")
+    if jax.process_index() == 0:
+      before = rewind_metrics(metrics_path, start)
+    else:
+      before = []
+    writer = MetricsWriter(metrics_path, bar)
+    history = [(r["kind"], r["step"], {k: v for k, v in r.items() if k not in ("kind", "step")})
+               for r in before if r.get("kind") in ("train", "eval")]
+    last_eval = next((m for kind, _, m in reversed(history) if kind == "eval"), {})
+    counter = NonFiniteCounter(
+        config.max_nonfinite_steps, last_checkpoint=ckpt.latest_path,
+        on_skip=lambda step, run, total: writer.write(
+            "nonfinite", step, {"consecutive": run, "total": total}))
+    counter.load(resumed_meta.get("nonfinite"))
+    record = config_record(config)
+    return _train(task, config, mesh, tx, schedule, state, num_steps, on_eval, shardings,
+                  base_rng, batches, ckpt, writer, bar, counter, record, history, last_eval,
+                  start)
+  finally:
+    if bar is not None:
+      bar.close()
+    if writer is not None:
+      writer.close()
+    ckpt.close()
+    if hasattr(batches, "close"):
+      batches.close()
+
+
+def _train(task, config, mesh, tx, schedule, state, num_steps, on_eval, shardings, base_rng,
+           batches, ckpt, writer, bar, counter, record, history, last_eval, start):
+  """The steps of `run_loop` from `start` (see there)."""
+  step_fn = None
 
   def do_eval(step):
     nonlocal last_eval
@@ -499,47 +766,51 @@ def run_loop(task: Task, config, workdir, cfg, mesh, tx, schedule, state, num_st
   if start == 0 and config.eval_every:
     do_eval(0)
   pending, t_log = [], time.time()
-  try:
-    for step in range(start, num_steps):
-      local = next(batches)   # host numpy; a stage's iterator checks its batches (e.g. K >= 2)
-      batch = sharding.global_batch(local, mesh, config.batch_size)
-      if step_fn is None:  # built at the first batch, whose keys and ranks fix the shardings
-        step_fn = jit_train_step(
-            make_train_step(task.loss_fn, tx, schedule, config.grad_accum_steps, mesh),
-            shardings, local, mesh)
-      with sharding.activate(mesh):
-        state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
-      pending.append(metrics)
-      done = step + 1
-      bar.update(1)
-      if done % config.log_every == 0 or done == num_steps:
-        values = _mean_metrics(jax.device_get(pending))
-        if task.summarize is not None:
-          values = task.summarize(values)
-        values["steps_per_s"] = len(pending) / max(time.time() - t_log, 1e-9)
-        writer.write("train", done, values)
-        history.append(("train", done, values))
-        pending, t_log = [], time.time()
-      if config.eval_every and (done % config.eval_every == 0 or done == num_steps):
-        do_eval(done)
-      if ckpt.should_save(done) or done == num_steps:
-        ckpt.save(done, state, meta={"data": batches.get_state()}, force=done == num_steps)
-    if start >= num_steps and config.eval_every:
-      do_eval(num_steps)
-    ckpt.wait()
-  finally:
-    bar.close()
-    writer.close()
-    ckpt.close()
-    if hasattr(batches, "close"):
-      batches.close()
+  for step in range(start, num_steps):
+    local = next(batches)   # host numpy; a stage's iterator checks its batches (e.g. K >= 2)
+    batch = sharding.global_batch(local, mesh, config.batch_size)
+    if step_fn is None:  # built at the first batch, whose keys and ranks fix the shardings
+      step_fn = jit_train_step(
+          make_train_step(task.loss_fn, tx, schedule, config.grad_accum_steps, mesh),
+          shardings, local, mesh)
+    with sharding.activate(mesh):
+      state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+    done = step + 1
+    counter.observe(done, metrics["nonfinite"])
+    pending.append(metrics)
+    bar.update(1)
+    if done % config.log_every == 0 or done == num_steps:
+      values = _mean_metrics(jax.device_get(pending))
+      if task.summarize is not None:
+        values = task.summarize(values)
+      values["steps_per_s"] = len(pending) / max(time.time() - t_log, 1e-9)
+      writer.write("train", done, values)
+      history.append(("train", done, values))
+      pending, t_log = [], time.time()
+    if config.eval_every and (done % config.eval_every == 0 or done == num_steps):
+      do_eval(done)
+    if ckpt.should_save(done) or done == num_steps:
+      counter.flush()      # a run that must stop stops here, before saving
+      ckpt.save(done, state, meta={"data": batches.get_state(), "nonfinite": counter.state(),
+                                   "config": record}, force=done == num_steps)
+  counter.flush()
+  if start >= num_steps and config.eval_every and not last_eval:
+    do_eval(num_steps)
+  ckpt.wait()
   return state, last_eval, history
 
 
 def _mean_metrics(items):
-  """Average of per-step metrics; extra sums (e.g. correct/pairs) are summed instead."""
+  """Average of per-step metrics over the applied (finite) steps; extra sums (e.g.
+  correct/pairs) are summed instead, and `nonfinite` is the number of skipped steps. If every
+  step was skipped, the averages are over all of them (NaN shows)."""
+  skipped = [float(m.get("nonfinite", 0.0)) > 0 for m in items]
+  use = [m for m, bad in zip(items, skipped) if not bad] or items
   out = {}
   for key in items[0]:
-    values = np.asarray([float(m[key]) for m in items])
+    if key == "nonfinite":
+      out[key] = float(sum(skipped))
+      continue
+    values = np.asarray([float(m[key]) for m in use])
     out[key] = float(values.sum() if key.endswith("_sum") else values.mean())
   return out
