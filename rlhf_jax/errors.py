@@ -15,11 +15,36 @@ class UserError(Exception):
   """Bad input from the user; the message names the field or file and what was expected."""
 
 
+def one_line(text) -> str:
+  """A message on one line. config_flags puts a config file's traceback into its flag error:
+  keep the first line (it names the flag) and the last (the exception)."""
+  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+  if len(lines) > 1 and any(line.startswith("Traceback") for line in lines):
+    return f"{lines[0]} {lines[-1]}"
+  return " ".join(lines)
+
+
+def _config_error(argv, error) -> str:
+  """One line for an exception raised while the flags ran a config file or applied a
+  --config.<field> override (config_flags raises a bare AttributeError/KeyError for a field the
+  config lacks)."""
+  if isinstance(error, (AttributeError, KeyError)):
+    key = str(error).strip("'\" ")
+    for arg in argv[1:]:
+      name = arg.lstrip("-").split("=", 1)[0]
+      if arg.startswith("--") and "." in name and key in name.split(".")[1:]:
+        return f"flag --{name}: the config has no field {key!r}"
+  return f"--config: {type(error).__name__}: {one_line(error)}"
+
+
 def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.stderr.write(f"error: {e}\n")
+    sys.stderr.write(f"error: {one_line(e)}\n")
+    sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except  (the config file is user code)
+    sys.stderr.write(f"error: {_config_error(argv, e)}\n")
     sys.exit(2)
 
 

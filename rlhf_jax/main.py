@@ -44,6 +44,11 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise UserError("--config is required (e.g. --config=configs/sft.py:tiny)")
+  try:
+    config.get("stage")   # config_flags hands back a stand-in that raises its load error here
+  except OSError as e:
+    cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+    raise UserError(f"--config: cannot load the config file ({cause})") from None
   from rlhf_jax.train import common  # pylint: disable=g-import-not-at-top
   common.validate_config(config)
   if config.stage not in STAGES:

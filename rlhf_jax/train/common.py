@@ -516,11 +516,16 @@ def _fmt(v):
 
 
 class MetricsWriter:
-  """One compact line per log interval (through tqdm) and `<stage dir>/metrics.jsonl`."""
+  """One compact line per log interval (through tqdm), `<stage dir>/metrics.jsonl` and TensorBoard
+  event files in `<stage dir>/tensorboard` (tags `<kind>/<metric>`), on process 0 only."""
 
   def __init__(self, path, bar=None):
     self.path, self.bar = path, bar
     self._f = open(path, "a", encoding="utf-8") if jax.process_index() == 0 else None
+    self._events = None
+    if self._f is not None:
+      from rlhf_jax import report  # pylint: disable=g-import-not-at-top
+      self._events = report.EventWriter(os.path.join(os.path.dirname(path), "tensorboard"))
 
   def write(self, kind, step, values):
     if self._f is None:
@@ -528,6 +533,8 @@ class MetricsWriter:
     record = {"kind": kind, "step": int(step), **{k: float(v) for k, v in values.items()}}
     self._f.write(json.dumps(record) + "\n")
     self._f.flush()
+    from rlhf_jax import report  # pylint: disable=g-import-not-at-top
+    self._events.scalars(int(step), report.scalar_tags(record))
     line = f"[{kind}] step {step}: " + " ".join(
         f"{k} {_fmt(v if isinstance(v, int) else float(v))}" for k, v in values.items())
     if self.bar is not None:
@@ -538,6 +545,7 @@ class MetricsWriter:
   def close(self):
     if self._f is not None:
       self._f.close()
+      self._events.close()
 
 
 def final_model_dir(workdir, stage):
@@ -654,7 +662,7 @@ def check_resume_config(saved: Optional[dict], config, where: str) -> None:
   one the checkpoint at `where` was written with: resuming is for the same command."""
   if not saved:
     return
-  now = config_record(config)
+  now = config if isinstance(config, dict) else config_record(config)   # a ConfigDict or a record
   free = lambda name: any(name == f or name.startswith(f + ".") for f in RESUME_MAY_DIFFER)
   for name in sorted(set(saved) | set(now)):
     if free(name) or saved.get(name) == now.get(name):

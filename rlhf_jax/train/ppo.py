@@ -118,12 +118,6 @@ def _unsplit(x):
   return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
 
 
-def guard_nonfinite(old, new, loss, grad_norm):
-  """`new` where loss and gradient norm are finite, else `old` (the update is not applied)."""
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  return jax.tree.map(lambda a, b: jnp.where(finite, b, a), old, new), finite
-
-
 def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: ModelConfig,
                    s: Settings, txs, mesh=None):
   """The pure PPO-ptx iteration (see the module docstring). txs = {'policy': tx, 'value': tx}.
@@ -171,8 +165,8 @@ def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: Mode
       upd, new_opt[name] = txs[name].update(grads[name], opt_state[name], params[name])
       new_params[name] = optax.apply_updates(params[name], upd)
     grad_norm = optax.tree.norm(grads)
-    (params, opt_state), finite = guard_nonfinite((params, opt_state), (new_params, new_opt),
-                                                  loss, grad_norm)
+    (params, opt_state), finite = common.guard_nonfinite((params, opt_state),
+                                                         (new_params, new_opt), loss, grad_norm)
     aux = dict(aux, loss=loss, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
     return (params, opt_state), aux
 
@@ -320,6 +314,17 @@ def validate_ppo_config(config):
                     f"({config.model.max_len})")
 
 
+def resume_record(config):
+  """The fields a PPO checkpoint must be resumed with unchanged (logging/checkpoint intervals,
+  the pipeline's other stages and evaluation may differ)."""
+  keep = ("model.", "ppo.", "optimizer.", "init_from", "reward_model", "value_from", "seed",
+          "data_seed", "data.")
+  free = ("ppo.log_every", "ppo.checkpoint_every", "ppo.keep_checkpoints", "data.dir",
+          "data.prefetch", "model.remat")
+  return {k: v for k, v in common.config_record(config).items()
+          if k.startswith(keep) and k not in free}
+
+
 def stage_name(config):
   """'ppo_ptx' with the pretraining term, 'ppo' without (the stage directory under the workdir)."""
   return "ppo_ptx" if config.ppo.ptx_coef else "ppo"
@@ -444,7 +449,7 @@ def run(config, workdir):
 
   validate_ppo_config(config)
   name = stage_name(config)
-  workdir = os.path.abspath(workdir)
+  workdir = common.check_workdir(workdir)
   final = common.final_model_dir(workdir, name)
   if os.path.exists(final):
     print(f"{name}: final model exists at {final}; skipping the stage", flush=True)
@@ -497,13 +502,21 @@ def run(config, workdir):
   os.makedirs(stage_dir, exist_ok=True)
   ckpt = CheckpointManager(os.path.join(stage_dir, "checkpoints"), save_every=p.checkpoint_every,
                            keep=p.keep_checkpoints)
+  record = resume_record(config)
+  metrics_path = os.path.join(stage_dir, "metrics.jsonl")
+  counter = common.NonFiniteCounter(config.max_nonfinite_steps, last_checkpoint=ckpt.latest_path,
+                                    unit="iteration", lag=0)
   start = 0
   latest = ckpt.latest_step()
   if latest is not None:
+    where = f"the checkpoint {ckpt.directory}/{latest}"
+    common.check_resume_config(ckpt.read_meta(latest).get("config"), record, where)
     state, meta = ckpt.restore(sharding.abstract_with_sharding(state, shardings), latest)
     batches.set_state(meta["data"])
+    counter.load(meta.get("nonfinite"))
     start = int(latest)
     print(f"{name}: resumed from {ckpt.directory}/{latest}", flush=True)
+  common.rewind_metrics(metrics_path, start)
 
   gold = None
   if config.data.source == "offline":
@@ -516,9 +529,9 @@ def run(config, workdir):
         f"writing {stage_dir}", flush=True)
   bar = tqdm(total=p.num_iterations, initial=start, desc=name, dynamic_ncols=True,
              disable=jax.process_index() != 0, file=sys.stderr, mininterval=1.0)
-  writer = common.MetricsWriter(os.path.join(stage_dir, "metrics.jsonl"), bar)
+  writer = common.MetricsWriter(metrics_path, bar)
   base_rng = jax.random.key(config.seed + 2)
-  step_fn, pending, t_log, consecutive_bad = None, [], time.time(), 0
+  step_fn, pending, t_log = None, [], time.time()
   rows = sharding.process_batch_rows(mesh, p.batch_size)
   samples = []
   try:
@@ -543,14 +556,11 @@ def run(config, workdir):
         if it == p.num_iterations - 1:
           samples = [{"prompt": t, "response": a, "gold": g}
                      for t, a, g in list(zip(texts, answers, scores))[:4]]
-      consecutive_bad = consecutive_bad + 1 if metrics["nonfinite"] >= s.epochs * s.minibatches \
-          else 0
-      if consecutive_bad >= config.max_nonfinite_steps:
-        raise UserError(f"{name}: {consecutive_bad} consecutive iterations had no finite update "
-                        f"(iteration {it + 1}); stopped. The last good checkpoint is in "
-                        f"{ckpt.directory}")
-      pending.append(metrics)
       done = it + 1
+      # An iteration none of whose updates was finite counts as skipped; too many in a row stop
+      # the run before anything of the bad stretch is saved.
+      counter.observe(done, metrics["nonfinite"] >= s.epochs * s.minibatches)
+      pending.append(metrics)
       bar.update(1)
       if done % p.log_every == 0 or done == p.num_iterations:
         values = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
@@ -559,7 +569,9 @@ def run(config, workdir):
         writer.write("train", done, values)
         pending, t_log = [], time.time()
       if ckpt.should_save(done) or done == p.num_iterations:
-        ckpt.save(done, state, meta={"data": batches.get_state()},
+        counter.flush()
+        ckpt.save(done, state, meta={"data": batches.get_state(), "config": record,
+                                     "nonfinite": counter.state()},
                   force=done == p.num_iterations)
     ckpt.wait()
   finally:
