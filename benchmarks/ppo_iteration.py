@@ -1,0 +1,327 @@
+"""Seconds per PPO iteration: rlhf_jax vs TRL's PPOTrainer vs tunix's PPOLearner, same shapes.
+
+  python benchmarks/ppo_iteration.py [--rounds=3] [--warmup=2] [--iters=4] [--only=ours,trl,tunix]
+                                     [--trl_python=/work/peers/trl/bin/python]
+                                     [--tunix_python=/work/peers/tunix/bin/python]
+
+Shapes, every side: 4 layers, d_model 256, 4 heads, vocabulary 8192, random-initialised float32
+weights; 16 prompts of 32 tokens; exactly 32 sampled response tokens (temperature 1, no EOS stop);
+one PPO epoch with one minibatch of 16 (policy and value); no pretraining (ptx) term. One iteration
+= rollout + scoring (reference log-probs, values, reward) + GAE + the update. Ours is GPT-2 flavoured
+(`rlhf_jax.train.ppo.bench_iteration`, one jitted program per iteration); TRL 1.10 runs GPT-2
+(`trl.experimental.ppo.PPOTrainer`, eager PyTorch); tunix 0.1.7 has no GPT-2 and runs Qwen2
+(`tunix.rl.ppo.ppo_learner.PPOLearner`). See benchmarks/peers/trl_ppo.py and tunix_ppo.py for how
+each peer is driven and timed.
+
+Each measurement is its own subprocess: ours with this interpreter, each peer with the python of its
+own venv, interleaved round by round (ours, trl, tunix, ours, ...) so a busy moment on a shared
+machine hits all of them. Before each run the driver waits (up to --wait_idle seconds) for the CPUs
+to go quiet. A worker runs --warmup untimed iterations (compilation, first calls) and then --iters
+timed ones and reports their median; the summary is the median over rounds with min-max, and each
+speedup is the median over rounds of peer / ours measured in the same round. A peer whose
+interpreter is missing or whose import fails is "not available": null in RESULT and a one-line note
+on stderr, never a crash.
+
+Roofline: model FLOPs of one iteration / (ours s/iter x this machine's float32 matmul peak, measured
+in the same run by benchmarks/machine.py). With N = 12 x layers x d_model^2 (matmul weights per
+block), f_b = 2N + 4 x layers x d_model x T/2 per token of a backbone forward (T = prompt +
+response), f_h = 2 x d_model x vocab per LM-head token, and B sequences:
+  rollout  B T f_b + B R f_h;   scoring  (B T f_b + B R f_h) + 2 B T f_b   (reference, value, RM);
+  update   3 (B T f_b + B R f_h) + 3 B T f_b   (policy and value, forward + backward).
+
+Setting up the peers (each in its own venv, so their pins never touch the project's environment):
+
+  # TRL (PPOTrainer exists only in trl 1.0-1.12). Install torch FIRST, from the local CPU wheel,
+  # and pin it while installing the rest, or pip pulls several GB of CUDA packages.
+  python -m venv /work/peers/trl
+  /work/peers/trl/bin/pip install torch==2.13.0
+  /work/peers/trl/bin/pip install -c <(echo torch==2.13.0+cpu) trl==1.10.0 transformers \
+      tokenizers accelerate
+
+  # tunix (brings its own jax 0.10.2, flax 0.12.8, qwix)
+  python -m venv /work/peers/tunix
+  /work/peers/tunix/bin/pip install google-tunix==0.1.7
+
+PyTorch threads: the TRL worker runs with OMP_WAIT_POLICY=PASSIVE (unless the environment sets it;
+--trl_omp_wait_policy='' keeps PyTorch's default). With the default, libgomp's spinning threads made
+2-thread PyTorch 5x slower on a shared 2-core machine (about 15 s vs 3 s per iteration, measured
+back to back here), which would flatter ours; on an idle machine spinning can be a little faster.
+
+Nothing is downloaded at run time (random init, offline tokenizers). Other venv locations: pass
+--trl_python / --tunix_python, or set RLHF_JAX_TRL_PYTHON / RLHF_JAX_TUNIX_PYTHON.
+
+The last line is `RESULT {json}` with ours_s_per_iter, trl_s_per_iter, tunix_s_per_iter,
+speedup_vs_trl, speedup_vs_tunix (null where a side is not available or failed), plus
+roofline_fraction, the per-phase breakdowns each side exposes, the matmul peak before and after,
+and the raw rounds.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from machine import matmul_peak  # benchmarks/machine.py (this script's folder)
+
+SHAPE = dict(layers=4, d_model=256, heads=4, vocab=8192, num_prompts=16, prompt_len=32,
+             response_len=32)
+SIDES = ("ours", "trl", "tunix")
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_PYTHON = {
+    "trl": os.path.expanduser(os.environ.get("RLHF_JAX_TRL_PYTHON", "/work/peers/trl/bin/python")),
+    "tunix": os.path.expanduser(os.environ.get("RLHF_JAX_TUNIX_PYTHON",
+                                               "/work/peers/tunix/bin/python")),
+}
+# What must import for a side to count as available.
+PROBES = {
+    "ours": "from rlhf_jax.train import ppo; ppo.bench_iteration",
+    "trl": "from trl.experimental.ppo import PPOConfig, PPOTrainer",
+    "tunix": "from tunix.rl.ppo.ppo_learner import PPOLearner; import tunix.models.qwen2.model",
+}
+PEER_SCRIPTS = {"trl": "trl_ppo.py", "tunix": "tunix_ppo.py"}
+
+
+# ----------------------------------------------------------------------------- our worker
+
+def model_config(shape=SHAPE):
+  """The GPT-2 flavoured ModelConfig at the benchmark shape (as benchmarks/generate.py builds it)."""
+  from rlhf_jax.models import get_model_config
+  d, h = shape["d_model"], shape["heads"]
+  return get_model_config("gpt2-small", num_layers=shape["layers"], d_model=d, num_heads=h,
+                          num_kv_heads=h, head_dim=d // h, d_ff=4 * d,
+                          vocab_size=shape["vocab"], max_len=512)
+
+
+def worker_ours(warmup, iters, seed=0):
+  """Times `ppo.bench_iteration(...)()`: `warmup` untimed calls, then `iters` timed ones."""
+  from rlhf_jax.train import ppo
+  run = ppo.bench_iteration(model_config(), num_prompts=SHAPE["num_prompts"],
+                            prompt_len=SHAPE["prompt_len"], response_len=SHAPE["response_len"],
+                            seed=seed)
+  for i in range(warmup):
+    t = time.perf_counter()
+    run()
+    sys.stderr.write(f"warm-up {i}: {time.perf_counter() - t:.3f} s\n")
+  times = []
+  for i in range(iters):
+    t = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - t)
+    sys.stderr.write(f"iteration {i}: {times[-1]:.3f} s\n")
+  return {"s_per_iter": statistics.median(times), "times_s": times,
+          # One jitted program (rollout, scoring, GAE and update together): no phase split.
+          "breakdown_s": {}, "model": "gpt2"}
+
+
+# ----------------------------------------------------------------------------- roofline
+
+def flops_per_iteration(shape=SHAPE):
+  """Model FLOPs of one iteration (formula in the module docstring)."""
+  layers, d, v = shape["layers"], shape["d_model"], shape["vocab"]
+  b, r = shape["num_prompts"], shape["response_len"]
+  t = shape["prompt_len"] + r
+  f_b = 2 * 12 * layers * d * d + 4 * layers * d * t / 2
+  f_h = 2 * d * v
+  lm = b * t * f_b + b * r * f_h
+  scalar = b * t * f_b
+  return lm + (lm + 2 * scalar) + 3 * (lm + scalar)
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+def _note(msg):
+  sys.stderr.write(f"[ppo_iteration] {msg}\n")
+  sys.stderr.flush()
+
+
+def _command(side, python, warmup, iters):
+  if side == "ours":
+    return [python, os.path.abspath(__file__), "--worker=ours", f"--warmup={warmup}",
+            f"--iters={iters}"]
+  s = SHAPE
+  return [python, os.path.join(HERE, "peers", PEER_SCRIPTS[side]), f"--layers={s['layers']}",
+          f"--d_model={s['d_model']}", f"--heads={s['heads']}", f"--vocab={s['vocab']}",
+          f"--num_prompts={s['num_prompts']}", f"--prompt_len={s['prompt_len']}",
+          f"--response_len={s['response_len']}", f"--warmup={warmup}", f"--iters={iters}"]
+
+
+def _env(side="ours", omp_wait_policy=""):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1",
+             TF_CPP_MIN_LOG_LEVEL="2")
+  if side == "trl" and omp_wait_policy and "OMP_WAIT_POLICY" not in os.environ:
+    env["OMP_WAIT_POLICY"] = omp_wait_policy
+  return env
+
+
+def probe(side, python):
+  """None when `side` can run with `python`, else a one-line reason."""
+  if not os.path.exists(python):
+    return f"interpreter {python} not found"
+  try:
+    r = subprocess.run([python, "-c", PROBES[side]], capture_output=True, text=True, env=_env(),
+                       cwd=HERE, timeout=300)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    return f"{python} could not run: {e}"
+  if r.returncode != 0:
+    lines = r.stderr.strip().splitlines()
+    return f"`{PROBES[side]}` failed with {python}: {lines[-1] if lines else 'no output'}"
+  return None
+
+
+def _run(side, python, warmup, iters, timeout, omp_wait_policy=""):
+  cmd = _command(side, python, warmup, iters)
+  try:
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(side, omp_wait_policy),
+                       timeout=timeout)
+  except subprocess.TimeoutExpired:
+    _note(f"{side}: worker ran past {timeout} s")
+    return None
+  lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+  if r.returncode != 0 or not lines:
+    _note(f"{side}: worker failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+    return None
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def _cpu_busy(interval=1.0):
+  """Fraction of all CPU time spent busy over `interval` seconds (/proc/stat), None off Linux."""
+  def snap():
+    with open("/proc/stat") as f:
+      v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v), idle
+  try:
+    t0, i0 = snap()
+    time.sleep(interval)
+    t1, i1 = snap()
+  except OSError:
+    return None
+  return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_idle(max_wait, threshold=0.25):
+  """Waits until the CPUs are at most `threshold` busy (or `max_wait` s passed); returns busy."""
+  deadline = time.time() + max_wait
+  busy = _cpu_busy()
+  while busy is not None and busy > threshold and time.time() < deadline:
+    busy = _cpu_busy(2.0)
+  return busy
+
+
+def _ratio(rounds, side):
+  """Median over rounds of side / ours measured in the same round (ours' speedup over side)."""
+  pairs = [(o, p) for o, p in zip(rounds.get("ours", []), rounds.get(side, [])) if o and p]
+  return statistics.median(p / o for o, p in pairs) if pairs else None
+
+
+def _fmt(values):
+  values = [v for v in values if v]
+  if not values:
+    return "n/a"
+  return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def _median_breakdown(results):
+  per_phase = {}
+  for res in results:
+    for k, v in (res or {}).get("breakdown_s", {}).items():
+      per_phase.setdefault(k, []).append(v)
+  return {k: statistics.median(v) for k, v in per_phase.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per worker run")
+  parser.add_argument("--iters", type=int, default=4, help="timed iterations per worker run")
+  parser.add_argument("--only", default=",".join(SIDES), help="comma list of ours,trl,tunix")
+  parser.add_argument("--trl_python", default=DEFAULT_PYTHON["trl"])
+  parser.add_argument("--tunix_python", default=DEFAULT_PYTHON["tunix"])
+  parser.add_argument("--wait_idle", type=float, default=60.0,
+                      help="seconds to wait for a quiet machine before each run (0: don't)")
+  parser.add_argument("--timeout", type=int, default=1800, help="seconds per worker run")
+  parser.add_argument("--trl_omp_wait_policy", default="PASSIVE",
+                      help="OMP_WAIT_POLICY for the TRL worker unless set in the environment "
+                           "('' leaves PyTorch's default: spinning)")
+  parser.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
+  args = parser.parse_args()
+
+  if args.worker:
+    res = worker_ours(args.warmup, args.iters)
+    print("RESULT " + json.dumps(res))
+    return
+
+  wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+  unknown = sorted(set(wanted) - set(SIDES))
+  if unknown:
+    parser.error(f"--only: unknown side(s) {unknown}; expected a comma list of {list(SIDES)}")
+  python = {"ours": sys.executable, "trl": args.trl_python, "tunix": args.tunix_python}
+  sides = []
+  for side in SIDES:
+    if side not in wanted:
+      continue
+    reason = probe(side, python[side])
+    if reason:
+      _note(f"{side} not available: {reason}")
+    else:
+      sides.append(side)
+
+  peak = matmul_peak()
+  results = {s: [] for s in sides}
+  for r in range(args.rounds):
+    for side in sides:
+      busy = wait_idle(args.wait_idle) if args.wait_idle > 0 else None
+      res = _run(side, python[side], args.warmup, args.iters, args.timeout,
+                 args.trl_omp_wait_policy)
+      results[side].append(res)                # None when the run failed (rounds stay aligned)
+      busy_txt = "" if busy is None else f" (CPU {100 * busy:.0f}% busy before)"
+      val = "failed" if res is None else f"{res['s_per_iter']:.3f} s/iter"
+      _note(f"round {r + 1}/{args.rounds} {side}: {val}{busy_txt}")
+  peak_after = matmul_peak()
+
+  per_round = {s: [res and res["s_per_iter"] for res in results[s]] for s in sides}
+  med = {s: (statistics.median([v for v in per_round[s] if v])
+             if any(per_round[s]) else None) for s in SIDES if s in per_round}
+  ours = med.get("ours")
+  flops = flops_per_iteration()
+  best_peak = max(peak, peak_after)
+  summary = {
+      "ours_s_per_iter": ours,
+      "trl_s_per_iter": med.get("trl"),
+      "tunix_s_per_iter": med.get("tunix"),
+      "speedup_vs_trl": _ratio(per_round, "trl"),
+      "speedup_vs_tunix": _ratio(per_round, "tunix"),
+      "roofline_fraction": flops / (ours * best_peak) if ours else None,
+      "model_gflop_per_iter": flops / 1e9,
+      "matmul_peak_gflops": [round(peak / 1e9, 1), round(peak_after / 1e9, 1)],
+      "breakdown_s": {s: _median_breakdown(results[s]) for s in sides},
+      "shape": SHAPE,
+      "rounds": per_round,
+  }
+
+  f = lambda x: "n/a" if x is None else f"{x:.2f}"
+  print(f"\nmatmul peak (float32, 2048^2): {peak / 1e9:.0f} GFLOP/s before, "
+        f"{peak_after / 1e9:.0f} after; {flops / 1e9:.1f} model GFLOP per iteration; "
+        f"{args.rounds} rounds x {args.iters} timed iterations (after {args.warmup} warm-up)\n")
+  print("| side | s/iteration, median (min-max over rounds) | breakdown (median s) | "
+        "ours' speedup |")
+  print("|---|---|---|---|")
+  names = {"ours": "rlhf_jax (GPT-2)", "trl": "TRL 1.10 PPOTrainer (GPT-2)",
+           "tunix": "tunix 0.1.7 PPOLearner (Qwen2)"}
+  for side in SIDES:
+    if side not in sides:
+      print(f"| {names[side]} | not run | | |")
+      continue
+    bd = summary["breakdown_s"][side]
+    bd_txt = ", ".join(f"{k} {v:.3f}" for k, v in bd.items()) or "one jitted program"
+    speed = "" if side == "ours" else f(summary[f"speedup_vs_{side}"])
+    print(f"| {names[side]} | {_fmt(per_round[side])} | {bd_txt} | {speed} |")
+  if ours:
+    print(f"\nroofline fraction (ours): {summary['roofline_fraction']:.3f}")
+  print("RESULT " + json.dumps(summary))
+
+
+if __name__ == "__main__":
+  main()
