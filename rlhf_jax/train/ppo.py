@@ -618,7 +618,9 @@ def bench_iteration(model_cfg: ModelConfig, *, num_prompts, prompt_len, response
   value = init_params(cfg, keys[1], "scalar")
   shardings = state_shardings(cfg, cfg, txs, mesh, ema=False)
   frozen_sh = {"ref": shardings["params"]["policy"], "rm": shardings["params"]["value"]}
-  frozen = jax.device_put({"ref": policy, "rm": init_params(cfg, keys[2], "scalar")}, frozen_sh)
+  # The state is donated each iteration: the frozen reference must not share its buffers.
+  frozen = jax.device_put({"ref": jax.tree.map(jnp.copy, policy),
+                           "rm": init_params(cfg, keys[2], "scalar")}, frozen_sh)
   holder = {"state": create_state(policy, value, txs, shardings, 0.02)}
   rng = np.random.default_rng(seed)
   host = {"prompts": rng.integers(3, cfg.vocab_size, (num_prompts, prompt_len)).astype(np.int32),
