@@ -101,6 +101,7 @@ def get_config(preset="tiny"):
     p.ema_decay = 0.0
     p.checkpoint_every = 10
   elif preset == "smollm2":
+    c.model.remat = True
     p.num_iterations, p.batch_size, p.minibatches = 20, 16, 2
     p.prompt_len, p.response_len = 48, 32
     p.policy_lr, p.value_lr = 2e-6, 5e-6

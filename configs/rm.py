@@ -29,6 +29,9 @@ def get_config(preset="tiny"):
   elif preset == "smollm2":
     c.optimizer.lr, c.optimizer.weight_decay = 1e-5, 0.0
     c.batch_size, c.eval_batch_size, c.seq_len, c.num_steps, c.num_epochs = 16, 16, 128, 0, 1.0
+    # 16 prompts x 6 responses x 128 tokens through 30 layers: without rematerialisation and
+    # micro-batches the backward pass wants ~28 GB on a CPU machine.
+    c.model.remat, c.grad_accum_steps = True, 4
   else:
     c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.weight_decay = 9e-6, 0, 0.0
     c.batch_size, c.eval_batch_size, c.seq_len, c.num_steps, c.num_epochs = 64, 64, 1024, 0, 1.0
