@@ -290,7 +290,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, segment_ids=None, positions=None, cache: Optional[dict] = None, *,
-               deterministic: bool = True, last_only: bool = False):
+               deterministic: bool = True, last_only: bool = False, head_from: int = 0):
     cfg = self.cfg
     if self.head not in HEADS:
       raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
@@ -332,6 +332,8 @@ class Transformer(nn.Module):
 
     if last_only:   # the head at the last position only (a sampler's prefill needs nothing else)
       x = x[:, -1:]
+    elif head_from:  # the head at positions >= head_from only (PPO scores the response alone)
+      x = x[:, head_from:]
     if self.head == "none":
       return x, new_cache
     if self.head == "scalar":

@@ -238,11 +238,12 @@ def load_init_model(path, cfg, where):
 
 # ----------------------------------------------------------------------------- the step
 
-def forward(cfg, head, params, batch, *, rng=None, train=False):
-  """The one model on a (N, T) batch with segment ids and positions."""
-  kwargs = {}
+def forward(cfg, head, params, batch, *, rng=None, train=False, head_from=0):
+  """The one model on a (N, T) batch with segment ids and positions; the head's output at
+  positions >= head_from (all by default)."""
+  kwargs = {"head_from": head_from}
   if train:
-    kwargs = {"deterministic": False, "rngs": {"dropout": rng}}
+    kwargs.update(deterministic=False, rngs={"dropout": rng})
   out, _ = Transformer(cfg, head=head).apply(
       {"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
       positions=batch.get("positions"), **kwargs)
