@@ -32,7 +32,6 @@ import time
 import zlib
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

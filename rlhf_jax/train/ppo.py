@@ -33,8 +33,6 @@ gradient clipping), one state pytree: {'params': {'policy', 'value'}, 'opt_state
 applied (counted in `nonfinite`). Dropout is off in every forward pass.
 """
 import dataclasses
-import json
-import math
 import os
 import sys
 import time
