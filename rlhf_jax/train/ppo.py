@@ -249,10 +249,11 @@ def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: Mode
         "ratio_max": jnp.max(per_mb["ratio_max"]),
         "policy_loss": jnp.mean(per_mb["policy_loss"]),
         "value_loss": jnp.mean(per_mb["value_loss"]),
-        "ptx_loss": jnp.mean(per_mb["ptx_loss"]),
         "grad_norm": jnp.mean(per_mb["grad_norm"]),
         "nonfinite": jnp.sum(per_mb["nonfinite"]),
     }
+    if s.use_ptx:   # (plain PPO computes no pretraining loss: no metric rather than a 0)
+      metrics["ptx_loss"] = jnp.mean(per_mb["ptx_loss"])
     per_minibatch = {k: per_mb[k] for k in ("approx_kl", "ratio_dev", "loss", "nonfinite",
                                             "tokens")}
     return new_state, metrics, (per_minibatch, out.tokens, out.lengths)
