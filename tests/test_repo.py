@@ -15,12 +15,15 @@ def _code_blocks(text):
 
 
 def test_ci_runs_the_readme_test_command():
+  """The README's second block (install the test extras, then pytest) is what .ci/run runs, line
+  for line and in order."""
   blocks = _code_blocks(_read("README.md"))
   assert len(blocks) >= 2
-  test_command = blocks[1].strip()
-  assert "pytest" in test_command
+  test_lines = [l.strip() for l in blocks[1].strip().splitlines()]
+  assert test_lines[-1].startswith("pytest ")
   ci_lines = [l.strip() for l in _read(".ci/run").splitlines()]
-  assert test_command in ci_lines
+  assert all(l in ci_lines for l in test_lines)
+  assert ci_lines[-len(test_lines):] == test_lines
 
 
 def _python_files():
