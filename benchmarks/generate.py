@@ -26,6 +26,7 @@ import sys
 import time
 
 from machine import matmul_peak  # benchmarks/machine.py (this script's folder)
+from peers.worker_io import read_result  # noqa: E402
 
 SHAPES = {
     "small-b1": dict(layers=4, d_model=256, heads=4, vocab=8192, batch=1),
@@ -105,11 +106,10 @@ def flops_per_token(shape):
 
 def _run(cmd, env=None):
   r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-  lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-  if r.returncode != 0 or not lines:
+  result = read_result(r.stdout)
+  if r.returncode != 0 or result is None:
     sys.stderr.write(f"[benchmark] {' '.join(cmd[:4])} failed:\n{r.stderr[-2000:]}\n")
-    return None
-  return json.loads(lines[-1][len("RESULT "):])
+  return result if r.returncode == 0 else None
 
 
 def measure(kind, shape_name, repeats, tunix_python):

@@ -64,6 +64,7 @@ import sys
 import time
 
 from machine import matmul_peak  # benchmarks/machine.py (this script's folder)
+from peers.worker_io import read_result  # noqa: E402
 
 SHAPE = dict(layers=4, d_model=256, heads=4, vocab=8192, num_prompts=16, prompt_len=32,
              response_len=32)
@@ -178,11 +179,10 @@ def _run(side, python, warmup, iters, timeout, omp_wait_policy=""):
   except subprocess.TimeoutExpired:
     _note(f"{side}: worker ran past {timeout} s")
     return None
-  lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-  if r.returncode != 0 or not lines:
+  result = read_result(r.stdout)
+  if r.returncode != 0 or result is None:
     _note(f"{side}: worker failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
-    return None
-  return json.loads(lines[-1][len("RESULT "):])
+  return result if r.returncode == 0 else None
 
 
 def _cpu_busy(interval=1.0):

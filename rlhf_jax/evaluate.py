@@ -252,7 +252,6 @@ def evaluate(config, workdir, policies, score_fn=None):
   `score_fn(prompt, response)` is the gold labeler: default the offline task's `gold_score` when
   `config.data.source` is 'offline', else none (the gold metrics are then None).
   """
-  from rlhf_jax.convert import load_model  # pylint: disable=g-import-not-at-top
   from rlhf_jax.data import offline_task  # pylint: disable=g-import-not-at-top
   from rlhf_jax.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
   from rlhf_jax.train import common  # pylint: disable=g-import-not-at-top
@@ -280,12 +279,8 @@ def evaluate(config, workdir, policies, score_fn=None):
   rm_path = os.path.join(workdir, "rm", "model") if e.rm_path == "auto" else e.rm_path
   if not os.path.exists(rm_path):
     raise UserError(f"config.eval.rm_path: no reward model at {rm_path} (run the rm stage first)")
-  rm = load_model(rm_path)
-  if rm.head != "scalar":
-    raise UserError(f"config.eval.rm_path: {rm_path} holds a {rm.head!r} model, expected a reward "
-                    "model (scalar head)")
-  rm_cfg, rm_params = rm.cfg, collect.place_params(rm.params, rm.cfg, "scalar", mesh)
-  del rm
+  rm_cfg, rm_params = common.load_scalar_model(rm_path, cfg, "eval.rm_path")
+  rm_params = collect.place_params(rm_params, rm_cfg, "scalar", mesh)
 
   records = collect.split_prompts(tfds_dir, config.data.eval_split, "eval_split", e.num_prompts)
   prompts = [r["prompt"] for r in records]

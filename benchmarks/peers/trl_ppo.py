@@ -43,12 +43,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+
+import worker_io  # benchmarks/peers/worker_io.py (this script's folder; standard library only)
 
 
 def _log(*a):
@@ -83,13 +84,9 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   # Only the RESULT line goes to the real stdout; everything else to stderr.
-  real_stdout = os.fdopen(os.dup(1), 'w')
-  sys.stdout.flush()
-  os.dup2(2, 1)
+  real_stdout = worker_io.claim_stdout()
   os.environ.setdefault('HF_HUB_OFFLINE', '1')
   os.environ.setdefault('WANDB_DISABLED', 'true')
-
-  import importlib.metadata
 
   import datasets
   import numpy as np
@@ -98,7 +95,7 @@ def main(argv=None) -> int:
   from trl.experimental.ppo import PPOConfig, PPOTrainer
   from trl.experimental.ppo import ppo_trainer as ppo_module
 
-  version = importlib.metadata.version('trl')
+  version = worker_io.package_version('trl')
   _log(f'trl {version}, transformers {transformers.__version__}, torch '
        f'{torch.__version__}, threads {torch.get_num_threads()}')
   torch.manual_seed(args.seed)
@@ -221,9 +218,7 @@ def main(argv=None) -> int:
       'model': 'gpt2',
       'trl_version': version,
   }
-  sys.stderr.flush()
-  real_stdout.write('RESULT ' + json.dumps(result) + '\n')
-  real_stdout.flush()
+  worker_io.emit_result(real_stdout, result)
   return 0
 
 

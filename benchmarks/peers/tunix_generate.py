@@ -35,11 +35,11 @@ Notes on what tunix's model does (vs. a GPT-2 baseline):
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
+
+import worker_io  # benchmarks/peers/worker_io.py (this script's folder; standard library only)
 
 
 def _log(*a):
@@ -101,11 +101,7 @@ def main(argv=None) -> int:
 
   # Route anything written to fd 1 (library prints, C-level output) to
   # stderr; only the final RESULT line goes to the real stdout.
-  real_stdout = os.fdopen(os.dup(1), 'w')
-  sys.stdout.flush()
-  os.dup2(2, 1)
-
-  import importlib.metadata
+  real_stdout = worker_io.claim_stdout()
 
   import jax
   import jax.numpy as jnp
@@ -114,10 +110,7 @@ def main(argv=None) -> int:
   from tunix.generate import sampler as sampler_lib
   from tunix.models.qwen2 import model as qwen2_lib
 
-  try:
-    tunix_version = importlib.metadata.version('google-tunix')
-  except importlib.metadata.PackageNotFoundError:
-    tunix_version = 'unknown'
+  tunix_version = worker_io.package_version('google-tunix')
   _log(f'tunix {tunix_version}, jax {jax.__version__}, '
        f'devices {jax.devices()}')
 
@@ -232,9 +225,7 @@ def main(argv=None) -> int:
       'model': 'qwen2',
       'tunix_version': tunix_version,
   }
-  sys.stderr.flush()
-  real_stdout.write('RESULT ' + json.dumps(result) + '\n')
-  real_stdout.flush()
+  worker_io.emit_result(real_stdout, result)
   return 0
 
 

@@ -42,11 +42,12 @@ times_s (the timed iterations) and breakdown_s (median seconds per phase).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
+
+import worker_io  # benchmarks/peers/worker_io.py (this script's folder; standard library only)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,11 +93,7 @@ def main(argv=None) -> int:
   d_ff = args.d_ff or 4 * args.d_model
 
   # Only the RESULT line goes to the real stdout; everything else to stderr.
-  real_stdout = os.fdopen(os.dup(1), 'w')
-  sys.stdout.flush()
-  os.dup2(2, 1)
-
-  import importlib.metadata
+  real_stdout = worker_io.claim_stdout()
 
   import jax
   import jax.numpy as jnp
@@ -110,10 +107,7 @@ def main(argv=None) -> int:
   from tunix.rl.rollout import base_rollout
   from tunix_generate import WordTokenizer
 
-  try:
-    version = importlib.metadata.version('google-tunix')
-  except importlib.metadata.PackageNotFoundError:
-    version = 'unknown'
+  version = worker_io.package_version('google-tunix')
   _log(f'tunix {version}, jax {jax.__version__}, devices {jax.devices()}')
 
   def config(tied):
@@ -250,9 +244,7 @@ def main(argv=None) -> int:
       'model': 'qwen2',
       'tunix_version': version,
   }
-  sys.stderr.flush()
-  real_stdout.write('RESULT ' + json.dumps(result) + '\n')
-  real_stdout.flush()
+  worker_io.emit_result(real_stdout, result)
   return 0
 
 

@@ -236,6 +236,21 @@ def load_init_model(path, cfg, where):
   return model.params, model.tokenizer_dir
 
 
+def load_scalar_model(path, policy_cfg, field):
+  """(config with dropout off, params) of the scalar-head model at `path` (a reward model or value
+  function), checked to score the policy's tokens; errors name `config.<field>`."""
+  from rlhf_jax.convert import load_model  # pylint: disable=g-import-not-at-top
+  model = load_model(path)
+  if model.head != "scalar":
+    raise UserError(f"config.{field}: {path} holds a model with a {model.head!r} head; expected a "
+                    "reward model (scalar head)")
+  if model.cfg.vocab_size != policy_cfg.vocab_size:
+    raise UserError(f"config.{field}: {path} has vocab_size {model.cfg.vocab_size} but the policy "
+                    f"has {policy_cfg.vocab_size}; they must share the tokenizer")
+  check_same_shapes(model.params, abstract_params(model.cfg, "scalar"), f"config.{field}: {path}")
+  return model.cfg.replace(dropout_resid=0.0, dropout_attn=0.0), model.params
+
+
 # ----------------------------------------------------------------------------- the step
 
 def forward(cfg, head, params, batch, *, rng=None, train=False, head_from=0):
@@ -250,11 +265,14 @@ def forward(cfg, head, params, batch, *, rng=None, train=False, head_from=0):
   return out
 
 
-def split_micro_batches(batch, num_micro, mesh):
+def split_micro_batches(batch, num_micro, mesh=None):
   """(B, ...) -> (A, B/A, ...) with micro-batch a = rows a, a+A, a+2A, ... so every micro-batch
-  stays spread over all of the batch shards (no data moves between devices)."""
+  stays spread over all of the batch shards (no data moves between devices). mesh=None: the
+  reshape alone (unsharded)."""
   def one(x):
     y = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1)
+    if mesh is None:
+      return y
     spec = PartitionSpec(None, sharding.BATCH_AXES, *([None] * (x.ndim - 1)))
     return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
   return jax.tree.map(one, batch)

@@ -105,15 +105,8 @@ def last_token_scores(rm_cfg, rm_params, tokens, segment_ids, prompt_len, length
   return losses.gather_last(values, prompt_len + jnp.maximum(lengths, 1) - 1)
 
 
-def _split(x, m, mesh):
-  """(B, ...) -> (M, B/M, ...), minibatch a = rows a, a+M, ... (see common.split_micro_batches)."""
-  if mesh is None:
-    return x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1)
-  return common.split_micro_batches(x, m, mesh)
-
-
 def _unsplit(x):
-  """Inverse of `_split`."""
+  """Inverse of `common.split_micro_batches`: (M, B/M, ...) -> (B, ...)."""
   return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
 
 
@@ -193,7 +186,7 @@ def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: Mode
                                  mb["lengths"])
       return logp, entropy, ref_logp, values, scores
     rollout = {"tokens": tokens, "segment_ids": seg, "lengths": out.lengths}
-    split = jax.tree.map(lambda x: _split(x, m, mesh), rollout)
+    split = common.split_micro_batches(rollout, m, mesh)
     logp, entropy, ref_logp, values, scores = jax.tree.map(_unsplit, jax.lax.map(score, split))
     values = values * mask
 
@@ -210,14 +203,14 @@ def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: Mode
             "old_values": values, "advantages": advantages, "returns": returns}
     if s.use_ptx:
       ptx = {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")}
-      ptx = jax.tree.map(lambda x: _split(x, m, mesh), ptx)
+      ptx = common.split_micro_batches(ptx, m, mesh)
     else:
       ptx = jnp.zeros((m,), jnp.float32)   # an unused scan input
 
     def epoch(carry, e):
       perm = jnp.where(e == 0, jnp.arange(b),
                        jax.random.permutation(jax.random.fold_in(shuffle_rng, e), b))
-      mbs = jax.tree.map(lambda x: _split(x[perm], m, mesh), data)
+      mbs = common.split_micro_batches(jax.tree.map(lambda x: x[perm], data), m, mesh)
       return jax.lax.scan(update, carry, (mbs, ptx))
     (new_params, new_opt), per_mb = jax.lax.scan(
         epoch, (params, state["opt_state"]), jnp.arange(s.epochs))
@@ -386,21 +379,6 @@ def _resolve(path, workdir, stage, field):
   return found
 
 
-def load_scalar_model(path, policy_cfg, field):
-  """A scalar-head model (reward model / value function) that can score the policy's tokens."""
-  from rlhf_jax.convert import load_model  # pylint: disable=g-import-not-at-top
-  model = load_model(path)
-  if model.head != "scalar":
-    raise UserError(f"config.{field}: {path} holds a model with a {model.head!r} head; expected a "
-                    "reward model (scalar head)")
-  if model.cfg.vocab_size != policy_cfg.vocab_size:
-    raise UserError(f"config.{field}: {path} has vocab_size {model.cfg.vocab_size} but the policy "
-                    f"has {policy_cfg.vocab_size}; they must share the tokenizer")
-  common.check_same_shapes(model.params, abstract_params(model.cfg, "scalar"), f"config.{field}: "
-                           f"{path}")
-  return model.cfg.replace(dropout_resid=0.0, dropout_attn=0.0), model.params
-
-
 # ----------------------------------------------------------------------------- data
 
 class _Batches:
@@ -456,17 +434,17 @@ def run(config, workdir):
   p = config.ppo
   cfg = ModelConfig.from_dict(config.model).replace(dropout_resid=0.0, dropout_attn=0.0)
   mesh = sharding.make_mesh(config.mesh)
-  for field, size in (("ppo.batch_size", p.batch_size // p.minibatches),):
-    sharding.check_batch_size(size, mesh, f"config.{field} / config.ppo.minibatches")
+  sharding.check_batch_size(p.batch_size // p.minibatches, mesh,
+                            "config.ppo.batch_size / config.ppo.minibatches")
   init_from = _resolve(config.init_from, workdir, "sft", "init_from")
   rm_path = _resolve(config.reward_model, workdir, "rm", "reward_model")
   value_path = _resolve(config.value_from, workdir, "rm", "value_from")
   tfds_dir, data_tok_dir = common.data_paths(config, workdir)
 
   policy_params, model_tok_dir = common.load_init_model(init_from, cfg, "config.init_from")
-  rm_cfg, rm_params = load_scalar_model(rm_path, cfg, "reward_model")
+  rm_cfg, rm_params = common.load_scalar_model(rm_path, cfg, "reward_model")
   value_cfg, value_params = (rm_cfg, rm_params) if value_path == rm_path else \
-      load_scalar_model(value_path, cfg, "value_from")
+      common.load_scalar_model(value_path, cfg, "value_from")
   tok, tok_dir = common.load_tokenizer_for(config, model_tok_dir, data_tok_dir, cfg)
   s = settings_from_config(config, tok)
   if s.use_ptx:

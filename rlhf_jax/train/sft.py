@@ -180,16 +180,12 @@ class RewardSelector:
   """Model selection by validation reward-model score (greedy answers to validation prompts)."""
 
   def __init__(self, config, cfg, mesh, tok, tfds_dir):
-    from rlhf_jax.convert import load_model  # pylint: disable=g-import-not-at-top
     from rlhf_jax.data import loaders  # pylint: disable=g-import-not-at-top
     sel = config.select_by_rm
     common.check_positive(config, "select_by_rm.num_prompts", kind=int)
     common.check_positive(config, "select_by_rm.max_new_tokens", kind=int)
-    rm = load_model(sel.rm_path)
-    if rm.head != "scalar":
-      raise UserError(f"config.select_by_rm.rm_path: {sel.rm_path} holds a {rm.head!r} model, "
-                      "expected a reward model (scalar head)")
-    self.rm_cfg, self.rm_params = rm.cfg, jax.device_put(rm.params, sharding.replicated(mesh))
+    self.rm_cfg, rm_params = common.load_scalar_model(sel.rm_path, cfg, "select_by_rm.rm_path")
+    self.rm_params = jax.device_put(rm_params, sharding.replicated(mesh))
     self.cfg, self.mesh, self.tok = cfg, mesh, tok
     self.max_new = sel.max_new_tokens
     prompt_len = min(config.seq_len // 2, cfg.max_len - self.max_new)
