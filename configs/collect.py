@@ -34,7 +34,7 @@ def get_config(preset="tiny"):
   c.batch_size = 64              # prompts per sampler call (each gives max_k rows)
   c.seed = 0                     # sampling, K and labeler noise
   if preset == "tiny":
-    c.min_k = c.max_k = 4
+    c.min_k = c.max_k = 6
     c.max_new_tokens, c.prompt_len, c.batch_size = 24, 24, 64   # responses: PPO response_len
   elif preset == "smollm2":
     c.max_k = 6

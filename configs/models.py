@@ -10,6 +10,7 @@ Config presets:
 """
 import ml_collections
 
+from rlhf_jax.data import offline_task
 from rlhf_jax.models import preset as model_preset
 
 # config preset -> model preset, model overrides
@@ -52,6 +53,9 @@ def base_config(name, stage):
       "train_split": "train",
       "eval_split": "validation",
       "task_seed": 0,           # seed of the offline task's generation
+      # The offline task's knobs (families, words, lengths, operands, demonstration flaw rates)
+      # and sizes (records per kind, K, labeler temperature): rlhf_jax/data/offline_task.py.
+      "task": ml_collections.ConfigDict(offline_task.config_fields()),
       "prefetch": 2,            # batches built ahead in a background thread
   })
   c.optimizer = ml_collections.ConfigDict({

@@ -52,6 +52,9 @@ def ppo_fields():
       "kl_horizon": 10000.0,      # episodes (adaptive_kl)
       "whiten_rewards": False,
       "missing_eos_penalty": 0.0,  # subtracted from the score of a response without EOS
+      # reward_model='gold' (the oracle run): reward = scale x gold; 0 = normalised like the RM,
+      # (gold - mean) / std over the SFT samples the collect stage ranked.
+      "gold_reward_scale": 0.0,
       "ptx_coef": 27.8,
       "ptx_per_episode": 8,
       "ptx_seq_len": 2048,
@@ -75,13 +78,18 @@ def get_config(preset="tiny"):
   c.collect_comparisons = preset in ("tiny", "smollm2")   # RM data = ranked SFT samples
   c.pretrain = sft_config.get_config(preset)
   c.pretrain.stage = "pretrain"
+  if preset == "tiny":
+    c.pretrain.num_steps = 400
   c.sft = sft_config.get_config(preset)
   c.collect = collect_config.get_config(preset)
   c.rm = rm_config.get_config(preset)
   c.eval = evaluate.default_config(preset)
   c.model.dropout_resid = 0.0
   c.model.dropout_attn = 0.0
-  c.reward_model = "auto"
+  c.reward_model = "auto"    # 'gold': PPO against the offline task's gold labeler (oracle)
+  # The pipeline also runs PPO-ptx against the gold labeler itself (stage ppo_oracle): the upper
+  # bound of what PPO can do on the task with this policy, next to PPO against the reward model.
+  c.oracle_run = preset == "tiny"
   c.value_from = "auto"
   c.max_nonfinite_steps = 5
   c.ppo = ppo_fields()
@@ -96,7 +104,7 @@ def get_config(preset="tiny"):
     p.kl_coef = 0.2
     # SFT wipes out the tiny model's language modelling (held-out pretraining loss 1.2 -> 8.7), so
     # the ptx gradient is large at first; 0.25 restores most of it without swamping the reward.
-    p.ptx_coef, p.ptx_per_episode, p.ptx_seq_len = 0.25, 1, 128
+    p.ptx_coef, p.ptx_per_episode, p.ptx_seq_len = 0.02, 1, 128
     p.missing_eos_penalty = 1.0
     p.ema_decay = 0.0
     p.checkpoint_every = 10

@@ -24,8 +24,9 @@ def get_config(preset="tiny"):
   c.data.comparisons_dir = ""
   if preset == "tiny":
     c.optimizer.lr, c.optimizer.warmup_steps = 1e-3, 10
-    c.batch_size, c.eval_batch_size, c.seq_len, c.num_steps = 16, 32, 48, 250
-    c.eval_every, c.log_every = 50, 25
+    c.batch_size, c.eval_batch_size, c.seq_len, c.num_steps = 16, 32, 48, 1000
+    c.eval_every = 250
+    c.log_every = 50
   elif preset == "smollm2":
     c.optimizer.lr, c.optimizer.weight_decay = 1e-5, 0.0
     c.batch_size, c.eval_batch_size, c.seq_len, c.num_steps, c.num_epochs = 16, 16, 128, 0, 1.0

@@ -23,8 +23,8 @@ def get_config(preset="tiny"):
   if preset == "tiny":
     c.model.dropout_resid = 0.0      # a 2 x 64 model trained for minutes under-fits; no dropout
     c.optimizer.lr = 3e-3
-    c.batch_size, c.seq_len, c.num_steps = 16, 128, 400
-    c.eval_every, c.log_every = 100, 50
+    c.batch_size, c.seq_len, c.num_steps = 16, 128, 1000
+    c.eval_every, c.log_every = 250, 50
   elif preset == "smollm2":
     c.init_from = "smollm2-135m"
     c.model.dropout_resid = 0.2

@@ -237,20 +237,23 @@ def split_prompts(tfds_dir, split, field, limit):
 
 
 def sample_split(params, cfg, mesh, tok, records, config, sc, rng, bar):
-  """max_k decoded samples per prompt: (list of lists of texts, ended (N, K), token counts)."""
+  """max_k samples per prompt: (texts, ids, ended (N, K), token counts), texts and ids grouped
+  per prompt (ids: the sampled token ids without EOS, what the reward model trains on)."""
   bs, k = config.batch_size, config.max_k
-  texts, ended, counts = [], [], []
+  texts, ids, ended, counts = [], [], [], []
   for b, batch in enumerate(prompt_batches(records, tok, bs, config.prompt_len)):
     out = sample_batch(params, cfg, batch, mesh, bs, jax.random.fold_in(rng, b), sc, k)
     rows = np.repeat(batch["index"] >= 0, k)
     t, e = decode_responses(tok, out["tokens"][rows], out["lengths"][rows])
     texts.extend(t)
+    ids.extend(response_ids(row, int(n), tok.eos_id)
+               for row, n in zip(out["tokens"][rows], out["lengths"][rows]))
     ended.append(e)
     counts.append(out["lengths"][rows] - e)
     bar.update(1)
   n = len(records)
-  grouped = [texts[i * k:(i + 1) * k] for i in range(n)]
-  return grouped, np.concatenate(ended).reshape(n, k), np.concatenate(counts)
+  group = lambda xs: [xs[i * k:(i + 1) * k] for i in range(n)]
+  return group(texts), group(ids), np.concatenate(ended).reshape(n, k), np.concatenate(counts)
 
 
 def run(config, workdir, score_fn=None):
@@ -309,10 +312,14 @@ def run(config, workdir, score_fn=None):
   comparisons = {}
   for code, split in enumerate(splits):
     prompts = [r["prompt"] for r in records[split]]
-    texts, ended, counts = sampled[split]
-    recs, _ = label_prompts(prompts, texts, score_fn, seed=config.seed, split_code=code,
-                            min_k=config.min_k, max_k=config.max_k,
-                            temperature=float(config.labeler_temperature))
+    texts, ids, ended, counts = sampled[split]
+    recs, kept = label_prompts(prompts, texts, score_fn, seed=config.seed, split_code=code,
+                               min_k=config.min_k, max_k=config.max_k,
+                               temperature=float(config.labeler_temperature))
+    for record, i in zip(recs, kept):   # the ids the policy sampled, and whether each ended
+      k = len(record["responses"])
+      record["response_ids"] = [list(r) for r in ids[i][:k]]
+      record["ended"] = [bool(e) for e in ended[i][:k]]
     if not recs:
       raise UserError(f"{STAGE}: all {len(prompts)} prompts of split {split!r} got responses the "
                       f"labeler cannot tell apart (all ties); the policy at {init_from} is not "

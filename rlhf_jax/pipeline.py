@@ -1,7 +1,8 @@
 """The whole InstructGPT method in order, each stage skipped when its result is up to date.
 
   data -> pretrain (offline base model) -> sft -> collect (K SFT samples per prompt, ranked by
-  the simulated labeler) -> rm -> ppo (ptx_coef 0) and ppo_ptx -> eval (results.json/.md, plots)
+  the simulated labeler) -> rm -> ppo (ptx_coef 0) and ppo_ptx [-> ppo_oracle: PPO-ptx against
+  the gold labeler itself, `config.oracle_run`] -> eval (results.json/.md, plots)
 
 `python -m rlhf_jax.main --config=configs/ppo_ptx.py` runs this. Each stage writes under
 `<workdir>/<stage>/` and finishes by writing its marker (the model's `rlhf_jax_stage.json`,
@@ -32,7 +33,8 @@ DEPENDS = {
     "rm": ("sft", "collect"),
     "ppo": ("sft", "rm"),
     "ppo_ptx": ("sft", "rm"),
-    "eval": ("sft", "rm", "ppo", "ppo_ptx"),
+    "ppo_oracle": ("sft", "rm"),
+    "eval": ("pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "ppo_oracle"),
 }
 POLICY_STAGES = ("pretrain", "sft", "collect")
 
@@ -64,6 +66,8 @@ def stages_of(config):
   out += ["rm", "ppo"]
   if config.ppo.ptx_coef:
     out.append("ppo_ptx")
+  if config.get("oracle_run", False):
+    out.append("ppo_oracle")
   return out + ["eval"]
 
 
@@ -73,10 +77,12 @@ def _copy(config):
 
 def stage_config(config, stage, workdir):
   """The config one stage runs with (see the module docstring for what is shared)."""
-  if stage in ("ppo", "ppo_ptx", "eval"):
+  if stage in ("ppo", "ppo_ptx", "ppo_oracle", "eval"):
     sub = _copy(config)
     if stage == "ppo":
       sub.ppo.ptx_coef = 0.0
+    if stage == "ppo_oracle":
+      sub.reward_model = "gold"
     return sub
   sub = _copy(config[stage])
   sub.mesh = _copy(config.mesh)
@@ -121,7 +127,7 @@ def run_stage(stage, config, workdir):
   if stage == "collect":
     from rlhf_jax import collect  # pylint: disable=g-import-not-at-top
     return collect.run(config, workdir)
-  if stage in ("ppo", "ppo_ptx"):
+  if stage in ("ppo", "ppo_ptx", "ppo_oracle"):
     from rlhf_jax.train import ppo  # pylint: disable=g-import-not-at-top
     return ppo.run(config, workdir)
   from rlhf_jax import evaluate  # pylint: disable=g-import-not-at-top
@@ -133,7 +139,8 @@ def plot(workdir):
   """PNG curves of the PPO runs (reward, KL, ptx loss, gold score) and of SFT/RM training."""
   from rlhf_jax import report  # pylint: disable=g-import-not-at-top
   out = os.path.join(workdir, "plots")
-  ppo_runs = {n: os.path.join(workdir, n, "metrics.jsonl") for n in ("ppo", "ppo_ptx")
+  ppo_runs = {n: os.path.join(workdir, n, "metrics.jsonl")
+              for n in ("ppo", "ppo_ptx", "ppo_oracle")
               if os.path.exists(os.path.join(workdir, n, "metrics.jsonl"))}
   if ppo_runs:
     report.plot_curves(ppo_runs, ["reward", "kl", "ptx_loss", "gold_score", "entropy",

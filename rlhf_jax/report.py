@@ -9,6 +9,8 @@ decides; nothing here talks to other processes).
                                killed run is dropped.
   curves(records, key)         {kind: (steps, values)} of one metric, by step, last write wins.
   plot_curves(series, keys, out_png, title)   one PNG, a panel per metric, a line per run.
+  plot_overoptimisation(runs, out_png, ...)   gold and RM score against sqrt(KL to SFT): PPO
+                                              runs, best-of-N points, final policies.
   markdown_table(rows, columns)               a results table in markdown.
   export_tensorboard(metrics_path, logdir)    a finished run's metrics.jsonl as event files.
 
@@ -23,6 +25,8 @@ import os
 import sys
 import time
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
 
 from rlhf_jax.errors import UserError
 
@@ -246,11 +250,16 @@ def plot_curves(series: Mapping[str, Union[str, Sequence[Mapping]]], keys: Seque
       ax.legend(fontsize=7)
     else:
       ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+  _save(fig, title, out_png, dpi)
+  return drawn
+
+
+def _save(fig, title, out_png, dpi):
+  """The figure with its title, laid out, written to a temporary file and renamed into place."""
   if title:
     fig.suptitle(title, fontsize=11)
   fig.tight_layout()
-  out_dir = os.path.dirname(os.path.abspath(out_png))
-  os.makedirs(out_dir, exist_ok=True)
+  os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
   tmp = f"{out_png}.tmp.{os.getpid()}.png"
   try:
     fig.savefig(tmp, dpi=dpi, format="png")
@@ -258,6 +267,102 @@ def plot_curves(series: Mapping[str, Union[str, Sequence[Mapping]]], keys: Seque
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def kl_curve(records: Sequence[Mapping]) -> dict:
+  """{'steps', 'kl', 'gold_score', 'reward'} of a PPO run's metrics records, by step (the 'train'
+  records when there are any): the steps that logged a numeric 'kl', with None where a step has
+  no 'gold_score' or 'reward'."""
+  records = list(records)
+  prefix = "train/" if any(r.get("kind") == "train" for r in records) else ""
+  by_key = {}
+  for name in ("kl", "gold_score", "reward"):
+    found = curves(records, prefix + name)
+    steps, values = next(iter(found.values())) if found else ([], [])
+    by_key[name] = dict(zip(steps, values))
+  steps = sorted(by_key["kl"])
+  return {"steps": steps, "kl": [by_key["kl"][s] for s in steps],
+          "gold_score": [by_key["gold_score"].get(s) for s in steps],
+          "reward": [by_key["reward"].get(s) for s in steps]}
+
+
+def _sqrt_kl(kl: float) -> float:
+  """sqrt of a KL estimate; a Monte-Carlo estimate slightly below 0 is 0."""
+  return math.sqrt(max(float(kl), 0.0))
+
+
+def plot_overoptimisation(runs: Mapping[str, Union[str, Sequence[Mapping]]], out_png: str, *,
+                          best_of_n: Optional[Mapping[str, Sequence[tuple]]] = None,
+                          finals: Optional[Mapping[str, tuple]] = None,
+                          rm_free: Sequence[str] = (), smooth: int = 1,
+                          title: str = "Gold vs reward-model score against KL to SFT",
+                          panel_size: tuple = (5.0, 3.8), dpi: int = 100) -> dict:
+  """Writes ONE PNG of two panels, gold score and RM score against sqrt(KL to SFT) in nats
+  (Gao et al. 2022, figure 1: the RM score keeps rising with KL while the gold score peaks).
+
+  runs       {label: metrics.jsonl path or records} of PPO runs: a line over their iterations
+             (`kl_curve`: the rollout's mean KL, 'gold_score' and 'reward' = the RM score).
+  best_of_n  {label: [(kl, gold, rm), ...]} points joined by a dashed line (e.g. N = 1, 4, 16).
+  finals     {label: (kl, gold, rm)} markers (the evaluated policies).
+  rm_free    labels of runs whose 'reward' is not the reward model's score (the gold-reward
+             oracle): drawn in the gold panel only.
+  smooth     a run's line is the running mean of its last `smooth` iterations (x and y alike;
+             one PPO rollout's KL and scores are noisy).
+  A None value is skipped. Written to a temporary file and renamed into place.
+
+  Returns {'gold': [labels drawn], 'rm': [labels drawn]}.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  data = {label: kl_curve(read_metrics(src) if isinstance(src, (str, os.PathLike)) else src)
+          for label, src in runs.items()}
+  fig = Figure(figsize=(panel_size[0] * 2, panel_size[1]), dpi=dpi)
+  FigureCanvasAgg(fig)
+  drawn = {}
+  colors = {}
+
+  def color(label):
+    if label not in colors:
+      colors[label] = f"C{len(colors) % 10}"
+    return colors[label]
+
+  for i, (panel, key, column) in enumerate((("gold", "gold_score", 1), ("rm", "reward", 2))):
+    ax = fig.add_subplot(1, 2, i + 1)
+    drawn[panel] = []
+    for label, curve in data.items():
+      if panel == "rm" and label in rm_free:
+        continue
+      xy = [(_sqrt_kl(k), v) for k, v in zip(curve["kl"], curve[key]) if _is_number(v)]
+      if xy and smooth > 1:
+        xy = [tuple(np.mean(xy[max(0, j - smooth + 1):j + 1], axis=0)) for j in range(len(xy))]
+      if xy:
+        ax.plot(*zip(*xy), label=label, color=color(label), alpha=0.8,
+                marker="." if len(xy) < 20 else None)
+        drawn[panel].append(label)
+    for label, points in (best_of_n or {}).items():
+      xy = [(_sqrt_kl(p[0]), p[column]) for p in points
+            if p[0] is not None and _is_number(p[column])]
+      if xy:
+        ax.plot(*zip(*xy), label=label, color=color(label), linestyle="--", marker="s",
+                markersize=4)
+        drawn[panel].append(label)
+    for label, point in (finals or {}).items():
+      if point[0] is None or not _is_number(point[column]):
+        continue
+      ax.plot([_sqrt_kl(point[0])], [point[column]], linestyle="none", marker="*",
+              markersize=11, color=color(label), markeredgecolor="black",
+              label=f"{label} (final)")
+      drawn[panel].append(f"{label} (final)")
+    ax.set_title("gold score" if panel == "gold" else "reward-model score", fontsize=10)
+    ax.set_xlabel("sqrt(KL to SFT)  (nats^0.5)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, alpha=0.3)
+    if drawn[panel]:
+      ax.legend(fontsize=7)
+    else:
+      ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+  _save(fig, title, out_png, dpi)
   return drawn
 
 

@@ -198,3 +198,48 @@ def test_bad_config_is_one_line_user_error(tmp_path, data_dir, field, value, mes
     collect.run(config, str(tmp_path))
   assert "\n" not in str(e.value)
   assert not os.path.exists(os.path.join(tmp_path, "collect"))
+
+
+def test_reward_model_trains_on_the_ids_ppo_scores(collected, data_dir):
+  """The comparison rows hold the token ids the policy sampled (not a re-encoding of their text)
+  and no EOS after a truncated response, so the reward the RM is trained on at `last_index` is
+  the reward PPO reads for the same sample (ppo.last_token_scores on a left-padded rollout)."""
+  from rlhf_jax.train import ppo  # pylint: disable=g-import-not-at-top
+  workdir, _, out = collected
+  tok = load_tokenizer(os.path.join(data_dir, "tokenizer"))
+  records = schema.read_jsonl(os.path.join(out, "comparisons_validation.jsonl"),
+                              schema.COMPARISONS)
+  source = builders.load_source(os.path.join(out, "tfds"), "comparisons", "validation")
+  k_max, seq_len, prompt_len, n_new = 4, 48, 24, 8
+  batch = next(iter(loaders.comparison_loader(source, tok, batch_size=len(records),
+                                              seq_len=seq_len, k_max=k_max, num_epochs=1,
+                                              shuffle=False, drop_remainder=False)))
+  cfg = get_model_config("tiny").replace(dropout_resid=0.0, dropout_attn=0.0)
+  params = init_params(cfg, jax.random.key(1), "scalar")
+  trained_on = np.asarray(rm.response_rewards(cfg, params, batch))
+  reencoded = truncated = 0
+  for row, record in enumerate(records):
+    prompt_ids = [int(t) for t in tok.encode(record["prompt"])]
+    ppo_rows = {"tokens": [], "segment_ids": [], "lengths": []}
+    for j, (ids, ended) in enumerate(zip(record["response_ids"], record["ended"])):
+      expected = [tok.bos_id] + prompt_ids + ids + ([tok.eos_id] if ended else [])
+      n = int(batch["last_index"][row, j]) + 1
+      assert batch["tokens"][row, j, :n].tolist() == expected
+      reencoded += [int(t) for t in tok.encode(record["responses"][j])] != ids
+      truncated += not ended
+      prompt = loaders.encoding.prompt_row(prompt_ids, tok.bos_id, tok.pad_id, prompt_len)
+      response = ids + ([tok.eos_id] if ended else [])
+      padded = np.full(n_new, tok.pad_id, np.int32)
+      padded[:len(response)] = response
+      ppo_rows["tokens"].append(np.concatenate([prompt["tokens"], padded]))
+      ppo_rows["segment_ids"].append(np.concatenate(
+          [prompt["segment_ids"], (np.arange(n_new) < len(response)).astype(np.int32)]))
+      ppo_rows["lengths"].append(len(response))
+    scored = ppo.last_token_scores(cfg, params, np.stack(ppo_rows["tokens"]),
+                                   np.stack(ppo_rows["segment_ids"]), prompt_len,
+                                   np.asarray(ppo_rows["lengths"]))
+    k = len(record["responses"])
+    np.testing.assert_allclose(np.asarray(scored), trained_on[row, :k], atol=1e-5)
+  # A random policy samples ids the tokenizer would never produce and rarely reaches EOS: both
+  # cases are really exercised.
+  assert reencoded > 0 and truncated > 0

@@ -109,8 +109,14 @@ def test_files_follow_the_schema_and_hold_out_validation_prompts(task_dir):
                    for r in records[kind]["train"]}
   for kind in ("sft", "comparisons", "prompts"):
     assert not train_prompts & {r["prompt"] for r in records[kind]["validation"]}
-  demo_scores = [ot.gold_score(r["prompt"], r["response"]) for r in records["sft"]["train"]]
-  assert 0.07 < np.mean(np.array(demo_scores) < 1.0) < 0.25  # demo_error_rate = 0.15
+  demos = [ot.analyze(r["prompt"], r["response"]) for r in records["sft"]["train"]]
+  config = ot.TaskConfig()
+  filler = np.mean([d["filler"] for d in demos])
+  assert abs(filler - config.filler_rate) < 0.06                    # 400 draws: 3 sigma ~ 0.065
+  listed = [d["hallucinated"] > 0 for d in demos if d["hallucinated"] is not None]
+  assert config.hallucination_rate - 0.08 < np.mean(listed) < config.hallucination_rate + 0.15
+  clean = [d["content"] < 1.0 for d in demos if not d["hallucinated"]]
+  assert 0.05 < np.mean(clean) < 0.25                               # demo_error_rate = 0.15
   assert all(ot.gold_score(r["prompt"], r["response"]) == 1.0
              for r in records["sft"]["validation"])
   for record in records["comparisons"]["train"]:
@@ -146,3 +152,81 @@ def test_bad_knobs_are_named():
   with pytest.raises(UserError, match="too small to draw"):
     ot.make_records(ot.TaskConfig(families=("add",), max_operand=1),
                     ot.OfflineSizes(ptx=1, sft=50, comparisons=1, prompts=1, validation=30))
+
+
+def test_flaws_and_their_analysis():
+  sort = ot.make_prompt("sort", {"items": ["pear", "fig", "kiwi"]})
+  assert ot.analyze(sort, " fig kiwi pear") == {"family": "sort", "gold": 1.0, "content": 1.0,
+                                                "filler": 0, "hallucinated": 0}
+  flawed = ot.analyze(sort, " fig kiwi apple pear ok")
+  assert flawed["content"] == 0.75                          # one word too many of 4
+  assert flawed["gold"] == 0.75 * ot.FLAW_PENALTY ** 2      # a filler and a made-up word
+  assert ot.analyze(sort, " fig kiwi pear ok done")["gold"] == ot.FLAW_PENALTY ** 2
+  assert flawed["filler"] == 1 and flawed["hallucinated"] == 1
+  count = ot.make_prompt("count", {"word": "fig", "items": ["fig", "kiwi", "fig"]})
+  assert ot.analyze(count, " 2 lime")["hallucinated"] == 1
+  assert ot.analyze(count, " 2 sure")["content"] == 1.0
+  add = ot.make_prompt("add", {"a": 3, "b": 4})
+  assert ot.analyze(add, " 7 done")["hallucinated"] is None
+  assert ot.analyze(add, " 7 done")["gold"] == ot.FLAW_PENALTY
+  assert ot.analyze(add, " 7 done")["content"] == 1.0
+  config, rng = ot.TaskConfig(), np.random.default_rng(3)
+  for _ in range(200):
+    family, args, _ = ot.sample_instruction(config, rng)
+    if family == "add":
+      continue
+    words = ot.hallucinate(family, args, ot.answer_words(family, args), config, rng)
+    assert ot.hallucinated_words(ot.make_prompt(family, args), " " + " ".join(words)) == 1
+  none = ot.TaskConfig(demo_error_rate=0.0, filler_rate=0.0, hallucination_rate=0.0)
+  for _ in range(100):
+    family, args, _ = ot.sample_instruction(none, rng)
+    assert ot.demonstration(family, args, none, rng) == ot.answer_text(family, args)
+
+
+def test_capability_probe_is_what_pretraining_teaches():
+  probes = ot.probe_records(sizes=ot.OfflineSizes(probe=50), seed=1)
+  assert len(probes) == 50
+  for record in probes:
+    items = record["prompt"][len("the list "):-len(" has")].split()
+    right = f" {len(items)} words."
+    assert ot.probe_score(record["prompt"], right) == 1.0
+    assert ot.probe_score(record["prompt"], f" {len(items) + 1} words.") == 0.0
+    assert ot.probe_score(record["prompt"], "") == 0.0
+  rng = np.random.default_rng(0)
+  sentences = " ".join(ot.ptx_document(ot.TaskConfig(), rng) for _ in range(200))
+  assert "has 3 words." in sentences      # the pretraining text teaches the probe's answer
+  with pytest.raises(UserError, match="not a probe prompt"):
+    ot.probe_score("Q: Sort the words: fig\nA:", " fig")
+
+
+def test_task_knobs_come_from_the_config_and_are_checked(tmp_path):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("ppo_ptx_config", os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "ppo_ptx.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  task, sizes = ot.from_config(config.data.task)
+  assert task == ot.TaskConfig() and sizes == ot.OfflineSizes()
+  config.data.task.families = ("sort", "add")
+  assert ot.from_config(config.data.task)[0].families == ("sort", "add")
+  assert ot.from_config({"families": "sort,count"})[0].families == ("sort", "count")
+  assert ot.from_config({"families": ("sort,count",)})[0].families == ("sort", "count")
+  for field, value, needle in (("filler_rate", 1.5, "filler_rate must be in"),
+                               ("num_words", "8", "num_words must be an integer"),
+                               ("families", "sort,divide", "unknown family 'divide'"),
+                               ("max_k", 12, "max_k")):
+    bad = dict(config.data.task.to_dict(), **{field: value})
+    with pytest.raises(UserError, match=needle):
+      ot.from_config(bad)
+  with pytest.raises(UserError, match="config.data.task.colour: unknown field"):
+    ot.from_config({"colour": 1})
+  small = ot.OfflineSizes(ptx=20, sft=20, comparisons=10, prompts=10, validation=5, probe=5)
+  ot.write_offline_task(tmp_path, ot.TaskConfig(), small, seed=3)
+  assert ot.read_probe(tmp_path) == [r["prompt"] for r in ot.probe_records(ot.TaskConfig(),
+                                                                           small, 3)]
+  ot.check_prepared(tmp_path, ot.TaskConfig(), small, 3)
+  with pytest.raises(UserError, match="config.data.task.filler_rate: .* generated with 0.75"):
+    ot.check_prepared(tmp_path, ot.TaskConfig(filler_rate=0.5), small, 3)
+  with pytest.raises(UserError, match="config.data.task_seed"):
+    ot.check_prepared(tmp_path, ot.TaskConfig(), small, 4)

@@ -80,7 +80,11 @@ def test_rm_beats_length_baseline_and_is_normalised(pipeline):
   with open(os.path.join(workdir, "rm", "model", common.STAGE_META)) as f:
     meta = json.load(f)
   assert abs(meta["demonstrations_mean_after"]) < 1e-4
-  assert meta["reward_bias"] == pytest.approx(-meta["demonstrations_mean_before"])
+  # reward = gain * (score - demonstrations mean), gain = 1 / std of the compared responses.
+  assert meta["reward_gain"] == pytest.approx(1 / meta["sample_std_before"])
+  assert meta["reward_bias"] == pytest.approx(-meta["demonstrations_mean_before"]
+                                              * meta["reward_gain"])
+  assert meta["sample_std_after"] == pytest.approx(1.0, abs=1e-4)
   # The bias is folded into the saved scalar head: every consumer gets normalised rewards.
   model = load_model(os.path.join(workdir, "rm", "model"), head="scalar")
   from rlhf_jax import sharding
@@ -91,6 +95,11 @@ def test_rm_beats_length_baseline_and_is_normalised(pipeline):
   mean, n = rm.demonstration_reward_mean(model.cfg, params, source,
                                          load_tokenizer(model.tokenizer_dir), mesh, rm_config)
   assert n == 64 and abs(mean) < 1e-4
+  comparisons = builders.load_source(os.path.join(workdir, "data", "tfds"), "comparisons", "train")
+  std, count = rm.sample_reward_std(model.cfg, params, comparisons,
+                                    load_tokenizer(model.tokenizer_dir), mesh, rm_config,
+                                    meta["k_max"])
+  assert count >= 2 * 64 and std == pytest.approx(1.0, abs=1e-4)
 
 
 @pytest.mark.slow

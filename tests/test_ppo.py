@@ -1,6 +1,7 @@
 """PPO-ptx: estimators and losses against float64 numpy references, and the jitted iteration's
-invariants (ratio 1 on the first minibatch, the ptx gradient summed into the same update,
-sharded == 1 device)."""
+invariants (ratio 1 on the first minibatch, the ptx gradient summed into the same update, each
+term clipped by its own norm, the EMA per optimizer step, sharded == 1 device, no buffer shared
+between the frozen models and the donated state, the gold reward)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -241,7 +242,144 @@ def test_sharded_iteration_equals_one_device():
     assert float(got_metrics[k]) == pytest.approx(float(ref_metrics[k]), abs=1e-5)
 
 
+def _with_txs(state, txs):
+  state["opt_state"] = {k: txs[k].init(state["params"][k]) for k in ("policy", "value")}
+  return state
+
+
+def _sgd_txs(lr, clip=0.0):
+  tx = optax.sgd(lr) if not clip else optax.chain(optax.clip_by_global_norm(clip), optax.sgd(lr))
+  return {"policy": tx, "value": optax.sgd(lr)}
+
+
+def _delta(after, before):
+  return jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), after,
+                      before)
+
+
+def _norm(tree):
+  return float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree))))
+
+
+def test_each_term_is_clipped_by_its_own_norm():
+  """Plain PPO: the iteration's clip == the old clip inside the policy optimizer. With ptx (coef
+  large), the policy step is -lr (clip(g_ppo) + clip(g_ptx)), the ptx part computed by hand: the
+  PPO part is not scaled down by the ptx gradient's size."""
+  lr, clip, coef = 0.1, 1e-3, 20.0
+  one = dict(minibatches=1, epochs=1)
+  state, frozen, batch, ptx, _ = _setup(None)
+  policy0 = jax.tree.map(np.asarray, state["params"]["policy"])
+  txs = _sgd_txs(lr, clip)
+  old, old_m, _ = _run(_settings(**one), _with_txs(state, txs), frozen, batch, txs)
+  state, frozen, batch, ptx, _ = _setup(None)
+  txs = _sgd_txs(lr)
+  plain, plain_m, _ = _run(_settings(grad_clip=clip, **one), _with_txs(state, txs), frozen, batch,
+                           txs)
+  for a, b_ in zip(jax.tree.leaves(plain["params"]), jax.tree.leaves(old["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-7)
+  assert float(plain_m["grad_norm_ppo"]) > 10 * clip       # the clip is active
+  assert "grad_norm_ptx" not in plain_m and "ptx_loss" not in plain_m
+  ppo_step = _delta(plain["params"]["policy"], policy0)
+  assert _norm(ppo_step) == pytest.approx(lr * clip, rel=1e-4)
+
+  state, frozen, batch, ptx, _ = _setup(None)
+  mixed, m, _ = _run(_settings(grad_clip=clip, ptx_coef=coef, ptx_rows=B, **one),
+                     _with_txs(state, txs), frozen, {**batch, **ptx}, txs)
+
+  def ptx_term(p):
+    from rlhf_jax.train import common
+    rows = {k[4:]: jnp.asarray(v) for k, v in ptx.items()}
+    s_, c_ = losses.lm_loss(common.forward(CFG, "lm", p, rows), rows["tokens"], rows["loss_mask"])
+    return coef * s_ / c_
+  g_ptx = jax.tree.map(lambda g: np.asarray(g, np.float64), jax.grad(ptx_term)(policy0))
+  norm_ptx = _norm(g_ptx)
+  assert float(m["grad_norm_ptx"]) == pytest.approx(norm_ptx, rel=1e-4)
+  assert norm_ptx > 10 * clip
+  assert float(m["grad_norm_ppo"]) == pytest.approx(float(plain_m["grad_norm_ppo"]), rel=1e-5)
+  expect = jax.tree.map(lambda a, g: a - lr * clip / norm_ptx * g, ppo_step, g_ptx)
+  got = _delta(mixed["params"]["policy"], policy0)
+  for a, b_ in zip(jax.tree.leaves(got), jax.tree.leaves(expect)):
+    np.testing.assert_allclose(a, b_, atol=1e-7)
+  # One clip of the sum would have made the step at most lr * clip long.
+  assert _norm(got) > 1.3 * lr * clip
+
+
+def _recording_sgd(lr, log):
+  """SGD that appends every new parameter value to `log` (host side, in order)."""
+  base = optax.sgd(lr)
+
+  def update(grads, state, params):
+    upd, state = base.update(grads, state, params)
+    jax.debug.callback(lambda p, u: log.append(jax.tree.map(lambda a, b: np.asarray(a + b), p, u)),
+                       params, upd, ordered=True)
+    return upd, state
+  return optax.GradientTransformation(base.init, update)
+
+
+def test_ema_moves_after_every_optimizer_step():
+  """ema_decay d, 2 epochs x 2 minibatches: the EMA is the per-step recursion
+  e <- d e + (1 - d) p_k over the 4 updates, and a skipped (non-finite) update does not move it."""
+  d = 0.5
+  s = _settings(ema_decay=d)
+  state, frozen, batch, _, _ = _setup(s)
+  log = []
+  txs = {"policy": _recording_sgd(0.3, log), "value": optax.sgd(0.3)}
+  state = _with_txs(state, txs)
+  state["ema"] = jax.tree.map(jnp.copy, state["params"]["policy"])
+  policy0 = jax.tree.map(np.asarray, state["params"]["policy"])
+  it = jax.jit(ppo.make_iteration(CFG, CFG, CFG, s, txs))
+  new, metrics, _ = it(state, frozen, batch, jax.random.key(7))
+  jax.effects_barrier()
+  assert len(log) == 4 and float(metrics["nonfinite"]) == 0
+  ema = policy0
+  for p in log:
+    ema = jax.tree.map(lambda e_, p_: d * e_ + (1 - d) * p_, ema, p)
+  once = jax.tree.map(lambda e_, p_: d * e_ + (1 - d) * p_, policy0, log[-1])
+  for a, b_, c_ in zip(jax.tree.leaves(new["ema"]), jax.tree.leaves(ema), jax.tree.leaves(once)):
+    np.testing.assert_allclose(np.asarray(a), b_, rtol=1e-5, atol=1e-6)
+  assert max(float(np.max(np.abs(np.asarray(a) - c_)))
+             for a, c_ in zip(jax.tree.leaves(new["ema"]), jax.tree.leaves(once))) > 1e-3
+  for a, b_ in zip(jax.tree.leaves(new["params"]["policy"]), jax.tree.leaves(log[-1])):
+    np.testing.assert_allclose(np.asarray(a), b_, atol=1e-7)   # (XLA may fuse p + u)
+
+  # A NaN reference makes every minibatch non-finite: nothing moves, the EMA included.
+  state, frozen, batch, _, _ = _setup(s)
+  state = _with_txs(state, txs)
+  state["ema"] = jax.tree.map(lambda x: x + 1.0, state["params"]["policy"])
+  ema0 = jax.tree.map(np.asarray, state["ema"])
+  frozen["ref"] = jax.tree.map(lambda x: x * jnp.nan, frozen["ref"])
+  new, metrics, _ = it(state, frozen, batch, jax.random.key(7))
+  assert float(metrics["nonfinite"]) == 4
+  for a, b_ in zip(jax.tree.leaves(new["ema"]), jax.tree.leaves(ema0)):
+    np.testing.assert_array_equal(np.asarray(a), b_)
+
+
+def test_frozen_models_share_no_buffer_with_the_donated_state():
+  """`ppo.place` from jax.Arrays already on the device, the value function being the very arrays
+  of the reward model (value_from == reward_model): two donated iterations run."""
+  s = _settings(ema_decay=0.9)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  keys = jax.random.split(jax.random.key(0), 2)
+  policy, rm = init_params(CFG, keys[0], "lm"), init_params(CFG, keys[1], "scalar")
+  assert isinstance(jax.tree.leaves(policy)[0], jax.Array)
+  txs = {"policy": optax.adam(1e-3), "value": optax.adam(1e-3)}
+  shardings = ppo.state_shardings(CFG, CFG, txs, mesh, ema=True)
+  frozen_sh = {"ref": shardings["params"]["policy"], "rm": shardings["params"]["value"]}
+  state, frozen = ppo.place(policy, rm, rm, txs, shardings, frozen_sh, 0.1)
+  _, _, batch, _, _ = _setup(s)
+  step = ppo.jit_iteration(ppo.make_iteration(CFG, CFG, CFG, s, txs, mesh), shardings, frozen_sh,
+                           batch, mesh)
+  for i in range(2):
+    with sharding.activate(mesh):
+      state, metrics, _ = step(state, frozen, batch, jax.random.key(i))
+    assert np.isfinite(float(metrics["reward"]))
+  assert int(state["step"]) == 2
+
+
 # ----------------------------------------------------------------------------- bad input
+
+SIZES = {"ptx": 50, "sft": 50, "comparisons": 20, "prompts": 64, "validation": 16}
+
 
 @pytest.fixture(scope="module")
 def ppo_inputs(tmp_path_factory):
@@ -251,7 +389,7 @@ def ppo_inputs(tmp_path_factory):
   from rlhf_jax.data.offline_task import OfflineSizes
   root = tmp_path_factory.mktemp("ppo_inputs")
   data = root / "data"
-  sizes = OfflineSizes(ptx=50, sft=50, comparisons=20, prompts=64, validation=16)
+  sizes = OfflineSizes(**SIZES)
   paths = prepare.prepare_offline(str(data), sizes=sizes)
   cfg = ModelConfig(vocab_size=512, num_layers=1, d_model=32, num_heads=2, num_kv_heads=2,
                     head_dim=16, d_ff=64, max_len=128)
@@ -284,7 +422,8 @@ def _ppo_args(root, cfg, **over):
           "model.d_model": 32, "model.num_heads": 2, "model.num_kv_heads": 2,
           "model.head_dim": 16, "model.d_ff": 64, "model.max_len": 128,
           "ppo.num_iterations": 2, "ppo.batch_size": 8, "ppo.minibatches": 2,
-          "ppo.prompt_len": 32, "ppo.response_len": 8, "ppo.ptx_seq_len": 32}
+          "ppo.prompt_len": 32, "ppo.response_len": 8, "ppo.ptx_seq_len": 32,
+          **{f"data.task.{k}": v for k, v in SIZES.items()}}   # (as the fixture prepared it)
   args.update(over)
   return [f"--config.{k}={v}" for k, v in args.items()]
 
@@ -295,6 +434,7 @@ def _ppo_args(root, cfg, **over):
     ({"value_from": "RM_OTHER"}, "config.value_from"),
     ({"reward_model": "RM_OTHER", "value_from": "RM_OTHER"}, "config.reward_model"),
     ({"reward_model": "SFT"}, "config.reward_model"),
+    ({"reward_model": "gold", "data.source": "dir"}, "config.reward_model"),
 ])
 def test_bad_ppo_input_is_one_line_exit_2(ppo_inputs, tmp_path, over, needle):
   root, cfg = ppo_inputs
@@ -313,3 +453,88 @@ def test_bench_iteration_runs_twice():
   run = ppo.bench_iteration(CFG, num_prompts=4, prompt_len=6, response_len=4)
   m1, m2 = run(), run()
   assert np.isfinite(float(m1["value_loss"])) and np.isfinite(float(m2["value_loss"]))
+
+
+# ----------------------------------------------------------------------------- gold reward
+
+def _episodes(tok, prompts, responses, prompt_len, n):
+  """(tokens (B, P + N), lengths, response texts as decoded): EOS after a response that fits."""
+  from rlhf_jax.data import encoding
+  rows, lengths, texts = [], [], []
+  for prompt, response in zip(prompts, responses):
+    ids = list(tok.encode(response))[:n]
+    texts.append(tok.decode(ids))
+    ids += [tok.eos_id] if len(ids) < n else []
+    lengths.append(len(ids))
+    head = encoding.prompt_row(tok.encode(prompt), tok.bos_id, tok.pad_id, prompt_len)["tokens"]
+    rows.append(np.concatenate([head, ids + [tok.pad_id] * (n - len(ids))]))
+  return np.asarray(rows, np.int32), np.asarray(lengths, np.int32), texts
+
+
+def test_gold_score_fn_is_the_gold_labeler_on_decoded_texts(ppo_inputs):
+  from rlhf_jax.data import load_tokenizer, offline_task
+  from rlhf_jax.errors import UserError
+  from rlhf_jax.train import common
+  root, _ = ppo_inputs
+  tok = load_tokenizer(str(root / "data" / "tokenizer"))
+  source = common.load_split(str(root / "data" / "tfds"), "prompts", "train", "train_split")
+  prompts = [ppo._text(source[i]["prompt"]) for i in range(4)]
+  answers = [offline_task.answer_text(*offline_task.parse_prompt(q)) for q in prompts]
+  responses = [answers[0], answers[1] + " fig" * 12, "", " 7 pear"]
+  p_len, n, scale = 32, 10, 2.0
+  tokens, lengths, texts = _episodes(tok, prompts, responses, p_len, n)
+  assert lengths[1] == n and tokens[1, -1] != tok.eos_id     # a response cut without EOS
+  expect = [scale * offline_task.gold_score(q, a) for q, a in zip(prompts, texts)]
+  assert expect[0] == scale and expect[2] == 0.0
+  fn = ppo.gold_score_fn(tok, scale)
+  got = jax.jit(lambda t, l: fn(t, l, p_len))(tokens, lengths)
+  np.testing.assert_allclose(np.asarray(got), expect, rtol=1e-6)
+  # As the iteration calls it: inside lax.map over minibatches.
+  split = jax.jit(lambda t, l: jax.lax.map(lambda x: fn(x[0], x[1], p_len),
+                                           (t.reshape(2, 2, -1), l.reshape(2, 2))))
+  np.testing.assert_allclose(np.asarray(split(tokens, lengths)).reshape(-1), expect, rtol=1e-6)
+  shifted = ppo.gold_score_fn(tok, scale, shift=0.25)
+  np.testing.assert_allclose(np.asarray(jax.jit(lambda t, l: shifted(t, l, p_len))(
+      tokens, lengths)), [e - scale * 0.25 for e in expect], rtol=1e-6)
+  assert [q for q, _ in ppo.episode_texts(tok, tokens, lengths, p_len)] == prompts
+  ppo.check_gold_prompts(source, tok, p_len)
+  with pytest.raises(UserError, match="config.ppo.prompt_len"):
+    ppo.check_gold_prompts(source, tok, 6)
+
+
+def test_gold_reward_run_writes_ppo_oracle(ppo_inputs, tmp_path):
+  """config.reward_model='gold' end to end: no reward model loaded, stage ppo_oracle, and the
+  iteration's reward (the gold labeler in the jitted step) equals the host-side gold score."""
+  import json
+  root, cfg = ppo_inputs
+  workdir = tmp_path / "w"
+  proc = _main(_ppo_args(root, cfg, reward_model="gold", **{"ppo.ptx_coef": 0.0,
+                                                            "ppo.log_every": 1,
+                                                            "ppo.gold_reward_scale": 1.0}),
+               workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (workdir / "ppo_oracle" / "model").is_dir() and not (workdir / "ppo").exists()
+  rows = [json.loads(line) for line in open(workdir / "ppo_oracle" / "metrics.jsonl")]
+  assert len(rows) == 2
+  for row in rows:
+    assert row["reward"] == pytest.approx(row["gold_score"], abs=1e-6)
+    assert "grad_norm_ppo" in row and "grad_norm_ptx" not in row
+
+
+
+def test_gold_reward_is_normalised_by_the_collect_stage(tmp_path):
+  """gold_reward_scale 0: (gold - mean) / std of the gold score of the SFT samples collect
+  ranked (the RM's normalisation); a scale > 0 is used as given; no collect.json: one line."""
+  import json
+  import ml_collections
+  from rlhf_jax.errors import UserError
+  config = ml_collections.ConfigDict({"ppo": {"gold_reward_scale": 0.0},
+                                      "data": {"train_split": "train"}})
+  with pytest.raises(UserError, match="config.ppo.gold_reward_scale: 0 normalises"):
+    ppo.gold_reward_norm(config, str(tmp_path))
+  (tmp_path / "collect").mkdir()
+  stats = {"splits": {"train": {"mean_gold_score": 0.4, "gold_score_std": 0.25}}}
+  (tmp_path / "collect" / "collect.json").write_text(json.dumps(stats))
+  assert ppo.gold_reward_norm(config, str(tmp_path)) == (0.4, 4.0)
+  config.ppo.gold_reward_scale = 2.0
+  assert ppo.gold_reward_norm(config, str(tmp_path)) == (0.0, 2.0)

@@ -1,6 +1,7 @@
 """rlhf_jax.report: event files decoded by an independent reader (our own TFRecord framing, CRC-32C
 and protobuf wire-format decoding; TensorBoard's EventAccumulator too when installed), metrics.jsonl
-reading of killed and resumed runs, PNG size, exact table text."""
+reading of killed and resumed runs, PNG size (the curves and the over-optimisation plot), exact
+table text."""
 import glob
 import json
 import math
@@ -302,6 +303,39 @@ def test_plot_curves_writes_one_png_of_the_right_size(tmp_path):
                              panel_size=(5.0, 2.0), dpi=50)
   assert drawn == {"reward": ["ppo (train)", "ppo (eval)"]}
   assert _png_size(out) == (250, 100)
+
+
+def test_overoptimisation_plot_from_synthetic_metrics(tmp_path):
+  ppo = [{"kind": "train", "step": s, "kl": 0.5 * s - 0.01, "reward": 0.3 * s,
+          "gold_score": 0.5 + 0.1 * s - 0.03 * s * s} for s in range(5)]
+  ppo.insert(2, {"kind": "eval", "step": 1, "kl": 99.0, "reward": 99.0})   # not the rollout's
+  ppo.append({"kind": "train", "step": 5, "kl": 2.4, "reward": 1.4})      # no gold score
+  path = tmp_path / "ppo" / "metrics.jsonl"
+  path.parent.mkdir()
+  path.write_text("".join(json.dumps(r) + "\n" for r in ppo) + '{"kind": "tra')   # killed
+  curve = report.kl_curve(report.read_metrics(str(path)))
+  assert curve["steps"] == [0, 1, 2, 3, 4, 5]
+  assert curve["kl"] == pytest.approx([-0.01, 0.49, 0.99, 1.49, 1.99, 2.4])
+  assert curve["reward"] == pytest.approx([0.0, 0.3, 0.6, 0.9, 1.2, 1.4])
+  assert curve["gold_score"][:5] == pytest.approx([0.5, 0.57, 0.58, 0.53, 0.42])
+  assert curve["gold_score"][5] is None
+  oracle = [{"step": s, "kl": 0.2 * s, "reward": 0.1 * s, "gold_score": 0.1 * s}
+            for s in range(3)]        # no 'kind': every record counts
+  assert report.kl_curve(oracle)["steps"] == [0, 1, 2]
+  out = str(tmp_path / "plots" / "overoptimisation.png")
+  drawn = report.plot_overoptimisation(
+      {"ppo": str(path), "ppo_oracle": oracle}, out,
+      best_of_n={"best-of-N by RM": [(0.0, 0.5, 0.0), (math.log(4) - 0.75, 0.6, 0.8)]},
+      finals={"ppo": (2.4, 0.4, 1.4), "base": (None, None, None), "sft": (0.0, 0.5, None)},
+      rm_free=("ppo_oracle",))
+  assert drawn == {"gold": ["ppo", "ppo_oracle", "best-of-N by RM", "ppo (final)", "sft (final)"],
+                   "rm": ["ppo", "best-of-N by RM", "ppo (final)"]}
+  assert _png_size(out) == (1000, 380)
+  assert os.path.getsize(out) > 5000
+  assert os.listdir(tmp_path / "plots") == ["overoptimisation.png"]
+  # Nothing to draw still writes the figure (each panel says "no data").
+  assert report.plot_overoptimisation({}, out, dpi=50) == {"gold": [], "rm": []}
+  assert _png_size(out) == (500, 190)
 
 
 def test_plot_curves_needs_a_key(tmp_path):

@@ -12,7 +12,9 @@ building from changed files is refused unless `overwrite=True`.
 Features (text is stored as UTF-8 and read back as bytes):
   ptx          text: Text
   sft          prompt: Text, response: Text
-  comparisons  prompt: Text, responses: Sequence(Text), ranks: Tensor((None,), int32)
+  comparisons  prompt: Text, responses: Sequence(Text), ranks: Tensor((None,), int32),
+               and the sampled ids when the records have them (else empty): response_ids (all
+               responses' ids concatenated), id_lengths and ended, each Tensor((None,), int32)
   prompts      prompt: Text
 """
 import hashlib
@@ -35,16 +37,21 @@ def _features(kind):
   if kind == schema.SFT:
     return {"prompt": text(), "response": text()}
   if kind == schema.COMPARISONS:
-    return {"prompt": text(), "responses": tfds.features.Sequence(text()),
-            "ranks": tfds.features.Tensor(shape=(None,), dtype=np.int32)}
+    ints = lambda: tfds.features.Tensor(shape=(None,), dtype=np.int32)
+    return {"prompt": text(), "responses": tfds.features.Sequence(text()), "ranks": ints(),
+            "response_ids": ints(), "id_lengths": ints(), "ended": ints()}
   return {"prompt": text()}
 
 
 def _example(record, kind):
   """A validated JSONL record as a TFDS example."""
   if kind == schema.COMPARISONS:
+    ids = record.get("response_ids", [])
     return {"prompt": record["prompt"], "responses": list(record["responses"]),
-            "ranks": np.asarray(record["ranks"], np.int32)}
+            "ranks": np.asarray(record["ranks"], np.int32),
+            "response_ids": np.asarray([t for r in ids for t in r], np.int32),
+            "id_lengths": np.asarray([len(r) for r in ids], np.int32),
+            "ended": np.asarray(record.get("ended", []), np.int32)}
   return dict(record)
 
 

@@ -71,8 +71,12 @@ def right_pad_document(doc, seq_len, pad_id):
           "loss_mask": loss_mask, "last_index": np.int32(length - 1)}
 
 
-def comparison_rows(prompt_ids, responses_ids, ranks, bos_id, eos_id, pad_id, seq_len, k_max):
+def comparison_rows(prompt_ids, responses_ids, ranks, bos_id, eos_id, pad_id, seq_len, k_max,
+                    ended=None):
   """K responses to one prompt as K_max right-padded rows `[bos] prompt response [eos] pad...`.
+
+  `ended` (K bools, default all True): a response sampled without reaching EOS gets no eos, so
+  the reward is read at its last token, as PPO reads it.
 
   When a row would not fit, the prompt loses tokens from its left (the same number in every row,
   bos is kept) until the longest response fits, but keeps at least half the row; a response that
@@ -83,8 +87,9 @@ def comparison_rows(prompt_ids, responses_ids, ranks, bos_id, eos_id, pad_id, se
   response_valid (K_max,).
   """
   k = len(responses_ids)
-  tails = [np.concatenate([np.asarray(r, np.int32), np.asarray([eos_id], np.int32)])
-           for r in responses_ids]
+  ended = [True] * k if ended is None else [bool(e) for e in ended]
+  tails = [np.concatenate([np.asarray(r, np.int32), np.asarray([eos_id] if e else [], np.int32)])
+           for r, e in zip(responses_ids, ended)]
   n_bos = 0 if bos_id is None else 1
   prompt_ids = np.asarray(prompt_ids, np.int32)
   room = max(seq_len - n_bos - max(len(t) for t in tails), (seq_len - n_bos) // 2)

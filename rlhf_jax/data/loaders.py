@@ -193,16 +193,31 @@ def sft_loader(source, tokenizer, *, batch_size, seq_len, seed=0, num_epochs=Non
 # ---------------------------------------------------------------- ranked comparisons (RM)
 
 
+def sampled_ids(record):
+  """(per-response token ids, ended flags) of a comparisons record sampled from a policy (the
+  collect stage stores them), or (None, None) for text-only records."""
+  ended = record.get("ended")
+  if ended is None or len(ended) != len(record["responses"]):
+    return None, None
+  if "id_lengths" not in record:   # a JSONL record: one list per response
+    return [np.asarray(r, np.int32) for r in record["response_ids"]], [bool(e) for e in ended]
+  flat, lengths = np.asarray(record["response_ids"]), np.asarray(record["id_lengths"])  # TFDS
+  starts = np.concatenate([[0], np.cumsum(lengths)])
+  return [flat[a:b] for a, b in zip(starts[:-1], starts[1:])], [bool(e) for e in ended]
+
+
 def _encode_comparison(item, tokenizer, seq_len, k_max):
   index, record = item
   responses = [_text(r) for r in record["responses"]]
   if len(responses) > k_max:
     raise UserError(f"comparisons record {index} has {len(responses)} responses but k_max is "
                     f"{k_max} (expected k_max >= the largest K in the data)")
-  rows = encoding.comparison_rows(tokenizer.encode(_text(record["prompt"])),
-                                  [tokenizer.encode(r) for r in responses],
+  ids, ended = sampled_ids(record)
+  if ids is None:    # text comparisons (human data): encode the text, every response ends
+    ids = [tokenizer.encode(r) for r in responses]
+  rows = encoding.comparison_rows(tokenizer.encode(_text(record["prompt"])), ids,
                                   np.asarray(record["ranks"], np.int32), tokenizer.bos_id,
-                                  tokenizer.eos_id, tokenizer.pad_id, seq_len, k_max)
+                                  tokenizer.eos_id, tokenizer.pad_id, seq_len, k_max, ended)
   rows["index"] = np.int32(index)
   return rows
 

@@ -8,19 +8,49 @@ It stands in for human data on a machine with no internet. Every prompt is one l
   count    "How many times does fig appear in: fig kiwi fig" -> " 2"
   add      "What is 23 plus 58?"                            -> " 81"
 
-each with two phrasings. The gold labeler `gold_score(prompt, response)` is a pure function with
-graded partial credit in [0, 1]:
+each with two phrasings. The gold labeler `gold_score(prompt, response)` is a pure function in
+[0, 1]: the correctness of the answer times a penalty for each flaw,
+
+  gold = correctness x FLAW_PENALTY ** (filler words + hallucinated words),   FLAW_PENALTY = 1/2
+
+where correctness (`content_score`) is the graded partial credit of the response with its filler
+words removed:
   sort, reverse  1 - (word-level edit distance to the answer) / max(len(response), len(answer))
   count          1 / (1 + |n - answer|) for the first word n, divided by the number of words
   add            fraction of digits right (aligned from the right, over the longer number), divided
                  by the number of words
-A response with no usable first word scores 0.
+A response with no usable first word scores 0. Like InstructGPT's labelers, who rated
+hallucination and not following the instruction as the gravest faults, the labeler cares more
+about a made-up word or a habit word than about one slip in the answer: each halves the score.
+
+Why RLHF can help here: judging is easier than doing. Human demonstrations are not perfect, and
+their flaws are systematic habits more than random slips. The training demonstrations carry three
+kinds of flaw (`TaskConfig`), which SFT imitates:
+
+  filler         a habit word appended to the answer (" apple fig ok"), `filler_rate` of them;
+  hallucination  a word that is not in the prompt inserted into a sort/reverse/count answer
+                 (closed-domain hallucination, the paper's 41% -> 21% metric), `hallucination_rate`;
+  mistakes       one plausible slip (a swap, a wrong/missing/doubled word, a digit or count off by a
+                 little), `demo_error_rate`.
+
+The gold labeler penalises all three through the same partial credit (an extra word costs as much
+as a wrong one). A small reward model trained on ranked SFT samples can learn to see the first two
+(is a word a filler? does a word of the answer occur in the prompt? both are one attention
+lookup) long before it can sort or add itself; so PPO against it removes them, and the content of
+the answers gets more right, not only their style. The evaluation reports both: `content_score`
+(the gold score with filler words removed: correctness alone), `has_filler` and
+`hallucinated_words` per response.
+
+A capability probe that only the pretraining text teaches (`probe_records`, `probe_score`): the
+pretraining sentences "the list fig pear kiwi has 3 words." give rise to prompts "the list fig
+pear kiwi has" whose continuation must start with the right count. No demonstration has this form,
+so it measures what RLHF costs in capabilities (the paper's "alignment tax") and what the ptx term
+restores.
 
 Difficulty knobs (`TaskConfig`): which families, how many distinct words, list lengths, operand
-range, and `demo_error_rate`, the fraction of training demonstrations that carry one mistake (as
-human demonstrators do) so that SFT alone is imperfect while the gold labeler still knows better.
-Pretraining text uses the same words and numbers (sums, alphabetical order, list lengths).
-Everything is generated from a seed with numpy's Generator: the same seed gives the same files.
+range, and the three flaw rates. Pretraining text uses the same words and numbers (sums,
+alphabetical order, list lengths). Everything is generated from a seed with numpy's Generator: the
+same seed gives the same files.
 """
 import dataclasses
 import json
@@ -39,6 +69,7 @@ FAMILIES = ("sort", "reverse", "count", "add")
 WORDS = ("apple", "pear", "fig", "plum", "kiwi", "lime", "date", "grape", "lemon", "mango",
          "melon", "peach", "berry", "olive", "cherry", "guava", "bean", "corn", "rice", "oat",
          "nut", "pea", "yam", "leek")
+FILLERS = ("ok", "sure", "done")   # habit words of the demonstrators; never task words
 ADJECTIVES = ("red", "green", "small", "big", "ripe", "sweet", "sour", "fresh")
 
 TEMPLATES = {
@@ -57,11 +88,13 @@ _FIELD_PATTERNS = {"items": r"(?P<items>[a-z]+(?: [a-z]+)*)", "word": r"(?P<word
 class TaskConfig:
   """Knobs of the offline task; the defaults suit the `tiny` model on a CPU in minutes."""
   families: tuple = FAMILIES
-  num_words: int = 16          # distinct words used, the first of WORDS
+  num_words: int = 8           # distinct words used, the first of WORDS
   min_items: int = 2           # list length range of sort / reverse / count
-  max_items: int = 6
-  max_operand: int = 99        # add: operands in 0..max_operand
+  max_items: int = 4
+  max_operand: int = 10        # add: operands in 0..max_operand
   demo_error_rate: float = 0.15  # fraction of training demonstrations with one mistake
+  filler_rate: float = 0.75    # ... ending with a filler word (FILLERS)
+  hallucination_rate: float = 0.3  # ... of sort/reverse/count with a word not in the prompt
 
   def validate(self):
     """Raises a UserError naming the first bad knob."""
@@ -78,9 +111,10 @@ class TaskConfig:
                       f"{self.max_items})")
     if self.max_operand < 1:
       raise UserError(f"offline task: max_operand must be >= 1 (got {self.max_operand})")
-    if not 0.0 <= self.demo_error_rate <= 1.0:
-      raise UserError(f"offline task: demo_error_rate must be in [0, 1] "
-                      f"(got {self.demo_error_rate})")
+    for field in ("demo_error_rate", "filler_rate", "hallucination_rate"):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise UserError(f"offline task: {field} must be in [0, 1] (got {value!r})")
     return self
 
 
@@ -192,17 +226,59 @@ def score_answer(family, args, response):
   return credit / len(words)
 
 
-def gold_score(prompt, response):
-  """Gold score in [0, 1] of `response` to an offline-task `prompt`; deterministic and pure."""
+FLAW_PENALTY = 0.5   # the gold score's factor per filler or hallucinated word
+
+
+def _parse(prompt):
   parsed = parse_prompt(prompt)
   if parsed is None:
     raise UserError(f"gold labeler: not an offline-task prompt: {prompt[:60]!r}")
-  return score_answer(*parsed, response)
+  return parsed
+
+
+def analyze(prompt, response):
+  """The gold labeler's view of one response: {'family', 'gold', 'content' (correctness: the
+  partial credit with filler words removed), 'filler' (number of filler words), 'hallucinated'
+  (words of a sort/reverse/count answer, fillers and numbers aside, that are not in the prompt's
+  list; None for add)}; gold = content x FLAW_PENALTY ** (filler + hallucinated)."""
+  family, args = _parse(prompt)
+  words = response.split()
+  fillers = sum(w in FILLERS for w in words)
+  content = score_answer(family, args, " ".join(w for w in words if w not in FILLERS))
+  hallucinated = None
+  if family != "add":
+    allowed = set(args["items"])
+    hallucinated = sum(1 for w in words if w not in allowed and w not in FILLERS
+                       and not w.isdigit())
+  gold = content * FLAW_PENALTY ** (fillers + (hallucinated or 0))
+  return {"family": family, "gold": gold, "content": content, "filler": fillers,
+          "hallucinated": hallucinated}
+
+
+def gold_score(prompt, response):
+  """Gold score in [0, 1] of `response` to an offline-task `prompt`; deterministic and pure."""
+  return analyze(prompt, response)["gold"]
 
 
 def gold_scores(prompts, responses):
   """Gold scores of paired lists, as float32."""
   return np.asarray([gold_score(p, r) for p, r in zip(prompts, responses)], np.float32)
+
+
+def has_filler(response):
+  """Whether the response contains a filler word (FILLERS)."""
+  return any(w in FILLERS for w in response.split())
+
+
+def content_score(prompt, response):
+  """Correctness alone: the partial credit of the response with its filler words removed."""
+  return analyze(prompt, response)["content"]
+
+
+def hallucinated_words(prompt, response):
+  """Closed-domain hallucinations: words of a sort/reverse/count answer (filler words and numbers
+  aside) that do not occur in the prompt's list; None for the families without a list (add)."""
+  return analyze(prompt, response)["hallucinated"]
 
 
 # ---------------------------------------------------------------- mistakes
@@ -253,6 +329,38 @@ def candidate_response(family, args, config, rng, num_edits):
   return " " + " ".join(words)
 
 
+def hallucinate(family, args, words, config, rng):
+  """`words` with one task word that is not in the prompt's list inserted at a random place
+  (appended after a count); unchanged for add or when every task word is in the list."""
+  if family == "add":
+    return list(words)
+  outside = [w for w in WORDS[:config.num_words] if w not in args["items"]]
+  if not outside:
+    return list(words)
+  word = outside[int(rng.integers(len(outside)))]
+  i = len(words) if family == "count" else int(rng.integers(len(words) + 1))
+  return list(words[:i]) + [word] + list(words[i:])
+
+
+def demonstration(family, args, config, rng, flawed=True):
+  """A human-like demonstration: the answer with, independently, one mistake (demo_error_rate),
+  a hallucinated word (hallucination_rate) and a filler word at the end (filler_rate). With
+  `flawed` False (the validation split) it is the correct answer. The rng draws are the same in
+  number whatever the rates, so changing one rate does not reshuffle the rest."""
+  mistake, hallucination, filler = rng.random(3)
+  pick = int(rng.integers(len(FILLERS)))
+  words = answer_words(family, args)
+  if not flawed:
+    return " " + " ".join(words)
+  if mistake < config.demo_error_rate:
+    words = perturb_words(family, words, config, rng)
+  if hallucination < config.hallucination_rate:
+    words = hallucinate(family, args, words, config, rng)
+  if filler < config.filler_rate:
+    words = list(words) + [FILLERS[pick]]
+  return " " + " ".join(words)
+
+
 # ---------------------------------------------------------------- pretraining text
 
 
@@ -273,6 +381,26 @@ def _ptx_sentence(config, rng):
   return f"the {w1} and the {w2} are {ADJECTIVES[int(rng.integers(len(ADJECTIVES)))]}."
 
 
+PROBE_REGEX = re.compile(r"^the list (?P<items>[a-z]+(?: [a-z]+)*) has$")
+
+
+def probe_prompt(config, rng):
+  """A capability-probe prompt: the start of a pretraining sentence whose next word is a count,
+  "the list fig pear kiwi has" (-> " 3 words.")."""
+  words = WORDS[:config.num_words]
+  n = int(rng.integers(config.min_items, config.max_items + 1))
+  return "the list " + " ".join(words[i] for i in rng.integers(len(words), size=n)) + " has"
+
+
+def probe_score(prompt, response):
+  """1.0 when the first word of the continuation is the list's length, else 0.0."""
+  match = PROBE_REGEX.match(prompt)
+  if match is None:
+    raise UserError(f"capability probe: not a probe prompt: {prompt[:60]!r}")
+  words = response.split()
+  return float(bool(words) and words[0] == str(len(match.group("items").split(" "))))
+
+
 def ptx_document(config, rng):
   """A short pretraining document: 2 to 6 sentences over the task's words and numbers."""
   return " ".join(_ptx_sentence(config, rng) for _ in range(int(rng.integers(2, 7))))
@@ -287,8 +415,9 @@ class OfflineSizes:
   ptx: int = 4000
   sft: int = 2000
   comparisons: int = 1000
-  prompts: int = 1000
-  validation: int = 200        # records in each validation split
+  prompts: int = 5000          # RL prompts: the collect stage ranks SFT samples of each
+  validation: int = 400        # records in each validation split
+  probe: int = 200             # capability-probe prompts (probe_validation.jsonl)
   min_k: int = 4               # responses per comparison, drawn in min_k..max_k
   max_k: int = 6
   max_edits: int = 3           # candidate responses carry 0..max_edits mistakes
@@ -296,7 +425,7 @@ class OfflineSizes:
 
   def validate(self):
     """Raises a UserError naming the first bad size."""
-    for field in ("ptx", "sft", "comparisons", "prompts", "validation"):
+    for field in ("ptx", "sft", "comparisons", "prompts", "validation", "probe"):
       if getattr(self, field) < 1:
         raise UserError(f"offline task: {field} size must be >= 1 (got {getattr(self, field)})")
     if not schema.MIN_K <= self.min_k <= self.max_k <= schema.MAX_K:
@@ -305,7 +434,49 @@ class OfflineSizes:
     return self
 
 
-_STREAMS = {"held_out": 1, "sft": 2, "comparisons": 3, "prompts": 4, "ptx": 5, "labeler": 6}
+def config_fields():
+  """{field: default} of every knob of the task and its sizes: `config.data.task.*`."""
+  return {**dataclasses.asdict(TaskConfig()), **dataclasses.asdict(OfflineSizes())}
+
+
+def from_config(task):
+  """(TaskConfig, OfflineSizes) from `config.data.task` (a mapping of `config_fields()`), checked
+  field by field: a UserError names `config.data.task.<field>` and what was expected."""
+  defaults = config_fields()
+  task = dict(task)
+  for field in task:
+    if field not in defaults:
+      raise UserError(f"config.data.task.{field}: unknown field (expected some of "
+                      f"{', '.join(defaults)})")
+  values = {**defaults, **task}
+  for field, default in defaults.items():
+    value = values[field]
+    if field == "families":
+      if isinstance(value, str):
+        value = (value,)
+      if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"config.data.task.families must be a list of family names, got "
+                        f"{value!r}")
+      # --config.data.task.families=sort,count arrives as ('sort,count',)
+      values[field] = tuple(f.strip() for v in value for f in v.split(",") if f.strip())
+    elif isinstance(default, float):
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"config.data.task.{field} must be a number, got {value!r}")
+      values[field] = float(value)
+    elif isinstance(value, bool) or not isinstance(value, int):
+      raise UserError(f"config.data.task.{field} must be an integer, got {value!r}")
+  config = TaskConfig(**{k: values[k] for k in dataclasses.asdict(TaskConfig())})
+  sizes = OfflineSizes(**{k: values[k] for k in dataclasses.asdict(OfflineSizes())})
+  try:
+    config.validate()
+    sizes.validate()
+  except UserError as e:
+    raise UserError(f"config.data.task: {e}".replace("offline task: ", "")) from None
+  return config, sizes
+
+
+_STREAMS = {"held_out": 1, "sft": 2, "comparisons": 3, "prompts": 4, "ptx": 5, "labeler": 6,
+            "probe": 7}
 
 
 def _rng(seed, stream, split):
@@ -342,7 +513,7 @@ def make_records(config=TaskConfig(), sizes=OfflineSizes(), seed=0):
   """All records of the offline task: {kind: {split: records}}, splits 'train' and 'validation'.
 
   Validation prompts never occur in any training split. Validation demonstrations are correct;
-  training ones carry a mistake with probability `config.demo_error_rate`.
+  training ones carry the flaws of `demonstration`.
   """
   config.validate()
   sizes.validate()
@@ -356,10 +527,8 @@ def make_records(config=TaskConfig(), sizes=OfflineSizes(), seed=0):
   for split, drawn, ptx_count in (("train", train, sizes.ptx),
                                   ("validation", held_out, sizes.validation)):
     rng = _rng(seed, "sft", split)
-    error_rate = config.demo_error_rate if split == "train" else 0.0
     records[schema.SFT][split] = [
-        {"prompt": p, "response": candidate_response(f, a, config, rng,
-                                                     int(rng.random() < error_rate))}
+        {"prompt": p, "response": demonstration(f, a, config, rng, flawed=split == "train")}
         for p, f, a in drawn["sft"]]
     records[schema.COMPARISONS][split] = _comparison_records(
         config, sizes, drawn["comparisons"], _rng(seed, "labeler", split))
@@ -367,6 +536,24 @@ def make_records(config=TaskConfig(), sizes=OfflineSizes(), seed=0):
     rng = _rng(seed, "ptx", split)
     records[schema.PTX][split] = [{"text": ptx_document(config, rng)} for _ in range(ptx_count)]
   return records
+
+
+def probe_records(config=TaskConfig(), sizes=OfflineSizes(), seed=0):
+  """The capability probe: [{'prompt': 'the list ... has'}] (`sizes.probe` of them)."""
+  rng = _rng(seed, "probe", "validation")
+  return [{"prompt": probe_prompt(config, rng)} for _ in range(sizes.probe)]
+
+
+PROBE_FILE = "probe_validation.jsonl"
+
+
+def read_probe(data_dir):
+  """The probe prompts written next to the task's files, or None when there are none."""
+  path = os.path.join(os.fspath(data_dir), PROBE_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line)["prompt"] for line in f if line.strip()]
 
 
 def tokenizer_corpus(records):
@@ -379,11 +566,33 @@ def tokenizer_corpus(records):
   return texts
 
 
+def check_prepared(out_dir, config, sizes, seed):
+  """UserError when the task in `out_dir` was generated with other knobs, sizes or seed than
+  asked for (a run must not silently train on another task than its config says)."""
+  path = os.path.join(os.fspath(out_dir), "offline_task.json")
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    found = json.load(f)
+  wanted = {"config": dataclasses.asdict(config), "sizes": dataclasses.asdict(sizes),
+            "seed": seed}
+  for part in ("config", "sizes"):
+    for field, value in wanted[part].items():
+      old = found.get(part, {}).get(field)
+      if (list(value) if isinstance(value, tuple) else value) != old:
+        raise UserError(f"config.data.task.{field}: the offline task in {out_dir} was generated "
+                        f"with {old!r}, not {value!r}; use another --workdir (or data.dir)")
+  if found.get("seed") != seed:
+    raise UserError(f"config.data.task_seed: the offline task in {out_dir} was generated with "
+                    f"seed {found.get('seed')!r}, not {seed!r}; use another --workdir")
+
+
 def write_offline_task(out_dir, config=TaskConfig(), sizes=OfflineSizes(), seed=0,
                        vocab_size=512):
   """Writes the offline task's JSONL files and its tokenizer under `out_dir`.
 
-  Layout: `{kind}_{split}.jsonl` for the four kinds and splits train/validation, `tokenizer/`
+  Layout: `{kind}_{split}.jsonl` for the four kinds and splits train/validation,
+  `probe_validation.jsonl` (the capability probe's prompts), `tokenizer/`
   (a Hugging Face tokenizer directory, byte-level BPE with <pad>=0, <bos>=1, <eos>=2) and
   `offline_task.json` (the config, sizes and seed). The same arguments give bit-for-bit the same
   files.
@@ -400,6 +609,10 @@ def write_offline_task(out_dir, config=TaskConfig(), sizes=OfflineSizes(), seed=
       path = os.path.join(out_dir, f"{kind}_{split}.jsonl")
       schema.write_jsonl(path, split_records, kind)
       paths[kind][split] = path
+  paths["probe"] = os.path.join(out_dir, PROBE_FILE)
+  with open(paths["probe"], "w", encoding="utf-8") as f:
+    for record in probe_records(config, sizes, seed):
+      f.write(json.dumps(record) + "\n")
   paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
   tokenizer_lib.train_byte_bpe(tokenizer_corpus(records), paths["tokenizer"], vocab_size)
   description = {"config": dataclasses.asdict(config), "sizes": dataclasses.asdict(sizes),

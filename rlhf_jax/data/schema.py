@@ -12,6 +12,13 @@ exactly these (an unknown or missing field is an error, so a typo never passes s
                                                   ranks differ
   prompts      {"prompt": str}                    a prompt for PPO rollouts or evaluation
 
+Comparisons sampled from a policy (the collect stage) may also carry, both or neither:
+  "response_ids": [[int, ...], ...]   the token ids the policy sampled for each response (without
+                                      EOS), which the reward model then trains on: the ids it will
+                                      score in PPO, not a re-encoding of the decoded text
+  "ended": [bool, ...]                whether each response ended with EOS (a truncated one is
+                                      trained on without EOS, as PPO scores it)
+
 Text is joined without any separator: the document is exactly `prompt + response`, so a prompt
 carries its own trailing marker ("\\n\\nAssistant:", "TL;DR:", "A:") and a response its own leading
 space. Responses may be empty (a policy that stopped at once); prompts may be empty.
@@ -36,6 +43,7 @@ FIELDS = {
     COMPARISONS: ("prompt", "responses", "ranks"),
     PROMPTS: ("prompt",),
 }
+OPTIONAL = {COMPARISONS: ("response_ids", "ended")}
 
 
 def check_kind(kind):
@@ -80,6 +88,18 @@ def _check_comparison(where, record):
   if len(set(ranks)) < 2:
     raise UserError(f"{where}: field 'ranks' must rank at least two responses differently "
                     f"(got all ties {ranks})")
+  if ("response_ids" in record) != ("ended" in record):
+    raise UserError(f"{where}: fields 'response_ids' and 'ended' go together (both or neither)")
+  if "response_ids" in record:
+    ids, ended = record["response_ids"], record["ended"]
+    if (not isinstance(ids, list) or len(ids) != k or not all(
+        isinstance(r, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                    for t in r) for r in ids)):
+      raise UserError(f"{where}: field 'response_ids' must be one list of token ids (integers "
+                      f">= 0) per response ({k})")
+    if not isinstance(ended, list) or len(ended) != k or not all(
+        isinstance(e, bool) for e in ended):
+      raise UserError(f"{where}: field 'ended' must be one boolean per response ({k})")
 
 
 def validate_record(record, kind, where):
@@ -98,9 +118,9 @@ def validate_record(record, kind, where):
       raise UserError(f"{where}: missing field '{field}' (a {kind} record has fields "
                       f"{', '.join(expected)})")
   for field in record:
-    if field not in expected:
+    if field not in expected + OPTIONAL.get(kind, ()):
       raise UserError(f"{where}: unknown field '{field}' (a {kind} record has fields "
-                      f"{', '.join(expected)})")
+                      f"{', '.join(expected + OPTIONAL.get(kind, ()))})")
   for field in expected:
     if field not in ("responses", "ranks"):
       _check_string(where, record, field)

@@ -130,6 +130,9 @@ def validate_config(config):
     raise UserError(f"config.data.source must be 'offline' or 'dir', got {config.data.source!r}")
   if config.data.source == "dir" and not config.data.dir:
     raise UserError("config.data.dir is required when config.data.source is 'dir'")
+  if config.data.source == "offline":
+    from rlhf_jax.data import offline_task  # pylint: disable=g-import-not-at-top
+    offline_task.from_config(config.data.get("task", {}))
 
 
 def check_mesh_batch(config, mesh):
@@ -371,10 +374,13 @@ def data_paths(config, workdir):
   if config.data.source == "offline":
     out = config.data.dir or os.path.join(workdir, "data")
     tfds_dir = os.path.join(out, "tfds")
+    from rlhf_jax.data import offline_task, prepare  # pylint: disable=g-import-not-at-top
+    task, sizes = offline_task.from_config(config.data.get("task", {}))
     if not os.path.isdir(tfds_dir):
-      from rlhf_jax.data import prepare  # pylint: disable=g-import-not-at-top
       print(f"preparing the offline task in {out}", flush=True)
-      prepare.prepare_offline(out, seed=config.data.task_seed)
+      prepare.prepare_offline(out, task, sizes, seed=config.data.task_seed)
+    else:
+      offline_task.check_prepared(out, task, sizes, config.data.task_seed)
     return tfds_dir, os.path.join(out, "tokenizer")
   tfds_dir = os.path.join(config.data.dir, "tfds")
   if not os.path.isdir(tfds_dir):

@@ -19,20 +19,45 @@ jitted pure function:
   3. per-token reward r_t = -beta * (logp_t - logp_ref_t) (+ the score at the last token)
      (`losses.kl_penalty_rewards`), optionally whitened; GAE with gamma 1 and lambda
      (`losses.gae`); advantages whitened over the real tokens of the batch;
-  4. `epochs` x `minibatches` updates inside `lax.scan`: the clipped policy loss, vf_coef x the
-     clipped value loss, and ptx_coef x the LM loss on this minibatch's share of the pretraining
-     rows, all in ONE gradient (the paper's gamma term is not a separate optimizer step). The old
-     log-probs/values of step 2 are computed on the same minibatch split as the first epoch, so the
-     first minibatch of the first epoch has ratio exactly 1 up to float rounding;
-  5. the KL coefficient: fixed, or the Ziegler et al. controller on the rollout's KL; optional EMA
-     of the policy weights (paper 0.992), which is what the stage saves.
+  4. `epochs` x `minibatches` updates inside `lax.scan`: the clipped policy loss plus vf_coef x
+     the clipped value loss (the PPO term), and ptx_coef x the LM loss on this minibatch's share of
+     the pretraining rows (the ptx term). Both terms are applied in the same AdamW step (the
+     paper's gamma term is not a separate optimizer step), but the policy gradient of each term is
+     clipped to `grad_clip` by its OWN global norm before they are summed:
 
-The policy and value function are separate networks with their own AdamW (own learning rates and
-gradient clipping), one state pytree: {'params': {'policy', 'value'}, 'opt_state': {'policy',
-'value'}, 'step', 'kl_coef'[, 'ema']}. A minibatch whose loss or gradient is not finite is not
-applied (counted in `nonfinite`). Dropout is off in every forward pass.
+       g_policy = clip(grad_policy(PPO term)) + clip(grad_policy(ptx term)),
+       clip(g) = g * min(1, grad_clip / |g|)
+
+     One clip of the sum would let a large early ptx gradient (SFT wipes out a small model's
+     language modelling) shrink the PPO part along with it; per-term clips bound each term and
+     keep the PPO step the same size whatever the ptx term does. So the policy's AdamW does not
+     clip again (`_optimizer(..., clip=False)`); the value function's AdamW clips its own gradient
+     as usual. Without ptx this is exactly the old single clip of the policy gradient. The cost
+     is unchanged: the ptx forward/backward is on other rows anyway. Logged: `grad_norm` (the
+     whole unclipped gradient, policy and value), `grad_norm_ppo` and `grad_norm_ptx` (the policy
+     gradient of each term before clipping), per-minibatch means over the iteration.
+     The old log-probs/values of step 2 are computed on the same minibatch split as the first
+     epoch, so the first minibatch of the first epoch has ratio exactly 1 up to float rounding;
+  5. the KL coefficient: fixed, or the Ziegler et al. controller on the rollout's KL. The optional
+     EMA of the policy weights (paper 0.992), which is what the stage saves, is updated after
+     every applied optimizer step (ema <- d ema + (1 - d) policy), not once per iteration.
+
+The reward of a finished episode is pluggable (`make_iteration(score_fn=...)`): by default the
+reward model at the last token; with `config.reward_model = 'gold'` the offline task's gold
+labeler itself, called on the host through `jax.pure_callback` on the decoded prompt and response
+(`gold_score_fn`): PPO against the true objective, the upper bound of PPO on this task (stage
+`ppo_oracle`). Its reward is normalised like the reward model's (`gold_reward_norm`): with
+`config.ppo.gold_reward_scale` 0 (the default), (gold - m) / s with m and s the mean and standard
+deviation of the gold score of the SFT samples the collect stage ranked (`collect/collect.json`),
+so the same KL coefficient weighs the same against it; a scale > 0 gives scale x gold instead.
+
+The policy and value function are separate networks with their own AdamW (own learning rates),
+one state pytree: {'params': {'policy', 'value'}, 'opt_state': {'policy', 'value'}, 'step',
+'kl_coef'[, 'ema']}. A minibatch whose loss or gradient is not finite is not applied (counted in
+`nonfinite`; nor is the EMA moved). Dropout is off in every forward pass.
 """
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -72,6 +97,7 @@ class Settings:
   ptx_coef: float = 0.0
   ptx_rows: int = 0               # pretraining rows per iteration (split over the minibatches)
   ema_decay: float = 0.0          # 0: off
+  grad_clip: float = 0.0          # per-term global-norm clip of the policy gradient (0: none)
   eos_token_id: int = 2
   pad_token_id: int = 0
 
@@ -110,18 +136,34 @@ def _unsplit(x):
   return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
 
 
+def clip_by_global_norm(grads, norm, max_norm):
+  """grads * min(1, max_norm / norm), `norm` = |grads| (global L2 norm over the leaves); as
+  `optax.clip_by_global_norm` computes it (a select, so a norm below max_norm is bit-exact).
+  max_norm 0: no clip."""
+  if not max_norm:
+    return grads
+  return jax.tree.map(lambda g: jax.lax.select(norm < max_norm, g,
+                                               (g / norm.astype(g.dtype)) * max_norm), grads)
+
+
 def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: ModelConfig,
-                   s: Settings, txs, mesh=None):
-  """The pure PPO-ptx iteration (see the module docstring). txs = {'policy': tx, 'value': tx}.
+                   s: Settings, txs, mesh=None, score_fn=None):
+  """The pure PPO-ptx iteration (see the module docstring). txs = {'policy': tx, 'value': tx};
+  the policy tx must not clip (the iteration clips each term to `s.grad_clip`).
 
   batch: {'prompts', 'prompt_segment_ids'} (B, P) left-padded, and with ptx the pretraining rows
   {'ptx_tokens', 'ptx_segment_ids', 'ptx_positions', 'ptx_loss_mask'} (ptx_rows, S).
+  score_fn(tokens (B, P + N) int32, lengths (B,), prompt_len) -> (B,) float32, traceable: the
+  reward of each finished episode (prompt then response, `lengths` real response tokens, EOS
+  included). None: the reward model `frozen['rm']` (config `rm_cfg`) at the last token. With a
+  score_fn, `frozen` needs no 'rm' and rm_cfg is unused.
   """
   sc = SamplingConfig(max_new_tokens=s.response_len, temperature=s.temperature,
                       eos_token_id=s.eos_token_id, pad_token_id=s.pad_token_id)
   p_len, m = s.prompt_len, s.minibatches
 
-  def minibatch_loss(params, mb, ptx):
+  def ppo_term(params, mb):
+    """policy loss + vf_coef x value loss on one minibatch of episodes."""
     logp, _ = policy_logprobs(policy_cfg, params["policy"], mb["tokens"], mb["segment_ids"],
                               p_len, s.temperature)   # (the unused entropy is compiled away)
     pg_sum, count, stats = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"],
@@ -132,34 +174,49 @@ def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: Mode
                                       s.value_clip_eps)
     denom = jnp.maximum(count, 1.0)
     policy_loss, value_loss = pg_sum / denom, vf_sum / denom
-    loss = policy_loss + s.vf_coef * value_loss
-    ptx_loss = jnp.zeros((), jnp.float32)
-    if s.use_ptx:
-      logits = common.forward(policy_cfg, "lm", params["policy"], ptx)
-      ptx_sum, ptx_count = losses.lm_loss(logits, ptx["tokens"], ptx["loss_mask"])
-      ptx_loss = ptx_sum / jnp.maximum(ptx_count, 1.0)
-      loss = loss + s.ptx_coef * ptx_loss
     mask = mb["mask"]
-    aux = {"policy_loss": policy_loss, "value_loss": value_loss, "ptx_loss": ptx_loss,
+    aux = {"policy_loss": policy_loss, "value_loss": value_loss,
            "tokens": count, "clipped": stats["clipped_sum"], "approx_kl": stats["approx_kl_sum"],
            "ratio_sum": stats["ratio_sum"], "ratio_max": stats["ratio_max"],
            "ratio_dev": jnp.max(jnp.abs(jnp.exp(losses.clamped_log_ratio(
                logp, mb["old_logp"])) - 1.0) * mask)}
-    return loss, aux
+    return policy_loss + s.vf_coef * value_loss, aux
+
+  def ptx_term(policy_params, ptx):
+    """ptx_coef x the LM loss on this minibatch's pretraining rows (the policy only)."""
+    logits = common.forward(policy_cfg, "lm", policy_params, ptx)
+    ptx_sum, ptx_count = losses.lm_loss(logits, ptx["tokens"], ptx["loss_mask"])
+    ptx_loss = ptx_sum / jnp.maximum(ptx_count, 1.0)
+    return s.ptx_coef * ptx_loss, ptx_loss
 
   def update(carry, xs):
-    params, opt_state = carry
+    params, opt_state, ema = carry
     mb, ptx = xs
-    (loss, aux), grads = jax.value_and_grad(minibatch_loss, has_aux=True)(params, mb, ptx)
+    (loss, aux), grads = jax.value_and_grad(ppo_term, has_aux=True)(params, mb)
+    g_ppo = grads["policy"]
+    aux["grad_norm_ppo"] = optax.tree.norm(g_ppo)
+    g_policy = clip_by_global_norm(g_ppo, aux["grad_norm_ppo"], s.grad_clip)
+    if s.use_ptx:
+      (ptx_value, aux["ptx_loss"]), g_ptx = jax.value_and_grad(ptx_term, has_aux=True)(
+          params["policy"], ptx)
+      aux["grad_norm_ptx"] = optax.tree.norm(g_ptx)
+      g_policy = jax.tree.map(jnp.add, g_policy,
+                              clip_by_global_norm(g_ptx, aux["grad_norm_ptx"], s.grad_clip))
+      loss = loss + ptx_value
+      grad_norm = optax.tree.norm({"policy": jax.tree.map(jnp.add, g_ppo, g_ptx),
+                                   "value": grads["value"]})
+    else:
+      grad_norm = optax.tree.norm(grads)
     new_params, new_opt = {}, {}
-    for name in ("policy", "value"):
-      upd, new_opt[name] = txs[name].update(grads[name], opt_state[name], params[name])
+    for name, g in (("policy", g_policy), ("value", grads["value"])):
+      upd, new_opt[name] = txs[name].update(g, opt_state[name], params[name])
       new_params[name] = optax.apply_updates(params[name], upd)
-    grad_norm = optax.tree.norm(grads)
-    (params, opt_state), finite = common.guard_nonfinite((params, opt_state),
-                                                         (new_params, new_opt), loss, grad_norm)
+    new_ema = None if ema is None else jax.tree.map(
+        lambda e_, p: s.ema_decay * e_ + (1 - s.ema_decay) * p, ema, new_params["policy"])
+    (params, opt_state, ema), finite = common.guard_nonfinite(
+        (params, opt_state, ema), (new_params, new_opt, new_ema), loss, grad_norm)
     aux = dict(aux, loss=loss, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
-    return (params, opt_state), aux
+    return (params, opt_state, ema), aux
 
   def iteration(state, frozen, batch, rng):
     params = state["params"]
@@ -182,8 +239,11 @@ def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: Mode
                                     p_len, s.temperature)
       values = response_outputs(value_cfg, "scalar", params["value"], mb["tokens"],
                                 mb["segment_ids"], p_len)
-      scores = last_token_scores(rm_cfg, frozen["rm"], mb["tokens"], mb["segment_ids"], p_len,
-                                 mb["lengths"])
+      if score_fn is None:
+        scores = last_token_scores(rm_cfg, frozen["rm"], mb["tokens"], mb["segment_ids"], p_len,
+                                   mb["lengths"])
+      else:
+        scores = score_fn(mb["tokens"], mb["lengths"], p_len).astype(jnp.float32)
       return logp, entropy, ref_logp, values, scores
     rollout = {"tokens": tokens, "segment_ids": seg, "lengths": out.lengths}
     split = common.split_micro_batches(rollout, m, mesh)
@@ -212,11 +272,11 @@ def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: Mode
                        jax.random.permutation(jax.random.fold_in(shuffle_rng, e), b))
       mbs = common.split_micro_batches(jax.tree.map(lambda x: x[perm], data), m, mesh)
       return jax.lax.scan(update, carry, (mbs, ptx))
-    (new_params, new_opt), per_mb = jax.lax.scan(
-        epoch, (params, state["opt_state"]), jnp.arange(s.epochs))
+    (new_params, new_opt, new_ema), per_mb = jax.lax.scan(
+        epoch, (params, state["opt_state"], state.get("ema")), jnp.arange(s.epochs))
     per_mb = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), per_mb)
 
-    # 5. KL coefficient, EMA
+    # 5. KL coefficient (the EMA moved with every applied update in step 4)
     kl = jnp.mean(seq_kl)
     kl_coef = state["kl_coef"]
     if s.adaptive_kl:
@@ -224,8 +284,7 @@ def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: Mode
     new_state = {"params": new_params, "opt_state": new_opt, "step": state["step"] + 1,
                  "kl_coef": kl_coef}
     if "ema" in state:
-      new_state["ema"] = jax.tree.map(lambda e_, p: s.ema_decay * e_ + (1 - s.ema_decay) * p,
-                                      state["ema"], new_params["policy"])
+      new_state["ema"] = new_ema
 
     tok = jnp.maximum(per_mb["tokens"].sum(), 1.0)
     metrics = {
@@ -243,10 +302,12 @@ def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: Mode
         "policy_loss": jnp.mean(per_mb["policy_loss"]),
         "value_loss": jnp.mean(per_mb["value_loss"]),
         "grad_norm": jnp.mean(per_mb["grad_norm"]),
+        "grad_norm_ppo": jnp.mean(per_mb["grad_norm_ppo"]),
         "nonfinite": jnp.sum(per_mb["nonfinite"]),
     }
     if s.use_ptx:   # (plain PPO computes no pretraining loss: no metric rather than a 0)
       metrics["ptx_loss"] = jnp.mean(per_mb["ptx_loss"])
+      metrics["grad_norm_ptx"] = jnp.mean(per_mb["grad_norm_ptx"])
     per_minibatch = {k: per_mb[k] for k in ("approx_kl", "ratio_dev", "loss", "nonfinite",
                                             "tokens")}
     return new_state, metrics, (per_minibatch, out.tokens, out.lengths)
@@ -269,7 +330,7 @@ def settings_from_config(config, tok=None):
       whiten_rewards=bool(p.whiten_rewards), missing_eos_penalty=float(p.missing_eos_penalty),
       adaptive_kl=bool(p.adaptive_kl), kl_target=float(p.kl_target),
       kl_horizon=float(p.kl_horizon), ptx_coef=float(p.ptx_coef), ptx_rows=ptx_rows,
-      ema_decay=float(p.ema_decay),
+      ema_decay=float(p.ema_decay), grad_clip=float(config.optimizer.grad_clip or 0.0),
       eos_token_id=tok.eos_id if tok is not None else 2,
       pad_token_id=tok.pad_id if tok is not None else 0)
 
@@ -304,6 +365,44 @@ def validate_ppo_config(config):
   if p.ptx_coef and p.ptx_seq_len > config.model.max_len:
     raise UserError(f"config.ppo.ptx_seq_len ({p.ptx_seq_len}) exceeds config.model.max_len "
                     f"({config.model.max_len})")
+  if is_gold(config) and config.data.source != "offline":
+    raise UserError(f"config.reward_model 'gold' is the offline task's gold labeler: it needs "
+                    f"config.data.source 'offline', got {config.data.source!r}")
+  scale = gold_reward_scale(config)
+  if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale >= 0:
+    raise UserError(f"config.ppo.gold_reward_scale must be a number >= 0 (0 = normalised by the "
+                    f"collect stage's statistics), got {scale!r}")
+
+
+def is_gold(config):
+  """True when the reward is the offline task's gold labeler (`config.reward_model = 'gold'`)."""
+  return config.get("reward_model") == "gold"
+
+
+def gold_reward_scale(config):
+  return config.ppo.get("gold_reward_scale", 0.0)
+
+
+def gold_reward_norm(config, workdir):
+  """(shift, scale) of the oracle reward scale x (gold - shift): with gold_reward_scale 0, the
+  mean and 1 / standard deviation of the gold score of the SFT samples of the collect stage's
+  train split (the reward model's normalisation: SFT samples with unit spread); else (0, scale)."""
+  scale = float(gold_reward_scale(config))
+  if scale:
+    return 0.0, scale
+  from rlhf_jax import collect  # pylint: disable=g-import-not-at-top
+  path = os.path.join(collect.collect_dir(workdir), collect.DONE_FILE)
+  if not os.path.exists(path):
+    raise UserError(f"config.ppo.gold_reward_scale: 0 normalises the gold reward by the collect "
+                    f"stage's statistics, but {path} does not exist; run collect or set a scale")
+  import json  # pylint: disable=g-import-not-at-top
+  with open(path, encoding="utf-8") as f:
+    stats = json.load(f)["splits"].get(config.data.train_split, {})
+  std = stats.get("gold_score_std") or 0.0
+  if not std > 0:
+    raise UserError(f"config.ppo.gold_reward_scale: {path} records no spread of the gold score "
+                    "of the SFT samples; set a scale")
+  return float(stats["mean_gold_score"]), 1.0 / std
 
 
 def resume_record(config):
@@ -318,14 +417,20 @@ def resume_record(config):
 
 
 def stage_name(config):
-  """'ppo_ptx' with the pretraining term, 'ppo' without (the stage directory under the workdir)."""
+  """The stage directory under the workdir: 'ppo_oracle' with the gold labeler as the reward
+  (`config.reward_model = 'gold'`), else 'ppo_ptx' with the pretraining term, 'ppo' without."""
+  if is_gold(config):
+    return "ppo_oracle"
   return "ppo_ptx" if config.ppo.ptx_coef else "ppo"
 
 
-def _optimizer(config, lr, num_iterations, s: Settings):
-  """AdamW as in `common.make_optimizer`, the schedule counted in minibatch updates."""
+def _optimizer(config, lr, num_iterations, s: Settings, clip=True):
+  """AdamW as in `common.make_optimizer`, the schedule counted in minibatch updates; clip=False
+  leaves out the global-norm clip (the policy's: the iteration clips each term itself)."""
   opt = config.optimizer.to_dict()
   opt["lr"] = lr
+  if not clip:
+    opt["grad_clip"] = 0.0
   steps = num_iterations * s.epochs * s.minibatches
   from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
   return common.make_optimizer(ConfigDict(opt), steps)[0]
@@ -358,6 +463,19 @@ def create_state(policy, value, txs, shardings, kl_coef):
   if "ema" in shardings:
     state["ema"] = jax.tree.map(jnp.copy, params["policy"])
   return state
+
+
+def place(policy, value, rm, txs, shardings, frozen_sh, kl_coef):
+  """(state, frozen) on the mesh from host or device arrays, sharing no buffer.
+
+  The state is donated every iteration, so the frozen reference (the same weights as the policy)
+  and reward model (possibly the very arrays of the value function) are copies: otherwise
+  `device_put` of a jax.Array already in place returns the same buffers and the first iteration
+  deletes them. rm None: no reward model (`frozen` = {'ref'}).
+  """
+  frozen = {"ref": policy} if rm is None else {"ref": policy, "rm": rm}
+  frozen = jax.tree.map(jnp.copy, jax.device_put(frozen, frozen_sh))
+  return create_state(policy, value, txs, shardings, kl_coef), frozen
 
 
 def jit_iteration(iteration, state_sh, frozen_sh, batch_example, mesh):
@@ -416,10 +534,56 @@ def _decode(tok, ids, length):
   return tok.decode([int(t) for t in ids[:length] if int(t) != tok.eos_id])
 
 
+def _prompt_text(tok, ids):
+  """The text of a left-padded prompt row `[pad.. bos] prompt` (pad and bos ids dropped)."""
+  return tok.decode([int(t) for t in ids if int(t) not in (tok.pad_id, tok.bos_id)])
+
+
+def episode_texts(tok, tokens, lengths, prompt_len):
+  """[(prompt text, response text)] of (B, P + N) rows: the prompt without pad/bos, the response
+  up to (excluding) EOS."""
+  tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+  return [(_prompt_text(tok, row[:prompt_len]), _decode(tok, row[prompt_len:], int(n)))
+          for row, n in zip(tokens, lengths)]
+
+
+def gold_score_fn(tok, scale=1.0, shift=0.0):
+  """A `make_iteration` score_fn: scale x (`offline_task.gold_score(prompt, response)` - shift) of
+  the decoded texts, computed on the host by `jax.pure_callback` (one process; the callback sees
+  the whole batch)."""
+  from rlhf_jax.data import offline_task  # pylint: disable=g-import-not-at-top
+
+  def host(tokens, lengths, prompt_len):
+    return np.asarray([scale * (offline_task.gold_score(q, a) - shift)
+                       for q, a in episode_texts(tok, tokens, lengths, prompt_len)], np.float32)
+
+  def score_fn(tokens, lengths, prompt_len):
+    return jax.pure_callback(functools.partial(host, prompt_len=prompt_len),
+                             jax.ShapeDtypeStruct(lengths.shape, jnp.float32), tokens, lengths,
+                             vmap_method="sequential")
+  return score_fn
+
+
+def check_gold_prompts(prompt_source, tok, prompt_len):
+  """Every training prompt, as the iteration sees it (encoded, cut to prompt_len, decoded), must
+  be the same offline-task instruction, else the gold labeler cannot score it: a one-line
+  UserError now instead of an error inside the jitted iteration."""
+  from rlhf_jax.data import encoding, offline_task  # pylint: disable=g-import-not-at-top
+  for i in range(len(prompt_source)):
+    text = _text(prompt_source[i]["prompt"])
+    row = encoding.prompt_row(tok.encode(text), tok.bos_id, tok.pad_id, prompt_len)
+    parsed = offline_task.parse_prompt(text)
+    if parsed is None or offline_task.parse_prompt(_prompt_text(tok, row["tokens"])) != parsed:
+      raise UserError(f"config.reward_model 'gold': prompt {i} ({text[:50]!r}) is not an "
+                      f"offline-task instruction once encoded into config.ppo.prompt_len "
+                      f"({prompt_len}) tokens")
+
+
 # ----------------------------------------------------------------------------- the stage
 
 def run(config, workdir):
-  """Runs PPO (ptx_coef 0, in `<workdir>/ppo`) or PPO-ptx (in `<workdir>/ppo_ptx`)."""
+  """Runs PPO (ptx_coef 0, in `<workdir>/ppo`), PPO-ptx (in `<workdir>/ppo_ptx`), or PPO against
+  the gold labeler (`config.reward_model = 'gold'`, in `<workdir>/ppo_oracle`)."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from rlhf_jax.checkpoint import CheckpointManager  # pylint: disable=g-import-not-at-top
   from rlhf_jax.data import loaders  # pylint: disable=g-import-not-at-top
@@ -437,12 +601,18 @@ def run(config, workdir):
   sharding.check_batch_size(p.batch_size // p.minibatches, mesh,
                             "config.ppo.batch_size / config.ppo.minibatches")
   init_from = _resolve(config.init_from, workdir, "sft", "init_from")
-  rm_path = _resolve(config.reward_model, workdir, "rm", "reward_model")
+  gold_reward = is_gold(config)
+  if gold_reward and jax.process_count() > 1:
+    raise UserError("config.reward_model 'gold' scores on the host of a single process; run it "
+                    f"on one host (got {jax.process_count()} processes)")
+  rm_path = "gold" if gold_reward else _resolve(config.reward_model, workdir, "rm",
+                                                "reward_model")
   value_path = _resolve(config.value_from, workdir, "rm", "value_from")
   tfds_dir, data_tok_dir = common.data_paths(config, workdir)
 
   policy_params, model_tok_dir = common.load_init_model(init_from, cfg, "config.init_from")
-  rm_cfg, rm_params = common.load_scalar_model(rm_path, cfg, "reward_model")
+  rm_cfg, rm_params = (None, None) if gold_reward else \
+      common.load_scalar_model(rm_path, cfg, "reward_model")
   value_cfg, value_params = (rm_cfg, rm_params) if value_path == rm_path else \
       common.load_scalar_model(value_path, cfg, "value_from")
   tok, tok_dir = common.load_tokenizer_for(config, model_tok_dir, data_tok_dir, cfg)
@@ -454,17 +624,23 @@ def run(config, workdir):
       raise UserError(f"config.ppo.minibatches ({s.minibatches}) must divide the pretraining "
                       f"rows per iteration ({s.ptx_rows})")
 
-  txs = {"policy": _optimizer(config, p.policy_lr, p.num_iterations, s),
+  txs = {"policy": _optimizer(config, p.policy_lr, p.num_iterations, s, clip=False),
          "value": _optimizer(config, p.value_lr, p.num_iterations, s)}
   shardings = state_shardings(cfg, value_cfg, txs, mesh, ema=s.ema_decay > 0)
-  frozen_sh = {"ref": shardings["params"]["policy"],
-               "rm": sharding.param_shardings(abstract_params(rm_cfg, "scalar", boxed=True),
-                                              mesh)}
-  frozen = jax.device_put({"ref": policy_params, "rm": rm_params}, frozen_sh)
-  state = create_state(policy_params, value_params, txs, shardings, p.kl_coef)
+  frozen_sh = {"ref": shardings["params"]["policy"]}
+  if not gold_reward:
+    frozen_sh["rm"] = sharding.param_shardings(abstract_params(rm_cfg, "scalar", boxed=True),
+                                               mesh)
+  state, frozen = place(policy_params, value_params, rm_params, txs, shardings, frozen_sh,
+                        p.kl_coef)
   del policy_params, value_params, rm_params
 
   prompt_source = common.load_split(tfds_dir, "prompts", config.data.train_split, "train_split")
+  score_fn = None
+  if gold_reward:
+    check_gold_prompts(prompt_source, tok, p.prompt_len)
+    shift, scale = gold_reward_norm(config, workdir)
+    score_fn = gold_score_fn(tok, scale, shift)
   local = lambda n: common.local_batch_size(mesh, n)
   prompts = iter(loaders.prompt_loader(prompt_source, tok, batch_size=local(p.batch_size),
                                        prompt_len=p.prompt_len, seed=config.data_seed))
@@ -499,8 +675,10 @@ def run(config, workdir):
   if config.data.source == "offline":
     from rlhf_jax.data import offline_task  # pylint: disable=g-import-not-at-top
     gold = offline_task.gold_score
+  reward = (f"the gold labeler, {scale:.3f} x (gold - {shift:.3f})" if gold_reward else
+            f"reward model {rm_path}")
   print(f"{name}: policy {cfg.num_layers}x{cfg.d_model} from {init_from}, value from "
-        f"{value_path}, reward model {rm_path}; {p.num_iterations} iterations of "
+        f"{value_path}, {reward}; {p.num_iterations} iterations of "
         f"{p.batch_size} episodes x {p.response_len} tokens, {p.epochs} epoch(s) x "
         f"{p.minibatches} minibatch(es), ptx_coef {s.ptx_coef}, mesh {dict(mesh.shape)}; "
         f"writing {stage_dir}", flush=True)
@@ -516,8 +694,8 @@ def run(config, workdir):
       host = next(batches)
       index = host.pop("index")
       if step_fn is None:
-        step_fn = jit_iteration(make_iteration(cfg, value_cfg, rm_cfg, s, txs, mesh), shardings,
-                                frozen_sh, host, mesh)
+        step_fn = jit_iteration(make_iteration(cfg, value_cfg, rm_cfg, s, txs, mesh, score_fn),
+                                shardings, frozen_sh, host, mesh)
       batch = {k: sharding.global_batch(v, mesh, p.batch_size if not k.startswith("ptx_")
                                         else s.ptx_rows) for k, v in host.items()}
       with sharding.activate(mesh):
@@ -560,6 +738,7 @@ def run(config, workdir):
   params = state["ema"] if "ema" in state else state["params"]["policy"]
   meta = {"stage": name, "iterations": p.num_iterations, "init_from": init_from,
           "reward_model": rm_path, "value_from": value_path, "ptx_coef": s.ptx_coef,
+          "gold_reward": {"scale": scale, "shift": shift} if gold_reward else None,
           "final_kl_coef": float(state["kl_coef"]), "ema_decay": s.ema_decay,
           "settings": dataclasses.asdict(s), "samples": samples}
   path = common.save_final(stage_dir, cfg, params, "lm", tok_dir, meta)
@@ -585,20 +764,20 @@ def bench_iteration(model_cfg: ModelConfig, *, num_prompts, prompt_len, response
   cfg = model_cfg.replace(dropout_resid=0.0, dropout_attn=0.0)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   s = Settings(batch_size=num_prompts, prompt_len=prompt_len, response_len=response_len,
-               epochs=epochs, minibatches=minibatches, eos_token_id=-1)
-  opt = ml_collections.ConfigDict({"lr": 1e-5, "warmup_steps": 0, "final_lr_fraction": 1.0,
-                                   "weight_decay": 0.0, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
-                                   "grad_clip": 1.0})
-  txs = {k: common.make_optimizer(opt, 1000)[0] for k in ("policy", "value")}
+               epochs=epochs, minibatches=minibatches, eos_token_id=-1, grad_clip=1.0)
+  opt = {"lr": 1e-5, "warmup_steps": 0, "final_lr_fraction": 1.0, "weight_decay": 0.0,
+         "b1": 0.9, "b2": 0.95, "eps": 1e-8}
+  # As in run(): the iteration clips the policy gradient, the value's AdamW its own.
+  txs = {k: common.make_optimizer(ml_collections.ConfigDict(dict(opt, grad_clip=clip)), 1000)[0]
+         for k, clip in (("policy", 0.0), ("value", 1.0))}
   keys = jax.random.split(jax.random.key(seed), 4)
   policy = init_params(cfg, keys[0], "lm")
   value = init_params(cfg, keys[1], "scalar")
   shardings = state_shardings(cfg, cfg, txs, mesh, ema=False)
   frozen_sh = {"ref": shardings["params"]["policy"], "rm": shardings["params"]["value"]}
-  # The state is donated each iteration: the frozen reference must not share its buffers.
-  frozen = jax.device_put({"ref": jax.tree.map(jnp.copy, policy),
-                           "rm": init_params(cfg, keys[2], "scalar")}, frozen_sh)
-  holder = {"state": create_state(policy, value, txs, shardings, 0.02)}
+  state, frozen = place(policy, value, init_params(cfg, keys[2], "scalar"), txs, shardings,
+                        frozen_sh, 0.02)
+  holder = {"state": state}
   rng = np.random.default_rng(seed)
   host = {"prompts": rng.integers(3, cfg.vocab_size, (num_prompts, prompt_len)).astype(np.int32),
           "prompt_segment_ids": np.ones((num_prompts, prompt_len), np.int32)}

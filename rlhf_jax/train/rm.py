@@ -12,10 +12,13 @@ Evaluation (held-out comparisons): ranking loss, pairwise accuracy against the l
 accuracy of the "longer response is better" baseline, and on the offline task accuracy against
 the gold labeler (pairs with different gold scores) for both.
 
-After training, the mean reward of SFT demonstrations (prompt + response, `norm_examples` of the
-train split) is subtracted from `scalar_head.bias`, so the saved reward model scores
-demonstrations at mean 0 for every consumer (PPO, evaluation); the value is recorded in
-`<model>/rlhf_jax_stage.json` as `reward_bias`.
+After training the reward is normalised (InstructGPT): with m the mean reward of SFT
+demonstrations (prompt + response, `norm_examples` of the train split) and s the standard
+deviation of the rewards of the compared responses (`norm_examples` train comparisons: with the
+collect stage, samples of the SFT policy, what PPO scores), the scalar head is rescaled to output
+(r - m) / s. The saved reward model thus scores demonstrations at mean 0 and SFT samples with unit
+spread for every consumer (PPO, evaluation), so the KL coefficient means the same from run to run;
+m and 1/s are recorded in `<model>/rlhf_jax_stage.json` (`reward_bias`, `reward_gain`).
 """
 import os
 
@@ -158,6 +161,26 @@ class RmEval:
     return out
 
 
+def _scored(loader, score, params, mesh, batch_size):
+  """Yields (host batch, this process's rows of `score(params, batch)`) over `loader`, with one
+  jitted `score` for all batches."""
+  rows = sharding.process_batch_rows(mesh, batch_size)
+  step = None
+  for batch in loader:
+    keys = {k: batch[k] for k in ("tokens", "segment_ids", "positions", "last_index")}
+    if step is None:
+      step = common.jit_eval_step(score, jax.tree.map(lambda x: x.sharding, params), keys, mesh)
+    with sharding.activate(mesh):
+      out = step(params, sharding.global_batch(keys, mesh, batch_size))
+    yield batch, np.asarray(jax.device_get(out))[rows]
+
+
+def _first(batch, done, limit):
+  """Which rows of `batch` are among the first `limit` real records, `done` already taken."""
+  real = batch["index"] >= 0
+  return real & (np.cumsum(real) + done <= limit)
+
+
 def demonstration_reward_mean(cfg, params, source, tok, mesh, config):
   """Mean reward at the last token of the first `norm_examples` demonstrations."""
   from rlhf_jax.data import loaders  # pylint: disable=g-import-not-at-top
@@ -165,21 +188,14 @@ def demonstration_reward_mean(cfg, params, source, tok, mesh, config):
   loader = loaders.sft_loader(source, tok, batch_size=common.local_batch_size(mesh, bs),
                               seq_len=config.seq_len, num_epochs=1, shuffle=False, pack=False,
                               drop_remainder=False)
-  rows = sharding.process_batch_rows(mesh, bs)
 
   def score(params, batch):
     values = common.forward(cfg, "scalar", params, batch)
     return losses.gather_last(values, batch["last_index"])
 
-  step, total, n = None, 0.0, 0
-  for batch in loader:
-    keys = {k: batch[k] for k in ("tokens", "segment_ids", "positions", "last_index")}
-    if step is None:
-      step = common.jit_eval_step(score, jax.tree.map(lambda x: x.sharding, params), keys, mesh)
-    with sharding.activate(mesh):
-      r = np.asarray(jax.device_get(step(params, sharding.global_batch(keys, mesh, bs))))[rows]
-    take = batch["index"] >= 0
-    take &= np.cumsum(take) + n <= config.norm_examples
+  total, n = 0.0, 0
+  for batch, r in _scored(loader, score, params, mesh, bs):
+    take = _first(batch, n, config.norm_examples)
     total += float(r[take].sum())
     n += int(take.sum())
     if n >= config.norm_examples:
@@ -187,6 +203,39 @@ def demonstration_reward_mean(cfg, params, source, tok, mesh, config):
   if n == 0:
     raise UserError("config.data.norm_split: no demonstrations to fit the reward bias on")
   return total / n, n
+
+
+def sample_reward_std(cfg, params, source, tok, mesh, config, k_max):
+  """Standard deviation of the reward over the responses of the first `norm_examples` comparison
+  records (with the collect stage: samples of the SFT policy, what PPO will score)."""
+  from rlhf_jax.data import loaders  # pylint: disable=g-import-not-at-top
+  bs = config.eval_batch_size
+  loader = loaders.comparison_loader(source, tok, batch_size=common.local_batch_size(mesh, bs),
+                                     seq_len=config.seq_len, k_max=k_max, num_epochs=1,
+                                     shuffle=False, drop_remainder=False)
+  values, prompts = [], 0
+  for batch, r in _scored(loader, lambda p, b: response_rewards(cfg, p, b), params, mesh, bs):
+    take = _first(batch, prompts, config.norm_examples)
+    values.append(r[take][batch["response_valid"][take] > 0])
+    prompts += int(take.sum())
+    if prompts >= config.norm_examples:
+      break
+  values = np.concatenate(values) if values else np.zeros(0)
+  if len(values) < 2:
+    raise UserError("config.norm_examples: fewer than two compared responses to fit the reward "
+                    "gain on")
+  return float(values.std()), len(values)
+
+
+def normalized_head(params, mean, gain):
+  """Params whose scalar head outputs gain * (r - mean): kernel * gain, (bias - mean) * gain."""
+  params = dict(params)
+  head = dict(params["scalar_head"])
+  head["kernel"] = head["kernel"] * jnp.asarray(gain, head["kernel"].dtype)
+  head["bias"] = (head["bias"] - jnp.asarray(mean, head["bias"].dtype)) * jnp.asarray(
+      gain, head["bias"].dtype)
+  params["scalar_head"] = head
+  return params
 
 
 def k_max_of(config, tfds_dir):
@@ -275,15 +324,17 @@ def run(config, workdir):
   if config.norm_examples:
     sft_source = common.load_split(tfds_dir, "sft", config.data.norm_split, "norm_split")
     mean, n = demonstration_reward_mean(cfg, params, sft_source, tok, mesh, config)
-    params = dict(params)
-    head = dict(params["scalar_head"])
-    head["bias"] = head["bias"] - jnp.asarray(mean, head["bias"].dtype)
-    params["scalar_head"] = head
+    std, n_samples = sample_reward_std(cfg, params, train_source, tok, mesh, config, k_max)
+    gain = 1.0 / max(std, 1e-6)
+    params = normalized_head(params, mean, gain)
     after, _ = demonstration_reward_mean(cfg, params, sft_source, tok, mesh, config)
-    meta.update(reward_bias=-mean, demonstrations_mean_before=mean,
-                demonstrations_mean_after=after, norm_examples=n)
-    print(f"{stage}: {n} demonstrations scored mean {mean:.4f}; folded {-mean:+.4f} into "
-          f"scalar_head.bias (mean now {after:.2e})", flush=True)
+    std_after, _ = sample_reward_std(cfg, params, train_source, tok, mesh, config, k_max)
+    meta.update(reward_bias=-mean * gain, reward_gain=gain, demonstrations_mean_before=mean,
+                demonstrations_mean_after=after, norm_examples=n, sample_std_before=std,
+                sample_std_after=std_after, norm_samples=n_samples)
+    print(f"{stage}: {n} demonstrations scored mean {mean:.4f}, {n_samples} compared responses "
+          f"std {std:.4f}; reward = {gain:.4f} x (score - {mean:.4f}) folded into the scalar head "
+          f"(demonstrations mean now {after:.2e}, sample std {std_after:.4f})", flush=True)
   path = common.save_final(stage_dir, cfg, params, "scalar", tok_dir, meta)
   print(f"{stage}: final model written to {path}", flush=True)
   return path
