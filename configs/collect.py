@@ -23,8 +23,8 @@ def get_config(preset="tiny"):
   c.mesh = base.mesh
   c.init_from = "auto"           # 'auto' = <workdir>/sft/model, else a model path
   c.data = base.data             # the `prompts` splits data.train_split and data.eval_split
-  c.num_train_prompts = 0        # prompts of data.train_split to collect on (0 = all; offline 1000)
-  c.num_eval_prompts = 0         # prompts of data.eval_split (0 = all; offline 200)
+  c.num_train_prompts = 0        # prompts of data.train_split to collect on (0 = all; offline 10000)
+  c.num_eval_prompts = 0         # prompts of data.eval_split (0 = all; offline 400)
   c.min_k = 4                    # responses ranked per prompt, drawn in min_k..max_k (paper 4..9)
   c.max_k = 9
   c.temperature = 1.0            # sampling temperature of the policy

@@ -94,7 +94,7 @@ PLOT = os.path.join("plots", "overoptimisation.png")
 def default_config(preset="tiny"):
   """The `eval` ConfigDict (embedded as `config.eval` next to the usual `data` and `mesh`)."""
   c = ml_collections.ConfigDict()
-  c.num_prompts = 0            # held-out prompts (data.eval_split of `prompts`); 0 = all (200)
+  c.num_prompts = 0            # held-out prompts (data.eval_split of `prompts`); 0 = all (offline: 400)
   c.samples_per_prompt = 4     # responses per prompt and policy
   c.temperature = 1.0          # sampling temperature (1 = the policies' own distribution)
   c.max_new_tokens = 256

@@ -38,7 +38,7 @@ def fake_stages(monkeypatch):
   return ran
 
 
-ALL = ["pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "eval"]
+ALL = ["pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "ppo_oracle", "eval"]
 
 
 def test_runs_in_order_then_skips_then_reruns_from_a_deleted_stage(tmp_path, fake_stages):
@@ -51,7 +51,7 @@ def test_runs_in_order_then_skips_then_reruns_from_a_deleted_stage(tmp_path, fak
   assert fake_stages == []
   shutil.rmtree(tmp_path / "rm")
   pipeline.run(config, str(tmp_path))
-  assert fake_stages == ["rm", "ppo", "ppo_ptx", "eval"]
+  assert fake_stages == ["rm", "ppo", "ppo_ptx", "ppo_oracle", "eval"]
   fake_stages.clear()
   shutil.rmtree(tmp_path / "ppo")           # ppo_ptx does not depend on ppo
   pipeline.run(config, str(tmp_path))
@@ -66,11 +66,15 @@ def test_stage_configs_share_the_top_level_fields(tmp_path):
   sft = pipeline.stage_config(config, "sft", str(tmp_path))
   rm = pipeline.stage_config(config, "rm", str(tmp_path))
   ppo = pipeline.stage_config(config, "ppo", str(tmp_path))
+  oracle = pipeline.stage_config(config, "ppo_oracle", str(tmp_path))
   assert sft.seed == rm.seed == 3 and sft.data.task_seed == rm.data.task_seed == 7
   assert sft.model.num_layers == 3 and sft.stage == "sft"
   assert rm.data.comparisons_dir == os.path.join(str(tmp_path), "collect")
   assert ppo.ppo.ptx_coef == 0 and config.ppo.ptx_coef > 0
+  assert oracle.reward_model == "gold" and oracle.ppo.ptx_coef == config.ppo.ptx_coef
   assert pipeline.stages_of(config) == ALL
+  config.oracle_run = False
+  assert "ppo_oracle" not in pipeline.stages_of(config)
   config.ppo.ptx_coef = 0.0
   assert "ppo_ptx" not in pipeline.stages_of(config)
 

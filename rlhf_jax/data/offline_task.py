@@ -415,7 +415,7 @@ class OfflineSizes:
   ptx: int = 4000
   sft: int = 2000
   comparisons: int = 1000
-  prompts: int = 5000          # RL prompts: the collect stage ranks SFT samples of each
+  prompts: int = 10000         # RL prompts: the collect stage ranks SFT samples of each
   validation: int = 400        # records in each validation split
   probe: int = 200             # capability-probe prompts (probe_validation.jsonl)
   min_k: int = 4               # responses per comparison, drawn in min_k..max_k
