@@ -151,7 +151,10 @@ def test_bad_knobs_are_named():
     ot.OfflineSizes(min_k=5, max_k=3).validate()
   with pytest.raises(UserError, match="too small to draw"):
     ot.make_records(ot.TaskConfig(families=("add",), max_operand=1),
-                    ot.OfflineSizes(ptx=1, sft=50, comparisons=1, prompts=1, validation=30))
+                    ot.OfflineSizes(ptx=1, sft=50, comparisons=1, prompts=1, validation=30,
+                                    held_out_fraction=1e-6))   # 8 prompts, none held out
+  with pytest.raises(UserError, match="held_out_fraction must be in"):
+    ot.OfflineSizes(held_out_fraction=1.0).validate()
 
 
 def test_flaws_and_their_analysis():
@@ -230,3 +233,16 @@ def test_task_knobs_come_from_the_config_and_are_checked(tmp_path):
     ot.check_prepared(tmp_path, ot.TaskConfig(filler_rate=0.5), small, 3)
   with pytest.raises(UserError, match="config.data.task_seed"):
     ot.check_prepared(tmp_path, ot.TaskConfig(), small, 4)
+
+
+def test_both_splits_have_the_same_mix_of_families():
+  """The held-out split is a split of the prompt space, so a family with few distinct prompts
+  (add: 2 x 11 x 11) is not drained from the training split by the validation draws."""
+  sizes = ot.OfflineSizes(ptx=1, sft=1, comparisons=1, prompts=4000, validation=400)
+  records = ot.make_records(ot.TaskConfig(), sizes, seed=0)["prompts"]
+  share = {split: np.mean([ot.parse_prompt(r["prompt"])[0] == "add" for r in records[split]])
+           for split in ("train", "validation")}
+  assert abs(share["train"] - 0.25) < 0.03 and abs(share["validation"] - 0.25) < 0.07, share
+  validation = {r["prompt"] for r in records["validation"]}
+  assert all(ot.held_out(p, 0, sizes.held_out_fraction) for p in validation)
+  assert not validation & {r["prompt"] for r in records["train"]}

@@ -56,6 +56,7 @@ import dataclasses
 import json
 import os
 import re
+import zlib
 
 import numpy as np
 
@@ -417,6 +418,7 @@ class OfflineSizes:
   comparisons: int = 1000
   prompts: int = 10000         # RL prompts: the collect stage ranks SFT samples of each
   validation: int = 400        # records in each validation split
+  held_out_fraction: float = 0.1  # share of the prompt space (by a hash) kept for validation
   probe: int = 200             # capability-probe prompts (probe_validation.jsonl)
   min_k: int = 4               # responses per comparison, drawn in min_k..max_k
   max_k: int = 6
@@ -428,6 +430,9 @@ class OfflineSizes:
     for field in ("ptx", "sft", "comparisons", "prompts", "validation", "probe"):
       if getattr(self, field) < 1:
         raise UserError(f"offline task: {field} size must be >= 1 (got {getattr(self, field)})")
+    if not 0 < self.held_out_fraction < 1:
+      raise UserError(f"offline task: held_out_fraction must be in (0, 1) "
+                      f"(got {self.held_out_fraction})")
     if not schema.MIN_K <= self.min_k <= self.max_k <= schema.MAX_K:
       raise UserError(f"offline task: need {schema.MIN_K} <= min_k <= max_k <= {schema.MAX_K} "
                       f"(got {self.min_k}, {self.max_k})")
@@ -475,7 +480,7 @@ def from_config(task):
   return config, sizes
 
 
-_STREAMS = {"held_out": 1, "sft": 2, "comparisons": 3, "prompts": 4, "ptx": 5, "labeler": 6,
+_STREAMS = {"sft": 2, "comparisons": 3, "prompts": 4, "ptx": 5, "labeler": 6,
             "probe": 7}
 
 
@@ -483,18 +488,26 @@ def _rng(seed, stream, split):
   return np.random.default_rng([seed, _STREAMS[stream], 0 if split == "train" else 1])
 
 
-def _draw_prompts(config, rng, count, exclude):
-  """`count` instructions whose prompts are not in `exclude` (repeats allowed among them)."""
+def held_out(prompt, seed, fraction):
+  """Whether `prompt` belongs to the validation side of the prompt space: a hash of (seed, prompt)
+  below `fraction`. Splitting the space (not the draws) keeps every family's share the same in
+  both splits, however few distinct prompts a family has (add: 2 x 11 x 11)."""
+  return zlib.crc32(f"{seed}\x00{prompt}".encode()) < fraction * 2 ** 32
+
+
+def _draw_prompts(config, rng, count, seed, fraction, validation):
+  """`count` instructions from one side of the held-out split (repeats allowed)."""
   drawn = []
   for _ in range(100 * count + 1000):
     family, args, phrasing = sample_instruction(config, rng)
     prompt = make_prompt(family, args, phrasing)
-    if prompt not in exclude:
+    if held_out(prompt, seed, fraction) == validation:
       drawn.append((prompt, family, args))
       if len(drawn) == count:
         return drawn
-  raise UserError(f"offline task: the task config is too small to draw {count} prompts outside "
-                  "the validation set (raise num_words, max_items or max_operand)")
+  raise UserError(f"offline task: the task config is too small to draw {count} "
+                  f"{'validation' if validation else 'training'} prompts (raise num_words, "
+                  "max_items or max_operand)")
 
 
 def _comparison_records(config, sizes, instructions, rng):
@@ -512,20 +525,20 @@ def _comparison_records(config, sizes, instructions, rng):
 def make_records(config=TaskConfig(), sizes=OfflineSizes(), seed=0):
   """All records of the offline task: {kind: {split: records}}, splits 'train' and 'validation'.
 
-  Validation prompts never occur in any training split. Validation demonstrations are correct;
+  Validation prompts never occur in any training split (`held_out` splits the prompt space, so
+  both splits have the same mix of families). Validation demonstrations are correct;
   training ones carry the flaws of `demonstration`.
   """
   config.validate()
   sizes.validate()
-  held_out = {}
-  for kind in ("sft", "comparisons", "prompts"):
-    held_out[kind] = _draw_prompts(config, _rng(seed, kind, "validation"), sizes.validation, ())
-  exclude = {prompt for drawn in held_out.values() for prompt, _, _ in drawn}
-  train = {kind: _draw_prompts(config, _rng(seed, kind, "train"), getattr(sizes, kind), exclude)
-           for kind in ("sft", "comparisons", "prompts")}
+  draw = lambda kind, split, count: _draw_prompts(
+      config, _rng(seed, kind, split), count, seed, sizes.held_out_fraction, split != "train")
+  kinds = ("sft", "comparisons", "prompts")
+  validation = {kind: draw(kind, "validation", sizes.validation) for kind in kinds}
+  train = {kind: draw(kind, "train", getattr(sizes, kind)) for kind in kinds}
   records = {schema.PTX: {}, schema.SFT: {}, schema.COMPARISONS: {}, schema.PROMPTS: {}}
   for split, drawn, ptx_count in (("train", train, sizes.ptx),
-                                  ("validation", held_out, sizes.validation)):
+                                  ("validation", validation, sizes.validation)):
     rng = _rng(seed, "sft", split)
     records[schema.SFT][split] = [
         {"prompt": p, "response": demonstration(f, a, config, rng, flawed=split == "train")}
