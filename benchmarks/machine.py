@@ -1,4 +1,14 @@
-"""This machine's measured float32 matmul peak, the denominator of every roofline fraction."""
+"""This machine's measured float32 matmul peak, the denominator of every roofline fraction.
+
+  python benchmarks/machine.py [--n=2048] [--repeats=10]
+
+Imported by the other benchmarks (`from machine import matmul_peak`); run on its own it prints
+the peak and, last, `RESULT {json}` with matmul_peak_gflops, n, repeats, platform and
+device_count.
+tests/test_benchmarks.py runs it with `--n=128 --repeats=2`.
+"""
+import argparse
+import json
 import statistics
 import time
 
@@ -16,3 +26,20 @@ def matmul_peak(repeats=10, n=2048):
     f(a).block_until_ready()
     times.append(time.perf_counter() - t)
   return 2 * n ** 3 / statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--n", type=int, default=2048, help="matrix size")
+  parser.add_argument("--repeats", type=int, default=10, help="timed calls (median)")
+  args = parser.parse_args()
+  import jax
+  peak = matmul_peak(args.repeats, args.n)
+  print(f"matmul peak (float32 {args.n}^2, {jax.devices()[0].platform}): {peak / 1e9:.1f} GFLOP/s")
+  print("RESULT " + json.dumps({"matmul_peak_gflops": peak / 1e9, "n": args.n,
+                                "repeats": args.repeats, "platform": jax.devices()[0].platform,
+                                "device_count": jax.device_count()}))
+
+
+if __name__ == "__main__":
+  main()

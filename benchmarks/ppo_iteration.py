@@ -1,6 +1,7 @@
 """Seconds per PPO iteration: rlhf_jax vs TRL's PPOTrainer vs tunix's PPOLearner, same shapes.
 
   python benchmarks/ppo_iteration.py [--rounds=3] [--warmup=2] [--iters=4] [--only=ours,trl,tunix]
+                                     [--shape=default] [--peak_n=2048] [--wait_idle=60]
                                      [--trl_python=/work/peers/trl/bin/python]
                                      [--tunix_python=/work/peers/tunix/bin/python]
 
@@ -8,10 +9,16 @@ Shapes, every side: 4 layers, d_model 256, 4 heads, vocabulary 8192, random-init
 weights; 16 prompts of 32 tokens; exactly 32 sampled response tokens (temperature 1, no EOS stop);
 one PPO epoch with one minibatch of 16 (policy and value); no pretraining (ptx) term. One iteration
 = rollout + scoring (reference log-probs, values, reward) + GAE + the update. Ours is GPT-2 flavoured
-(`rlhf_jax.train.ppo.bench_iteration`, one jitted program per iteration); TRL 1.10 runs GPT-2
-(`trl.experimental.ppo.PPOTrainer`, eager PyTorch); tunix 0.1.7 has no GPT-2 and runs Qwen2
-(`tunix.rl.ppo.ppo_learner.PPOLearner`). See benchmarks/peers/trl_ppo.py and tunix_ppo.py for how
-each peer is driven and timed.
+(`bench_iteration` below: `rlhf_jax.train.ppo`'s iteration, one jitted program per iteration);
+TRL 1.10 runs GPT-2 (`trl.experimental.ppo.PPOTrainer`, eager PyTorch); tunix 0.1.7 has no GPT-2
+and runs Qwen2 (`tunix.rl.ppo.ppo_learner.PPOLearner`). See benchmarks/peers/trl_ppo.py and
+tunix_ppo.py for how each peer is driven and timed.
+
+`--shape=tiny` (1 layer x 32, 2 heads, vocabulary 64, 4 prompts of 6 tokens, 4 response tokens) is
+a smoke test, not a measurement: tests/test_benchmarks.py runs `--shape=tiny --rounds=1 --warmup=1
+--iters=1 --wait_idle=0 --peak_n=128` with the peers pointed at missing interpreters (two calls:
+the state donated by the first iteration feeds the second; a non-finite value loss fails the
+worker).
 
 Each measurement is its own subprocess: ours with this interpreter, each peer with the python of its
 own venv, interleaved round by round (ours, trl, tunix, ours, ...) so a busy moment on a shared
@@ -23,9 +30,9 @@ interpreter is missing or whose import fails is "not available": null in RESULT 
 on stderr, never a crash.
 
 Roofline: model FLOPs of one iteration / (ours s/iter x this machine's float32 matmul peak, measured
-in the same run by benchmarks/machine.py). With N = 12 x layers x d_model^2 (matmul weights per
-block), f_b = 2N + 4 x layers x d_model x T/2 per token of a backbone forward (T = prompt +
-response), f_h = 2 x d_model x vocab per LM-head token, and B sequences:
+in the same run by benchmarks/machine.py on --peak_n^2 matrices). With N = 12 x layers x d_model^2
+(matmul weights per block), f_b = 2N + 4 x layers x d_model x T/2 per token of a backbone forward
+(T = prompt + response), f_h = 2 x d_model x vocab per LM-head token, and B sequences:
   rollout  B T f_b + B R f_h;   scoring  (B T f_b + B R f_h) + 2 B T f_b   (reference, value, RM);
   update   3 (B T f_b + B R f_h) + 3 B T f_b   (policy and value, forward + backward).
 
@@ -52,8 +59,8 @@ Nothing is downloaded at run time (random init, offline tokenizers). Other venv 
 
 The last line is `RESULT {json}` with ours_s_per_iter, trl_s_per_iter, tunix_s_per_iter,
 speedup_vs_trl, speedup_vs_tunix (null where a side is not available or failed), plus
-roofline_fraction, the per-phase breakdowns each side exposes, the matmul peak before and after,
-and the raw rounds.
+roofline_fraction, model_gflop_per_iter, matmul_peak_gflops [before, after], breakdown_s (the
+per-phase breakdowns each side exposes), shape, and rounds (the raw s/iter per side and round).
 """
 import argparse
 import json
@@ -66,8 +73,13 @@ import time
 from machine import matmul_peak  # benchmarks/machine.py (this script's folder)
 from peers.worker_io import read_result  # noqa: E402
 
-SHAPE = dict(layers=4, d_model=256, heads=4, vocab=8192, num_prompts=16, prompt_len=32,
-             response_len=32)
+SHAPES = {
+    "default": dict(layers=4, d_model=256, heads=4, vocab=8192, num_prompts=16, prompt_len=32,
+                    response_len=32),
+    "tiny": dict(layers=1, d_model=32, heads=2, vocab=64, num_prompts=4, prompt_len=6,
+                 response_len=4),
+}
+SHAPE = SHAPES["default"]
 SIDES = ("ours", "trl", "tunix")
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PYTHON = {
@@ -77,7 +89,8 @@ DEFAULT_PYTHON = {
 }
 # What must import for a side to count as available.
 PROBES = {
-    "ours": "from rlhf_jax.train import ppo; ppo.bench_iteration",
+    "ours": ("from rlhf_jax.train import ppo; ppo.Settings, ppo.state_shardings, ppo.place, "
+             "ppo.make_iteration, ppo.jit_iteration"),
     "trl": "from trl.experimental.ppo import PPOConfig, PPOTrainer",
     "tunix": "from tunix.rl.ppo.ppo_learner import PPOLearner; import tunix.models.qwen2.model",
 }
@@ -95,21 +108,77 @@ def model_config(shape=SHAPE):
                           vocab_size=shape["vocab"], max_len=512)
 
 
-def worker_ours(warmup, iters, seed=0):
-  """Times `ppo.bench_iteration(...)()`: `warmup` untimed calls, then `iters` timed ones."""
-  from rlhf_jax.train import ppo
-  run = ppo.bench_iteration(model_config(), num_prompts=SHAPE["num_prompts"],
-                            prompt_len=SHAPE["prompt_len"], response_len=SHAPE["response_len"],
-                            seed=seed)
-  for i in range(warmup):
+def bench_iteration(model_cfg, *, num_prompts, prompt_len, response_len, seed=0, epochs=1,
+                    minibatches=1):
+  """A `run()` that does one full PPO iteration (ptx off) on random weights, blocks and returns the
+  iteration's metrics.
+
+  Rollout with the sampler, scoring by policy/reference/value/reward model, GAE, `epochs` x
+  `minibatches` updates: the pieces `rlhf_jax.train.ppo.run` uses (Settings, make_iteration,
+  state_shardings, place, jit_iteration) on one device, the state donated from call to call.
+  """
+  import jax
+  import ml_collections
+  import numpy as np
+  from rlhf_jax import sharding
+  from rlhf_jax.models import init_params
+  from rlhf_jax.train import common, ppo
+  cfg = model_cfg.replace(dropout_resid=0.0, dropout_attn=0.0)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  s = ppo.Settings(batch_size=num_prompts, prompt_len=prompt_len, response_len=response_len,
+                   epochs=epochs, minibatches=minibatches, eos_token_id=-1, grad_clip=1.0)
+  opt = {"lr": 1e-5, "warmup_steps": 0, "final_lr_fraction": 1.0, "weight_decay": 0.0,
+         "b1": 0.9, "b2": 0.95, "eps": 1e-8}
+  # As in ppo.run(): the iteration clips the policy gradient, the value's AdamW its own.
+  txs = {k: common.make_optimizer(ml_collections.ConfigDict(dict(opt, grad_clip=clip)), 1000)[0]
+         for k, clip in (("policy", 0.0), ("value", 1.0))}
+  keys = jax.random.split(jax.random.key(seed), 4)
+  policy = init_params(cfg, keys[0], "lm")
+  value = init_params(cfg, keys[1], "scalar")
+  shardings = ppo.state_shardings(cfg, cfg, txs, mesh, ema=False)
+  frozen_sh = {"ref": shardings["params"]["policy"], "rm": shardings["params"]["value"]}
+  state, frozen = ppo.place(policy, value, init_params(cfg, keys[2], "scalar"), txs, shardings,
+                            frozen_sh, 0.02)
+  holder = {"state": state}
+  rng = np.random.default_rng(seed)
+  host = {"prompts": rng.integers(3, cfg.vocab_size, (num_prompts, prompt_len)).astype(np.int32),
+          "prompt_segment_ids": np.ones((num_prompts, prompt_len), np.int32)}
+  step = ppo.jit_iteration(ppo.make_iteration(cfg, cfg, cfg, s, txs, mesh), shardings, frozen_sh,
+                           host, mesh)
+  batch = jax.device_put(host)
+  counter = [0]
+
+  def run():
+    counter[0] += 1
+    with sharding.activate(mesh):
+      holder["state"], metrics, _ = step(holder["state"], frozen, batch,
+                                         jax.random.key(counter[0]))
+    jax.block_until_ready((holder["state"], metrics))
+    return metrics
+  return run
+
+
+def worker_ours(warmup, iters, seed=0, shape=SHAPE):
+  """Times `bench_iteration(...)()`: `warmup` untimed calls, then `iters` timed ones."""
+  import math
+  run = bench_iteration(model_config(shape), num_prompts=shape["num_prompts"],
+                        prompt_len=shape["prompt_len"], response_len=shape["response_len"],
+                        seed=seed)
+
+  def call():
     t = time.perf_counter()
-    run()
-    sys.stderr.write(f"warm-up {i}: {time.perf_counter() - t:.3f} s\n")
+    metrics = run()
+    elapsed = time.perf_counter() - t
+    loss = float(metrics["value_loss"])   # checked outside the timed region
+    if not math.isfinite(loss):           # a timing of a diverged iteration means nothing
+      raise SystemExit(f"[ppo_iteration] ours: non-finite value_loss {loss}")
+    return elapsed
+
+  for i in range(warmup):
+    sys.stderr.write(f"warm-up {i}: {call():.3f} s\n")
   times = []
   for i in range(iters):
-    t = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - t)
+    times.append(call())
     sys.stderr.write(f"iteration {i}: {times[-1]:.3f} s\n")
   return {"s_per_iter": statistics.median(times), "times_s": times,
           # One jitted program (rollout, scoring, GAE and update together): no phase split.
@@ -137,11 +206,11 @@ def _note(msg):
   sys.stderr.flush()
 
 
-def _command(side, python, warmup, iters):
+def _command(side, python, warmup, iters, shape_name="default"):
   if side == "ours":
     return [python, os.path.abspath(__file__), "--worker=ours", f"--warmup={warmup}",
-            f"--iters={iters}"]
-  s = SHAPE
+            f"--iters={iters}", f"--shape={shape_name}"]
+  s = SHAPES[shape_name]
   return [python, os.path.join(HERE, "peers", PEER_SCRIPTS[side]), f"--layers={s['layers']}",
           f"--d_model={s['d_model']}", f"--heads={s['heads']}", f"--vocab={s['vocab']}",
           f"--num_prompts={s['num_prompts']}", f"--prompt_len={s['prompt_len']}",
@@ -171,8 +240,8 @@ def probe(side, python):
   return None
 
 
-def _run(side, python, warmup, iters, timeout, omp_wait_policy=""):
-  cmd = _command(side, python, warmup, iters)
+def _run(side, python, warmup, iters, timeout, omp_wait_policy="", shape_name="default"):
+  cmd = _command(side, python, warmup, iters, shape_name)
   try:
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(side, omp_wait_policy),
                        timeout=timeout)
@@ -237,6 +306,9 @@ def main():
   parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per worker run")
   parser.add_argument("--iters", type=int, default=4, help="timed iterations per worker run")
   parser.add_argument("--only", default=",".join(SIDES), help="comma list of ours,trl,tunix")
+  parser.add_argument("--shape", default="default", choices=sorted(SHAPES),
+                      help="'tiny': a smoke test, not a measurement")
+  parser.add_argument("--peak_n", type=int, default=2048, help="matrix size of the peak matmul")
   parser.add_argument("--trl_python", default=DEFAULT_PYTHON["trl"])
   parser.add_argument("--tunix_python", default=DEFAULT_PYTHON["tunix"])
   parser.add_argument("--wait_idle", type=float, default=60.0,
@@ -248,8 +320,9 @@ def main():
   parser.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
   args = parser.parse_args()
 
+  shape = SHAPES[args.shape]
   if args.worker:
-    res = worker_ours(args.warmup, args.iters)
+    res = worker_ours(args.warmup, args.iters, shape=shape)
     print("RESULT " + json.dumps(res))
     return
 
@@ -268,24 +341,24 @@ def main():
     else:
       sides.append(side)
 
-  peak = matmul_peak()
+  peak = matmul_peak(n=args.peak_n)
   results = {s: [] for s in sides}
   for r in range(args.rounds):
     for side in sides:
       busy = wait_idle(args.wait_idle) if args.wait_idle > 0 else None
       res = _run(side, python[side], args.warmup, args.iters, args.timeout,
-                 args.trl_omp_wait_policy)
+                 args.trl_omp_wait_policy, args.shape)
       results[side].append(res)                # None when the run failed (rounds stay aligned)
       busy_txt = "" if busy is None else f" (CPU {100 * busy:.0f}% busy before)"
       val = "failed" if res is None else f"{res['s_per_iter']:.3f} s/iter"
       _note(f"round {r + 1}/{args.rounds} {side}: {val}{busy_txt}")
-  peak_after = matmul_peak()
+  peak_after = matmul_peak(n=args.peak_n)
 
   per_round = {s: [res and res["s_per_iter"] for res in results[s]] for s in sides}
   med = {s: (statistics.median([v for v in per_round[s] if v])
              if any(per_round[s]) else None) for s in SIDES if s in per_round}
   ours = med.get("ours")
-  flops = flops_per_iteration()
+  flops = flops_per_iteration(shape)
   best_peak = max(peak, peak_after)
   summary = {
       "ours_s_per_iter": ours,
@@ -297,12 +370,12 @@ def main():
       "model_gflop_per_iter": flops / 1e9,
       "matmul_peak_gflops": [round(peak / 1e9, 1), round(peak_after / 1e9, 1)],
       "breakdown_s": {s: _median_breakdown(results[s]) for s in sides},
-      "shape": SHAPE,
+      "shape": shape,
       "rounds": per_round,
   }
 
   f = lambda x: "n/a" if x is None else f"{x:.2f}"
-  print(f"\nmatmul peak (float32, 2048^2): {peak / 1e9:.0f} GFLOP/s before, "
+  print(f"\nmatmul peak (float32, {args.peak_n}^2): {peak / 1e9:.0f} GFLOP/s before, "
         f"{peak_after / 1e9:.0f} after; {flops / 1e9:.1f} model GFLOP per iteration; "
         f"{args.rounds} rounds x {args.iters} timed iterations (after {args.warmup} warm-up)\n")
   print("| side | s/iteration, median (min-max over rounds) | breakdown (median s) | "

@@ -1,26 +1,31 @@
 """Achieved FLOP/s of the SFT and reward-model train steps as a fraction of this machine's matmul peak.
 
   python benchmarks/train_step.py [--shapes=4x256,gpt2-small] [--repeats=3] [--seq_len=512]
+                                  [--peak_n=2048]
 
 The steps are the real ones (`rlhf_jax.train.common.make_train_step` with the SFT / RM losses,
 AdamW, jitted with shardings and donated state) on one device (all cores), random GPT-2 shapes:
   4x256        4 layers x 256, 4 heads, vocabulary 8192 (benchmarks/generate.py's small shape)
   gpt2-small   12 x 768, 12 heads, vocabulary 50257
+  tiny         1 x 32, 2 heads, vocabulary 64 (a smoke test, not a measurement:
+               `--shapes=tiny --seq_len=16 --repeats=1 --peak_n=128`, tests/test_benchmarks.py)
 Batches: SFT rows of seq_len tokens (one packed segment each, loss on every token); RM prompts with
 K = 2 responses of seq_len tokens each (B*K sequences forwarded once). No dropout.
 
 FLOPs per step = 6 x N_matmul x tokens + 12 x layers x T^2 x d_model per sequence (attention
 scores and values, forward + backward), where N_matmul counts the weights used in matmuls: the
 layers' projections, plus the tied unembedding (d x V) for SFT or the scalar head (d x 1) for RM.
-Peak = float32 `jnp.dot` of two 2048^2 matrices, timed in the same run (median), before and after
-the steps; the larger is used. fraction_of_peak = FLOPs per step / step time (median) / peak.
+Peak = float32 `jnp.dot` of two 2048^2 matrices (--peak_n sets the size), timed in the same run
+(median), before and after the steps; the larger is used.
+fraction_of_peak = FLOPs per step / step time (median) / peak.
 
 Where time goes: each step is also timed as forward only (the loss), forward + backward
 (value_and_grad) and the full step, so backward = grad - forward and optimizer = step - grad; for
 SFT the LM head + cross-entropy (forward + backward on fixed hidden states) is timed on its own.
 
-Last line: `RESULT {json}` with per shape and step: fraction_of_peak, step_s, tflops, and the
-breakdown in seconds.
+Last line: `RESULT {json}` with peak_gflops, seq_len, fraction_of_peak {"<shape>/<sft|rm>": x} and
+details {"<shape>/<sft|rm>": {fraction_of_peak, step_s, tflops, flops, sequences, compile_s,
+forward_s, forward_backward_s, backward_s, optimizer_s, and for SFT lm_head_and_loss_s}}.
 """
 import argparse
 import json
@@ -36,6 +41,7 @@ from machine import matmul_peak  # benchmarks/machine.py (this script's folder)
 SHAPES = {
     "4x256": dict(layers=4, d_model=256, heads=4, vocab=8192, sft_batch=8, rm_prompts=4),
     "gpt2-small": dict(layers=12, d_model=768, heads=12, vocab=50257, sft_batch=4, rm_prompts=2),
+    "tiny": dict(layers=1, d_model=32, heads=2, vocab=64, sft_batch=2, rm_prompts=2),
 }
 K = 2
 
@@ -96,7 +102,7 @@ def bench_step(cfg, kind, batch, repeats):
   rng = jax.random.key(1)
   out = {}
   with sharding.activate(mesh):
-    gbatch = common.to_global(batch, mesh, len(batch["tokens"]))
+    gbatch = sharding.global_batch(batch, mesh, len(batch["tokens"]))
     holder = {"state": state}
 
     def run_step():
@@ -140,9 +146,14 @@ def main():
   parser.add_argument("--shapes", default="4x256,gpt2-small")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--seq_len", type=int, default=512)
+  parser.add_argument("--peak_n", type=int, default=2048, help="matrix size of the peak matmul")
   args = parser.parse_args()
-  peak = matmul_peak()
-  print(f"matmul peak (float32 2048^2, {jax.device_count()} device, {jax.devices()[0].platform}): "
+  unknown = sorted(set(args.shapes.split(",")) - set(SHAPES))
+  if unknown:
+    parser.error(f"--shapes: unknown shape(s) {unknown}; expected a comma list of {list(SHAPES)}")
+  peak = matmul_peak(n=args.peak_n)
+  print(f"matmul peak (float32 {args.peak_n}^2, {jax.device_count()} device, "
+        f"{jax.devices()[0].platform}): "
         f"{peak / 1e9:.1f} GFLOP/s", flush=True)
   rng = np.random.default_rng(0)
   results = {}
@@ -165,7 +176,7 @@ def main():
             f"{r['optimizer_s']:.3f}"
             + (f", LM head + loss fwd+bwd {r['lm_head_and_loss_s']:.3f}" if kind == "sft" else "")
             + f"), {flops / r['step_s'] / 1e9:.1f} GFLOP/s", flush=True)
-  peak_after = matmul_peak()
+  peak_after = matmul_peak(n=args.peak_n)
   best = max(peak, peak_after)
   print(f"matmul peak after: {peak_after / 1e9:.1f} GFLOP/s; using {best / 1e9:.1f}")
   print("\n| shape | step | step s | GFLOP/s | fraction of peak |\n|---|---|---|---|---|")

@@ -448,13 +448,6 @@ def test_bad_ppo_input_is_one_line_exit_2(ppo_inputs, tmp_path, over, needle):
   assert not (workdir / "ppo_ptx").exists()
 
 
-def test_bench_iteration_runs_twice():
-  """benchmarks/ppo_iteration.py's entry point (the state is donated between calls)."""
-  run = ppo.bench_iteration(CFG, num_prompts=4, prompt_len=6, response_len=4)
-  m1, m2 = run(), run()
-  assert np.isfinite(float(m1["value_loss"])) and np.isfinite(float(m2["value_loss"]))
-
-
 # ----------------------------------------------------------------------------- gold reward
 
 def _episodes(tok, prompts, responses, prompt_len, n):
