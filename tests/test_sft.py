@@ -9,7 +9,7 @@ from rlhf_jax import losses, sharding
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import Transformer, get_model_config, init_params
 from rlhf_jax.train import common, sft
-from stage_steps import MESHES, opt_config, run_train_steps
+from stage_steps import MESHES, assert_same_training, opt_config, run_train_steps, sgd
 
 DROPOUT = 0.2   # the paper's SFT residual dropout: masks must not depend on the mesh either
 
@@ -57,13 +57,19 @@ def test_loss_is_the_mean_over_response_tokens_only():
 _PARAMS = {}
 
 
-def _run_steps(mesh, steps=2, accum=1, batch_size=8, dropout=DROPOUT):
-  cfg = get_model_config("tiny", dropout_resid=dropout)
+def _initial_params(cfg):
+  """The same host parameters for every mesh (initialised once)."""
   if "p" not in _PARAMS:
     _PARAMS["p"] = jax.device_get(init_params(cfg, jax.random.key(0)))
+  return _PARAMS["p"]
+
+
+def _run_steps(mesh, steps=2, accum=1, batch_size=8, dropout=DROPOUT):
+  """`steps` SFT steps with SGD (see stage_steps.sgd): (final host params, per-step metrics)."""
+  cfg = get_model_config("tiny", dropout_resid=dropout)
   batches = [packed_batch(20 + i, batch=batch_size) for i in range(steps)]
-  state, metrics = run_train_steps(cfg, "lm", sft.make_loss_fn(cfg), _PARAMS["p"], batches, mesh,
-                                   accum, batch_size)
+  state, metrics = run_train_steps(cfg, "lm", sft.make_loss_fn(cfg), _initial_params(cfg), batches,
+                                   mesh, accum, batch_size, tx=sgd())
   assert int(jax.device_get(state["step"])) == steps
   return jax.device_get(state["params"]), metrics
 
@@ -75,13 +81,38 @@ def single_device_run():
 
 @pytest.mark.parametrize("shape", MESHES)
 def test_sharded_sft_step_equals_single_device(shape, single_device_run):
+  """Same loss, gradient norm and SGD updates on every mesh (dropout on: its masks must not depend
+  on the mesh either)."""
   ref_params, ref_metrics = single_device_run
   params, metrics = _run_steps(sharding.make_mesh(shape))
   for m, r in zip(metrics, ref_metrics):
-    np.testing.assert_allclose(m["loss"], r["loss"], rtol=1e-5)
     assert m["count"] == r["count"]
-  for p, r in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-    np.testing.assert_allclose(p, r, atol=2e-6)
+  assert_same_training(params, metrics, ref_params, ref_metrics, _PARAMS["p"])
+
+
+def test_the_comparison_rejects_a_gradient_off_by_a_tenth_of_a_percent(single_device_run):
+  """Negative control for the sharded tests above (and RM's): with SGD a gradient scaled by
+  0.999 scales the updates and the gradient norm by 0.999, and either one alone fails."""
+  ref_params, ref_metrics = single_device_run
+  init = _PARAMS["p"]
+  scaled = jax.tree.map(lambda p, p0: p0 + 0.999 * (p - p0), ref_params, init)
+  scaled_norms = [dict(m, grad_norm=m["grad_norm"] * 0.999) for m in ref_metrics]
+  assert_same_training(ref_params, ref_metrics, ref_params, ref_metrics, init)
+  with pytest.raises(AssertionError, match="grad_norm"):
+    assert_same_training(ref_params, scaled_norms, ref_params, ref_metrics, init)
+  with pytest.raises(AssertionError, match=r"\['embed'\]"):
+    assert_same_training(scaled, ref_metrics, ref_params, ref_metrics, init)
+
+
+def test_gradient_accumulation_is_exact():
+  """2 micro-batches of 4 rows on a (2, 2, 2) mesh == the whole batch on one device: the loss is a
+  mean over response TOKENS, and the micro-batches hold different numbers of them (43 and 56 in
+  the first step). Dropout off: each micro-batch draws its own masks."""
+  ref_params, ref_metrics = _run_steps(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]),
+                                       dropout=0.0)
+  params, metrics = _run_steps(sharding.make_mesh((2, 2, 2)), accum=2, dropout=0.0)
+  assert_same_training(params, metrics, ref_params, ref_metrics, _PARAMS["p"],
+                       keys=("loss", "count"))
 
 
 def test_cosine_schedule_decays_to_ten_percent():
