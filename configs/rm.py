@@ -24,7 +24,8 @@ def get_config(preset="tiny"):
   c.data.comparisons_dir = ""
   if preset == "tiny":
     c.optimizer.lr, c.optimizer.warmup_steps = 1e-3, 10
-    c.batch_size, c.eval_batch_size, c.seq_len, c.num_steps = 16, 32, 48, 1000
+    # seq_len 32: the longest [bos] prompt response [eos] of the offline task is 28 tokens.
+    c.batch_size, c.eval_batch_size, c.seq_len, c.num_steps = 16, 32, 32, 1000
     c.eval_every = 250
     c.log_every = 50
   elif preset == "smollm2":
