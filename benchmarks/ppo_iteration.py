@@ -122,7 +122,7 @@ def bench_iteration(model_cfg, *, num_prompts, prompt_len, response_len, seed=0,
   import numpy as np
   from rlhf_jax import sharding
   from rlhf_jax.models import init_params
-  from rlhf_jax.train import common, ppo
+  from rlhf_jax.train import optim, ppo
   cfg = model_cfg.replace(dropout_resid=0.0, dropout_attn=0.0)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   s = ppo.Settings(batch_size=num_prompts, prompt_len=prompt_len, response_len=response_len,
@@ -130,7 +130,7 @@ def bench_iteration(model_cfg, *, num_prompts, prompt_len, response_len, seed=0,
   opt = {"lr": 1e-5, "warmup_steps": 0, "final_lr_fraction": 1.0, "weight_decay": 0.0,
          "b1": 0.9, "b2": 0.95, "eps": 1e-8}
   # As in ppo.run(): the iteration clips the policy gradient, the value's AdamW its own.
-  txs = {k: common.make_optimizer(ml_collections.ConfigDict(dict(opt, grad_clip=clip)), 1000)[0]
+  txs = {k: optim.make_optimizer(ml_collections.ConfigDict(dict(opt, grad_clip=clip)), 1000)[0]
          for k, clip in (("policy", 0.0), ("value", 1.0))}
   keys = jax.random.split(jax.random.key(seed), 4)
   policy = init_params(cfg, keys[0], "lm")

@@ -3,7 +3,7 @@
   python benchmarks/train_step.py [--shapes=4x256,gpt2-small] [--repeats=3] [--seq_len=512]
                                   [--peak_n=2048]
 
-The steps are the real ones (`rlhf_jax.train.common.make_train_step` with the SFT / RM losses,
+The steps are the real ones (`rlhf_jax.train.step.make_train_step` with the SFT / RM losses,
 AdamW, jitted with shardings and donated state) on one device (all cores), random GPT-2 shapes:
   4x256        4 layers x 256, 4 heads, vocabulary 8192 (benchmarks/generate.py's small shape)
   gpt2-small   12 x 768, 12 heads, vocabulary 50257
@@ -87,18 +87,18 @@ def bench_step(cfg, kind, batch, repeats):
   import ml_collections
   from rlhf_jax import sharding
   from rlhf_jax.models import init_params
-  from rlhf_jax.train import common, rm, sft
+  from rlhf_jax.train import optim, rm, sft
+  from rlhf_jax.train.step import jit_train_step, make_train_step
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   opt = ml_collections.ConfigDict({"lr": 1e-4, "warmup_steps": 0, "final_lr_fraction": 0.1,
                                    "weight_decay": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
                                    "grad_clip": 1.0})
   head = "lm" if kind == "sft" else "scalar"
   loss_fn = (sft if kind == "sft" else rm).make_loss_fn(cfg)
-  tx, schedule = common.make_optimizer(opt, 1000)
-  shardings = common.state_shardings(cfg, head, tx, mesh)
-  state = common.create_state(init_params(cfg, jax.random.key(0), head), tx, shardings)
-  step = common.jit_train_step(common.make_train_step(loss_fn, tx, schedule, 1, mesh), shardings,
-                               batch, mesh)
+  tx, schedule = optim.make_optimizer(opt, 1000)
+  shardings = optim.state_shardings(cfg, head, tx, mesh)
+  state = optim.create_state(init_params(cfg, jax.random.key(0), head), tx, shardings)
+  step = jit_train_step(make_train_step(loss_fn, tx, schedule, 1, mesh), shardings, batch, mesh)
   rng = jax.random.key(1)
   out = {}
   with sharding.activate(mesh):

@@ -35,6 +35,7 @@ import numpy as np
 from rlhf_jax import sharding
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import ModelConfig, abstract_params
+from rlhf_jax.train import stage_io
 
 DONE_FILE = "collect.json"
 STAGE = "collect"
@@ -219,19 +220,13 @@ def collect_dir(workdir):
 
 
 def resolve_init(config, workdir):
-  if config.init_from == "auto":
-    path = os.path.join(workdir, "sft", "model")
-    if not os.path.exists(path):
-      raise UserError(f"config.init_from: 'auto' means the sft stage's model {path}, which does "
-                      "not exist; run that stage first or set config.init_from to a model")
-    return path
-  return config.init_from
+  """config.init_from, 'auto' meaning the sft stage's model."""
+  return stage_io.resolve_auto(config.init_from, workdir, "sft", "init_from", " to a model")
 
 
 def split_prompts(tfds_dir, split, field, limit):
   """The first `limit` (0 = all) prompt records of one split, as dicts."""
-  from rlhf_jax.train import common  # pylint: disable=g-import-not-at-top
-  source = common.load_split(tfds_dir, "prompts", split, field)
+  source = stage_io.load_split(tfds_dir, "prompts", split, field)
   n = len(source) if not limit else min(limit, len(source))
   return [{"prompt": text_of(source[i]["prompt"])} for i in range(n)]
 
@@ -264,7 +259,6 @@ def run(config, workdir, score_fn=None):
   """
   from rlhf_jax.data import builders, offline_task, schema  # pylint: disable=g-import-not-at-top
   from rlhf_jax.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
-  from rlhf_jax.train import common  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
   out_dir = collect_dir(workdir)
   if os.path.exists(os.path.join(out_dir, DONE_FILE)):
@@ -275,10 +269,10 @@ def run(config, workdir, score_fn=None):
   t0 = time.time()
   mesh = sharding.make_mesh(config.mesh)
   batch_size_check(config.batch_size, mesh, "batch_size")
-  tfds_dir, data_tok_dir = common.data_paths(config, workdir)
+  tfds_dir, data_tok_dir = stage_io.data_paths(config, workdir)
   init_from = resolve_init(config, workdir)
-  lm_params, model_tok_dir = common.load_init_model(init_from, cfg, "config.init_from")
-  tok, _ = common.load_tokenizer_for(config, model_tok_dir, data_tok_dir, cfg)
+  lm_params, model_tok_dir = stage_io.load_init_model(init_from, cfg, "config.init_from")
+  tok, _ = stage_io.load_tokenizer_for(config, model_tok_dir, data_tok_dir, cfg)
   params = place_params(lm_params, cfg, "lm", mesh)
   del lm_params
   splits = (config.data.train_split, config.data.eval_split)

@@ -1,8 +1,9 @@
 """User-facing errors and the command-line wrapper that reports them.
 
-A `UserError` is a mistake in what the user gave us (a path, a flag, a file, a config field). Command
-line entry points run through `run_cli`, which prints such an error as ONE line on stderr and exits
-with status 2, without a traceback. Anything else is a bug and keeps its traceback.
+A `UserError` is a mistake in what the user gave us (a path, a flag, a file, a config field);
+`check_positive` / `check_int` raise one that names a config field. Command line entry points run
+through `run_cli`, which prints such an error as ONE line on stderr and exits with status 2,
+without a traceback. Anything else is a bug and keeps its traceback.
 """
 import sys
 
@@ -13,6 +14,41 @@ from absl import logging
 
 class UserError(Exception):
   """Bad input from the user; the message names the field or file and what was expected."""
+
+
+def config_field(config, dotted):
+  """`config.<dotted>` (e.g. 'optimizer.lr'); KeyError/AttributeError when a part is missing."""
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def check_positive(config, dotted, kind=float, allow_zero=False):
+  """One-line UserError naming `config.<dotted>` unless it is a positive number of `kind`."""
+  try:
+    value = config_field(config, dotted)
+  except (KeyError, AttributeError):
+    raise UserError(f"config.{dotted} is missing") from None
+  ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if kind is int:
+    ok_type = isinstance(value, int) and not isinstance(value, bool)
+  if not ok_type or not (value >= 0 if allow_zero else value > 0):
+    what = "an integer" if kind is int else "a number"
+    raise UserError(f"config.{dotted} must be {what} {'>= 0' if allow_zero else '> 0'}, "
+                    f"got {value!r}")
+  return value
+
+
+def check_int(config, dotted):
+  """One-line UserError naming `config.<dotted>` unless it is an integer (e.g. a seed)."""
+  try:
+    value = config_field(config, dotted)
+  except (KeyError, AttributeError):
+    raise UserError(f"config.{dotted} is missing") from None
+  if not isinstance(value, int) or isinstance(value, bool):
+    raise UserError(f"config.{dotted} must be an integer, got {value!r}")
+  return value
 
 
 def one_line(text) -> str:

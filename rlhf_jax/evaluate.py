@@ -77,6 +77,9 @@ from rlhf_jax import collect
 from rlhf_jax import losses
 from rlhf_jax import sharding
 from rlhf_jax.errors import UserError
+from rlhf_jax.train import rm
+from rlhf_jax.train import stage_io
+from rlhf_jax.train.step import forward, jit_eval_step
 
 POLICIES = ("sft", "ppo", "ppo_ptx", "ppo_oracle")
 BASE = "base"                # the pretrained base model: probe and pretrain loss only
@@ -227,7 +230,6 @@ def gap_bucket_names():
 
 def _accuracy_entry(s2, r2, g2):
   """Accuracies of one set of pairs (M, 2): RM vs labels, RM vs gold, labels vs gold."""
-  from rlhf_jax.train import rm  # pylint: disable=g-import-not-at-top
   ones = np.ones(s2.shape)
   out = {}
   for name, count, (score, rank) in (("accuracy", "pairs", (s2, r2)),
@@ -278,10 +280,9 @@ def rm_accuracy_tables(rewards, ranks, valid, gold, families):
 def make_logprob_fn(cfg, num_new, temperature):
   """(params, batch) -> (B, num_new) log-probs of the last `num_new` tokens of `batch['tokens']`
   (prompt ++ response), each predicted from the position before it."""
-  from rlhf_jax.train import common  # pylint: disable=g-import-not-at-top
 
   def fn(params, batch):
-    logits = common.forward(cfg, "lm", params, batch)
+    logits = forward(cfg, "lm", params, batch)
     width = batch["tokens"].shape[1]
     return losses.token_logprobs(logits[:, width - num_new - 1:width - 1],
                                  batch["tokens"][:, width - num_new:], temperature)[0]
@@ -290,20 +291,18 @@ def make_logprob_fn(cfg, num_new, temperature):
 
 def make_reward_fn(cfg):
   """(params, batch) -> (B,) scalar head at `batch['last_index']`."""
-  from rlhf_jax.train import common  # pylint: disable=g-import-not-at-top
 
   def fn(params, batch):
-    values = common.forward(cfg, "scalar", params,
-                            {"tokens": batch["tokens"], "segment_ids": batch["segment_ids"]})
+    values = forward(cfg, "scalar", params,
+                     {"tokens": batch["tokens"], "segment_ids": batch["segment_ids"]})
     return losses.gather_last(values, batch["last_index"])
   return fn
 
 
 def make_lm_loss_fn(cfg):
-  from rlhf_jax.train import common  # pylint: disable=g-import-not-at-top
 
   def fn(params, batch):
-    logits = common.forward(cfg, "lm", params, batch)
+    logits = forward(cfg, "lm", params, batch)
     return losses.lm_loss(logits, batch["tokens"], batch["loss_mask"])
   return fn
 
@@ -325,13 +324,12 @@ class _Jitted:
     self.fn, self.mesh, self.step = fn, mesh, None
 
   def __call__(self, params, host_batch):
-    from rlhf_jax.train import common  # pylint: disable=g-import-not-at-top
     size = len(next(iter(host_batch.values())))
     rows = sharding.process_batch_rows(self.mesh, size)
     local = {k: v[rows] for k, v in host_batch.items()}
     if self.step is None:
-      self.step = common.jit_eval_step(self.fn, jax.tree.map(lambda x: x.sharding, params),
-                                       local, self.mesh)
+      self.step = jit_eval_step(self.fn, jax.tree.map(lambda x: x.sharding, params),
+                                local, self.mesh)
     with sharding.activate(self.mesh):
       out = self.step(params, sharding.global_batch(local, self.mesh, size))
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), out)
@@ -369,7 +367,6 @@ def validate(config):
 
 def _load_lm(path, where, reference_cfg=None):
   from rlhf_jax.convert import load_model  # pylint: disable=g-import-not-at-top
-  from rlhf_jax.train import common  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise UserError(f"{where}: {path} does not exist")
   model = load_model(path)
@@ -377,7 +374,7 @@ def _load_lm(path, where, reference_cfg=None):
     raise UserError(f"{where}: {path} holds a model with a {model.head!r} head; expected a policy "
                     "(language model)")
   if reference_cfg is not None:
-    differ = common.shape_fields_differ(model.cfg, reference_cfg)
+    differ = stage_io.shape_fields_differ(model.cfg, reference_cfg)
     if differ:
       raise UserError(f"{where}: {path} has another shape than the SFT model ({'; '.join(differ)})")
   return model
@@ -409,12 +406,11 @@ def _pretrain_batches(config, tfds_dir, tok, mesh):
   """The first `pretrain_batches` packed held-out pretraining batches, or None when the data has
   no pretraining text."""
   from rlhf_jax.data import builders, loaders  # pylint: disable=g-import-not-at-top
-  from rlhf_jax.train import common  # pylint: disable=g-import-not-at-top
   e = config.eval
   if not e.pretrain_batches or not builders.RlhfPtx(data_dir=tfds_dir).is_prepared():
     return None
   collect.batch_size_check(e.pretrain_batch_size, mesh, "eval.pretrain_batch_size")
-  source = common.load_split(tfds_dir, "ptx", config.data.eval_split, "eval_split")
+  source = stage_io.load_split(tfds_dir, "ptx", config.data.eval_split, "eval_split")
   out = []
   for batch in loaders.ptx_loader(source, tok, batch_size=e.pretrain_batch_size,
                                   seq_len=e.pretrain_seq_len, num_epochs=1, shuffle=False,
@@ -444,9 +440,9 @@ def _rm_comparisons(config, comparisons_dir, tok, rm_cfg, rm_params, mesh):
   """`rm_accuracy_tables` of the reward model on the held-out comparisons in `comparisons_dir`
   (a TFDS dir, the collect stage's), batched like `rm.RmEval`; adds `comparisons` (the dir)."""
   from rlhf_jax.data import loaders, offline_task  # pylint: disable=g-import-not-at-top
-  from rlhf_jax.train import common, rm  # pylint: disable=g-import-not-at-top
   e = config.eval
-  source = common.load_split(comparisons_dir, "comparisons", config.data.eval_split, "eval_split")
+  source = stage_io.load_split(comparisons_dir, "comparisons", config.data.eval_split,
+                               "eval_split")
   k_max = max(len(source[i]["responses"]) for i in range(len(source)))
   seq_len = _comparison_seq_len(config, rm_cfg.max_len)
   rewards_fn = _Jitted(lambda p, b: rm.response_rewards(rm_cfg, p, b), mesh)
@@ -499,7 +495,6 @@ def evaluate(config, workdir, policies, score_fn=None, base_path=None, analyze_f
   """
   from rlhf_jax.data import offline_task  # pylint: disable=g-import-not-at-top
   from rlhf_jax.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
-  from rlhf_jax.train import common  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   workdir = os.path.abspath(workdir)
   validate(config)
@@ -510,7 +505,7 @@ def evaluate(config, workdir, policies, score_fn=None, base_path=None, analyze_f
   names = ["sft"] + [n for n in policies if n != "sft"]
   mesh = sharding.make_mesh(config.get("mesh", {"shape": (1, -1, 1)}))
   collect.batch_size_check(e.batch_size, mesh, "eval.batch_size")
-  tfds_dir, data_tok_dir = common.data_paths(config, workdir)
+  tfds_dir, data_tok_dir = stage_io.data_paths(config, workdir)
   offline = config.data.source == "offline"
   gold_fn = score_fn or (offline_task.gold_score if offline else None)
   analyze_fn = analyze_fn or (offline_task.analyze if offline else None)
@@ -524,13 +519,13 @@ def evaluate(config, workdir, policies, score_fn=None, base_path=None, analyze_f
     raise UserError(f"config.eval.prompt_len + config.eval.probe_new_tokens = "
                     f"{e.prompt_len + e.probe_new_tokens} exceeds the model's max_len "
                     f"{cfg.max_len}")
-  tok, _ = common.load_tokenizer_for(config, sft.tokenizer_dir, data_tok_dir, cfg)
+  tok, _ = stage_io.load_tokenizer_for(config, sft.tokenizer_dir, data_tok_dir, cfg)
   sft_params = collect.place_params(sft.params, cfg, "lm", mesh)
   del sft
   rm_path = os.path.join(workdir, "rm", "model") if e.rm_path == "auto" else e.rm_path
   if not os.path.exists(rm_path):
     raise UserError(f"config.eval.rm_path: no reward model at {rm_path} (run the rm stage first)")
-  rm_cfg, rm_params = common.load_scalar_model(rm_path, cfg, "eval.rm_path")
+  rm_cfg, rm_params = stage_io.load_scalar_model(rm_path, cfg, "eval.rm_path")
   rm_params = collect.place_params(rm_params, rm_cfg, "scalar", mesh)
   comparisons_dir = os.path.join(workdir, "collect", "tfds")
   if offline and os.path.isdir(comparisons_dir):

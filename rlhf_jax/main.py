@@ -49,8 +49,8 @@ def main(argv):
   except OSError as e:
     cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
     raise UserError(f"--config: cannot load the config file ({cause})") from None
-  from rlhf_jax.train import common  # pylint: disable=g-import-not-at-top
-  common.validate_config(config)
+  from rlhf_jax.train import stage_io  # pylint: disable=g-import-not-at-top
+  stage_io.validate_config(config)
   if config.stage not in STAGES:
     raise UserError(f"config.stage must be one of {', '.join(STAGES)}, got {config.stage!r}")
   distributed.initialize_from_flags()

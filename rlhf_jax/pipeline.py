@@ -23,7 +23,7 @@ import time
 import ml_collections
 
 from rlhf_jax.errors import UserError
-from rlhf_jax.train import common
+from rlhf_jax.train import stage_io
 
 # stage -> the stages whose results it reads
 DEPENDS = {
@@ -46,7 +46,7 @@ def marker(workdir, stage):
     return os.path.join(workdir, "collect", collect.DONE_FILE)
   if stage == "eval":
     return os.path.join(workdir, "results.json")
-  return os.path.join(common.final_model_dir(workdir, stage), common.STAGE_META)
+  return os.path.join(stage_io.final_model_dir(workdir, stage), stage_io.STAGE_META)
 
 
 def stage_outputs(workdir, stage):
@@ -118,11 +118,11 @@ def up_to_date(workdir, stage, ran):
 def run_stage(stage, config, workdir):
   if stage in ("pretrain", "sft"):
     from rlhf_jax.train import sft  # pylint: disable=g-import-not-at-top
-    common.validate_config(config)
+    stage_io.validate_config(config)
     return sft.run(config, workdir)
   if stage == "rm":
     from rlhf_jax.train import rm  # pylint: disable=g-import-not-at-top
-    common.validate_config(config)
+    stage_io.validate_config(config)
     return rm.run(config, workdir)
   if stage == "collect":
     from rlhf_jax import collect  # pylint: disable=g-import-not-at-top
@@ -170,7 +170,7 @@ def run(config, workdir):
   ppo.validate_ppo_config(config)
   for s in ("pretrain", "sft", "rm"):
     if s in configs:
-      common.validate_config(configs[s])
+      stage_io.validate_config(configs[s])
   from rlhf_jax import collect, evaluate  # pylint: disable=g-import-not-at-top
   if "collect" in configs:
     collect.validate(configs["collect"])

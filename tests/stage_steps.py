@@ -6,7 +6,8 @@ import numpy as np
 import optax
 
 from rlhf_jax import sharding
-from rlhf_jax.train import common
+from rlhf_jax.train import optim
+from rlhf_jax.train.step import jit_train_step, make_train_step
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
 
@@ -28,12 +29,12 @@ def sgd(lr=0.1):
 def run_train_steps(cfg, head, loss_fn, params, batches, mesh, accum, batch_size, tx=None):
   """The stage's jitted train step on `mesh` over host `batches`: (final state, step metrics).
   tx: the optimizer (default: the stages' AdamW + clipping + cosine schedule)."""
-  default_tx, schedule = common.make_optimizer(opt_config(), 10)
+  default_tx, schedule = optim.make_optimizer(opt_config(), 10)
   tx = default_tx if tx is None else tx
-  shardings = common.state_shardings(cfg, head, tx, mesh)
-  state = common.create_state(params, tx, shardings)
-  step = common.jit_train_step(common.make_train_step(loss_fn, tx, schedule, accum, mesh),
-                               shardings, batches[0], mesh)
+  shardings = optim.state_shardings(cfg, head, tx, mesh)
+  state = optim.create_state(params, tx, shardings)
+  step = jit_train_step(make_train_step(loss_fn, tx, schedule, accum, mesh),
+                        shardings, batches[0], mesh)
   metrics = []
   with sharding.activate(mesh):
     for i, b in enumerate(batches):

@@ -13,7 +13,7 @@ import pytest
 
 from rlhf_jax.convert import load_model
 from rlhf_jax.errors import UserError
-from rlhf_jax.train import common, rm, sft
+from rlhf_jax.train import rm, sft, stage_io
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -30,7 +30,7 @@ def get_config(name, preset="tiny", **overrides):
     for p in parents:
       node = node[p]
     node[last] = value
-  common.validate_config(config)
+  stage_io.validate_config(config)
   return config
 
 
@@ -62,7 +62,7 @@ def test_sft_validation_loss_falls(pipeline):
   assert evals[-1]["loss"] < 0.6 * evals[0]["loss"], evals
   model = load_model(os.path.join(workdir, "sft", "model"), head="lm")
   assert model.tokenizer_dir is not None
-  with open(os.path.join(workdir, "sft", "model", common.STAGE_META)) as f:
+  with open(os.path.join(workdir, "sft", "model", stage_io.STAGE_META)) as f:
     meta = json.load(f)
   assert meta["stage"] == "sft" and meta["final_eval"]["loss"] == evals[-1]["loss"]
 
@@ -77,7 +77,7 @@ def test_rm_beats_length_baseline_and_is_normalised(pipeline):
   assert final["accuracy"] > length + 0.03, final
   gold_length = max(final["length_gold_accuracy"], 1 - final["length_gold_accuracy"])
   assert final["gold_accuracy"] > gold_length + 0.03, final
-  with open(os.path.join(workdir, "rm", "model", common.STAGE_META)) as f:
+  with open(os.path.join(workdir, "rm", "model", stage_io.STAGE_META)) as f:
     meta = json.load(f)
   assert abs(meta["demonstrations_mean_after"]) < 1e-4
   # reward = gain * (score - demonstrations mean), gain = 1 / std of the compared responses.

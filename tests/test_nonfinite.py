@@ -13,8 +13,9 @@ import pytest
 
 from rlhf_jax import sharding
 from rlhf_jax.checkpoint import CheckpointManager
-from rlhf_jax.models import get_model_config
-from rlhf_jax.train import common, sft
+from rlhf_jax.models import ModelConfig, get_model_config
+from rlhf_jax.train import loop, optim, sft, stage_io
+from rlhf_jax.train.step import TrainStep, guard_nonfinite, jit_train_step, make_train_step
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 B, T = 8, 32
@@ -36,7 +37,7 @@ def _config(**overrides):
     for p in parents:
       node = node[p]
     node[last] = value
-  common.validate_config(config)
+  stage_io.validate_config(config)
   return config
 
 
@@ -55,12 +56,12 @@ def batch_at(i, poison=None):
 
 
 def _setup(config, num_steps):
-  cfg = common.ModelConfig.from_dict(config.model)
+  cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh)
-  tx, schedule = common.make_optimizer(config.optimizer, num_steps)
-  shardings = common.state_shardings(cfg, "lm", tx, mesh)
-  state = common.create_state(common.random_params(cfg, "lm", shardings["params"], 0), tx,
-                              shardings)
+  tx, schedule = optim.make_optimizer(config.optimizer, num_steps)
+  shardings = optim.state_shardings(cfg, "lm", tx, mesh)
+  state = optim.create_state(optim.random_params(cfg, "lm", shardings["params"], 0), tx,
+                             shardings)
   return cfg, mesh, tx, schedule, shardings, state
 
 
@@ -78,7 +79,7 @@ def test_guard_selects_old_state_bit_for_bit():
   new = {"w": jnp.asarray([1.0, jnp.nan, jnp.inf, -jnp.inf]), "n": {"count": jnp.asarray(4)}}
   for loss, norm, finite in [(1.0, 2.0, True), (jnp.nan, 2.0, False), (1.0, jnp.inf, False),
                              (-jnp.inf, 1.0, False), (1.0, jnp.nan, False)]:
-    out, ok = jax.jit(common.guard_nonfinite)(old, new, jnp.float32(loss), jnp.float32(norm))
+    out, ok = jax.jit(guard_nonfinite)(old, new, jnp.float32(loss), jnp.float32(norm))
     assert bool(ok) == finite
     _assert_equal(out, new if finite else old)
 
@@ -88,8 +89,8 @@ def steps():
   """The real SFT train step (jitted, sharded, state donated) on 8 devices."""
   config = _config()
   cfg, mesh, tx, schedule, shardings, state = _setup(config, 20)
-  step = common.jit_train_step(common.make_train_step(sft.make_loss_fn(cfg), tx, schedule, 1,
-                                                      mesh), shardings, batch_at(0), mesh)
+  step = jit_train_step(make_train_step(sft.make_loss_fn(cfg), tx, schedule, 1, mesh),
+                        shardings, batch_at(0), mesh)
 
   def run(state, batches, first=0):
     out = []
@@ -99,7 +100,7 @@ def steps():
         out.append({k: float(v) for k, v in jax.device_get(m).items()})
     return state, out
 
-  fresh = lambda: common.create_state(_host(state["params"]), tx, shardings)
+  fresh = lambda: optim.create_state(_host(state["params"]), tx, shardings)
   return run, fresh
 
 
@@ -145,10 +146,11 @@ class _Stream:
 
 def _run_loop(workdir, config, num_steps, bad, on_eval=None):
   cfg, mesh, tx, schedule, _, state = _setup(config, num_steps)
-  task = common.Task(name="sft", head="lm", loss_fn=sft.make_loss_fn(cfg),
-                     train_batches=lambda: _Stream(bad), evaluate=lambda p: {})
-  return common.run_loop(task, config, str(workdir), cfg, mesh, tx, schedule, state, num_steps,
-                         on_eval=on_eval)
+  task = loop.Task(name="sft", step=TrainStep(sft.make_loss_fn(cfg), tx, schedule, 1, mesh, B),
+                   train_batches=lambda: _Stream(bad), rng=jax.random.key(config.seed + 1),
+                   record=loop.config_record(config), evaluate=lambda p: {})
+  return loop.run_loop(task, state, loop.Cadence.from_config(config, num_steps), str(workdir),
+                       mesh, on_eval=on_eval)
 
 
 def _records(workdir):
@@ -173,7 +175,7 @@ def test_loop_counts_logs_and_continues(tmp_path):
 def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(tmp_path):
   config = _config(checkpoint_every=4, max_nonfinite_steps=3, eval_every=4)
   seen = {}
-  with pytest.raises(common.NonFiniteError) as e:
+  with pytest.raises(loop.NonFiniteError) as e:
     _run_loop(tmp_path, config, 12, bad={5, 6, 7, 8},
               on_eval=lambda step, params, _: seen.setdefault(step, _host(params)))
   ckpt_dir = tmp_path / "sft" / "checkpoints"

@@ -169,15 +169,50 @@ def _run(settings, state, frozen, batch, txs, mesh=None):
 
 
 def test_ratio_is_one_on_first_minibatch_only():
-  s = _settings()
-  state, frozen, batch, _, txs = _setup(s)
+  """The rollout's old log-probs are the sampler's own, at the sampling temperature: the PPO
+  forward reproduces what `sample` returned, the first minibatch of the first epoch (nothing has
+  moved yet) sees ratio 1 and the later ones do not, and the KL metric against another reference
+  is the sampler's log-probs minus an independent forward of that reference."""
+  import dataclasses
+  from rlhf_jax.models import Transformer
+  from rlhf_jax.sampling import SamplingConfig, sample
+  temperature = 0.7                  # != 1, so a log-prob taken at another temperature shows
+  state, frozen, batch, _, txs = _setup(None)
+  frozen["ref"] = init_params(CFG, jax.random.key(99), "lm")
+  policy = jax.tree.map(np.asarray, state["params"]["policy"])
+  sample_rng = jax.random.split(jax.random.key(7))[0]     # what the iteration samples with
+  sc = SamplingConfig(max_new_tokens=N, temperature=temperature, pad_token_id=0)
+  free = sample(policy, CFG, batch["prompts"], batch["prompt_segment_ids"], sample_rng, sc)
+  # EOS: a token the policy samples often, so some rows end early (masked log-probs) and some not.
+  eos = int(np.bincount(np.asarray(free.tokens).ravel()).argmax())
+  s = _settings(temperature=temperature, eos_token_id=eos)
   _, metrics, (per_mb, tokens, lengths) = _run(s, state, frozen, batch, txs)
+  # The same rollout from the sampler itself.
+  out = sample(policy, CFG, batch["prompts"], batch["prompt_segment_ids"], sample_rng,
+               dataclasses.replace(sc, eos_token_id=eos))
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(tokens),
+                                err_msg="the iteration no longer samples with split(rng)[0]")
+  np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(lengths))
+  mask, sampler_logp = np.asarray(out.mask), np.asarray(out.logprobs)
+  assert (out.lengths < N).any() and (out.lengths == N).any() and np.all(sampler_logp[mask > 0] < 0)
+  full = np.concatenate([batch["prompts"], np.asarray(out.tokens)], 1)
+  seg = np.concatenate([batch["prompt_segment_ids"], (mask > 0).astype(np.int32)], 1)
+  logp, _ = ppo.policy_logprobs(CFG, policy, full, seg, P, temperature)
+  np.testing.assert_allclose(np.asarray(logp) * mask, sampler_logp, atol=2e-5)
+
   dev, akl = np.asarray(per_mb["ratio_dev"]), np.asarray(per_mb["approx_kl"])
   assert dev.shape == (4,)
   assert dev[0] < 1e-6 and akl[0] < 1e-9
   assert np.all(dev[1:] > 1e-3) and np.all(akl[1:] > 1e-7)
-  assert float(metrics["kl"]) == pytest.approx(0.0, abs=1e-5)   # policy == reference
-  assert np.asarray(tokens).shape == (B, N) and np.all(np.asarray(lengths) >= 1)
+
+  # KL = E[sum_t log pi(y_t) - log pi_ref(y_t)], pi from the sampler, pi_ref by a plain forward.
+  logits, _ = Transformer(CFG).apply({"params": frozen["ref"]}, full, segment_ids=seg)
+  ref_logp = np.take_along_axis(
+      np.asarray(jax.nn.log_softmax(logits[:, P - 1:-1] / temperature, -1), np.float64),
+      np.asarray(out.tokens)[..., None], -1)[..., 0]
+  kl = np.mean(np.sum((sampler_logp - ref_logp) * mask, 1))
+  assert abs(kl) > 0.01
+  assert float(metrics["kl"]) == pytest.approx(kl, rel=1e-4, abs=1e-5)
 
 
 def test_ptx_coef_zero_is_bit_identical_to_no_pretraining_batch():
@@ -203,9 +238,9 @@ def test_ptx_gradient_is_summed_into_the_same_update():
                      {**batch, **ptx}, txs)
 
   def ptx_loss(p):
-    from rlhf_jax.train import common
+    from rlhf_jax.train.step import forward
     rows = {k[4:]: jnp.asarray(v) for k, v in ptx.items()}
-    s_, c_ = losses.lm_loss(common.forward(CFG, "lm", p, rows), rows["tokens"], rows["loss_mask"])
+    s_, c_ = losses.lm_loss(forward(CFG, "lm", p, rows), rows["tokens"], rows["loss_mask"])
     return s_ / c_
   g = jax.grad(ptx_loss)(policy0)
   assert float(m["ptx_loss"]) == pytest.approx(float(ptx_loss(policy0)), rel=1e-5)
@@ -287,9 +322,9 @@ def test_each_term_is_clipped_by_its_own_norm():
                      _with_txs(state, txs), frozen, {**batch, **ptx}, txs)
 
   def ptx_term(p):
-    from rlhf_jax.train import common
+    from rlhf_jax.train.step import forward
     rows = {k[4:]: jnp.asarray(v) for k, v in ptx.items()}
-    s_, c_ = losses.lm_loss(common.forward(CFG, "lm", p, rows), rows["tokens"], rows["loss_mask"])
+    s_, c_ = losses.lm_loss(forward(CFG, "lm", p, rows), rows["tokens"], rows["loss_mask"])
     return coef * s_ / c_
   g_ptx = jax.tree.map(lambda g: np.asarray(g, np.float64), jax.grad(ptx_term)(policy0))
   norm_ptx = _norm(g_ptx)
@@ -467,10 +502,10 @@ def _episodes(tok, prompts, responses, prompt_len, n):
 def test_gold_score_fn_is_the_gold_labeler_on_decoded_texts(ppo_inputs):
   from rlhf_jax.data import load_tokenizer, offline_task
   from rlhf_jax.errors import UserError
-  from rlhf_jax.train import common
+  from rlhf_jax.train import stage_io
   root, _ = ppo_inputs
   tok = load_tokenizer(str(root / "data" / "tokenizer"))
-  source = common.load_split(str(root / "data" / "tfds"), "prompts", "train", "train_split")
+  source = stage_io.load_split(str(root / "data" / "tfds"), "prompts", "train", "train_split")
   prompts = [ppo._text(source[i]["prompt"]) for i in range(4)]
   answers = [offline_task.answer_text(*offline_task.parse_prompt(q)) for q in prompts]
   responses = [answers[0], answers[1] + " fig" * 12, "", " 7 pear"]

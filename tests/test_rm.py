@@ -10,7 +10,7 @@ import pytest
 from rlhf_jax import sharding
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import Transformer, get_model_config, init_params
-from rlhf_jax.train import common, rm
+from rlhf_jax.train import rm, stage_io
 from stage_steps import MESHES, assert_same_training, run_train_steps, sgd
 
 
@@ -157,4 +157,4 @@ def test_init_from_a_model_of_another_shape_is_refused(tmp_path):
   save_model(str(tmp_path / "m"), other, jax.device_get(init_params(other, jax.random.key(0))),
              fmt="rlhf_jax")
   with pytest.raises(UserError, match=r"another shape than config.model \(num_layers 3 vs 2\)"):
-    common.load_init_model(str(tmp_path / "m"), get_model_config("tiny"), "config.init_from")
+    stage_io.load_init_model(str(tmp_path / "m"), get_model_config("tiny"), "config.init_from")

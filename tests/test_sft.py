@@ -8,7 +8,8 @@ import pytest
 from rlhf_jax import losses, sharding
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import Transformer, get_model_config, init_params
-from rlhf_jax.train import common, sft
+from rlhf_jax.train import optim, sft, stage_io
+from rlhf_jax.train.step import check_mesh_batch
 from stage_steps import MESHES, assert_same_training, opt_config, run_train_steps, sgd
 
 DROPOUT = 0.2   # the paper's SFT residual dropout: masks must not depend on the mesh either
@@ -118,7 +119,7 @@ def test_gradient_accumulation_is_exact():
 def test_cosine_schedule_decays_to_ten_percent():
   opt = opt_config(lr=1e-3)
   opt.warmup_steps = 10
-  schedule = common.make_schedule(opt, 100)
+  schedule = optim.make_schedule(opt, 100)
   assert float(schedule(0)) == 0.0
   np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-6)
   np.testing.assert_allclose(float(schedule(100)), 1e-4, rtol=1e-6)
@@ -128,7 +129,7 @@ def test_cosine_schedule_decays_to_ten_percent():
 def test_weight_decay_skips_norms_and_biases():
   cfg = get_model_config("tiny-gpt2")
   params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-  mask = common._decay_mask(params)  # pylint: disable=protected-access
+  mask = optim.decay_mask(params)
   assert mask["embed"] and mask["layers"]["attn"]["q"]["kernel"]
   assert not mask["layers"]["attn"]["q"]["bias"] and not mask["final_norm"]["scale"]
 
@@ -161,11 +162,11 @@ def _config(**overrides):
 ])
 def test_bad_config_values_are_one_line_errors(field, value, message):
   with pytest.raises(UserError) as e:
-    common.validate_config(_config(**{field: value}))
+    stage_io.validate_config(_config(**{field: value}))
   assert str(e.value) == message
 
 
 def test_micro_batch_must_split_over_the_mesh():
   config = _config(batch_size=8, grad_accum_steps=2)
   with pytest.raises(UserError, match=r"= 4 must be a multiple of data x fsdp = 8"):
-    common.check_mesh_batch(config, sharding.make_mesh((1, 8, 1)))
+    check_mesh_batch(config, sharding.make_mesh((1, 8, 1)))

@@ -1,7 +1,14 @@
-"""Training stages: pure sharded train steps and the loop of each stage.
+"""Training stages: each stage's loss wiring in its own module, one train step and one loop.
 
   pretrain  `sft.run` with plain LM loss on pretraining text (the offline base model)
   sft       `sft.run`: supervised fine-tuning on demonstrations (prompt masked)
   rm        `rm.run`: reward model on K-way rankings (the C(K, 2) loss), normalised bias
+  ppo       `ppo.run`: PPO / PPO-ptx / PPO against the gold labeler (one jitted iteration)
+
+What they share:
+  step.py      the pure train step (forward, micro-batches, non-finite guard, jit)
+  optim.py     AdamW + schedule, the sharded train state
+  loop.py      the ONE loop: resume, checkpoints, metrics, evaluation, non-finite counter
+  stage_io.py  config check, workdir and 'auto' paths, data, tokenizer, models, final save
 """
 STAGE_NAMES = ("pretrain", "sft", "rm", "ppo")

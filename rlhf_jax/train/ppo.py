@@ -55,24 +55,36 @@ The policy and value function are separate networks with their own AdamW (own le
 one state pytree: {'params': {'policy', 'value'}, 'opt_state': {'policy', 'value'}, 'step',
 'kl_coef'[, 'ema']}. A minibatch whose loss or gradient is not finite is not applied (counted in
 `nonfinite`; nor is the EMA moved). Dropout is off in every forward pass.
+
+Reading order: `_Iteration` (the five phases above, one method each) and `make_iteration`; `run`
+loads the models and data and runs the same loop as every other stage (`loop.run_loop`: resume,
+checkpoints, metrics, non-finite counter) with `IterationStep` as its step: one iteration per
+loop step, metrics brought to the host with the gold score of the samples added, the log
+interval averaged over every iteration (`loop.mean_over_steps`), an iteration counted as
+skipped when none of its updates was applied (`skipped_iteration`).
 """
 import dataclasses
 import functools
+import json
 import os
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from ml_collections import ConfigDict
 
+from rlhf_jax import collect
 from rlhf_jax import losses
 from rlhf_jax import sharding
-from rlhf_jax.errors import UserError
+from rlhf_jax.data import encoding, loaders, offline_task
+from rlhf_jax.errors import UserError, check_positive, config_field
 from rlhf_jax.models import ModelConfig, abstract_params
 from rlhf_jax.sampling import SamplingConfig, sample
-from rlhf_jax.train import common
+from rlhf_jax.train import loop
+from rlhf_jax.train import optim
+from rlhf_jax.train import stage_io
+from rlhf_jax.train.step import forward, guard_nonfinite, split_micro_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +125,9 @@ def response_outputs(cfg: ModelConfig, head, params, tokens, segment_ids, prompt
   response token t: the logits that predict it (head 'lm'), or the value of the state before it
   (head 'scalar'). Returns (B, N, V) or (B, N).
   """
-  out = common.forward(cfg, head, params, {"tokens": tokens, "segment_ids": segment_ids},
-                       head_from=prompt_len - 1)   # the head where it is needed (the LM head is
-  return out[:, :-1]                               # a third of a small model's FLOPs)
+  out = forward(cfg, head, params, {"tokens": tokens, "segment_ids": segment_ids},
+                head_from=prompt_len - 1)   # the head where it is needed (the LM head is
+  return out[:, :-1]                        # a third of a small model's FLOPs)
 
 
 def policy_logprobs(cfg, params, tokens, segment_ids, prompt_len, temperature):
@@ -126,13 +138,12 @@ def policy_logprobs(cfg, params, tokens, segment_ids, prompt_len, temperature):
 
 def last_token_scores(rm_cfg, rm_params, tokens, segment_ids, prompt_len, lengths):
   """The reward model's score of each (prompt, response) at the response's last token."""
-  values = common.forward(rm_cfg, "scalar", rm_params,
-                          {"tokens": tokens, "segment_ids": segment_ids})
+  values = forward(rm_cfg, "scalar", rm_params, {"tokens": tokens, "segment_ids": segment_ids})
   return losses.gather_last(values, prompt_len + jnp.maximum(lengths, 1) - 1)
 
 
 def _unsplit(x):
-  """Inverse of `common.split_micro_batches`: (M, B/M, ...) -> (B, ...)."""
+  """Inverse of `step.split_micro_batches`: (M, B/M, ...) -> (B, ...)."""
   return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
 
 
@@ -146,29 +157,110 @@ def clip_by_global_norm(grads, norm, max_norm):
                                                (g / norm.astype(g.dtype)) * max_norm), grads)
 
 
-def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: ModelConfig,
-                   s: Settings, txs, mesh=None, score_fn=None):
-  """The pure PPO-ptx iteration (see the module docstring). txs = {'policy': tx, 'value': tx};
-  the policy tx must not clip (the iteration clips each term to `s.grad_clip`).
+class _Iteration:
+  """The phases of one PPO-ptx iteration (see the module docstring and `make_iteration`), each a
+  traceable function of its inputs; `__call__` runs them in order."""
 
-  batch: {'prompts', 'prompt_segment_ids'} (B, P) left-padded, and with ptx the pretraining rows
-  {'ptx_tokens', 'ptx_segment_ids', 'ptx_positions', 'ptx_loss_mask'} (ptx_rows, S).
-  score_fn(tokens (B, P + N) int32, lengths (B,), prompt_len) -> (B,) float32, traceable: the
-  reward of each finished episode (prompt then response, `lengths` real response tokens, EOS
-  included). None: the reward model `frozen['rm']` (config `rm_cfg`) at the last token. With a
-  score_fn, `frozen` needs no 'rm' and rm_cfg is unused.
-  """
-  sc = SamplingConfig(max_new_tokens=s.response_len, temperature=s.temperature,
-                      eos_token_id=s.eos_token_id, pad_token_id=s.pad_token_id)
-  p_len, m = s.prompt_len, s.minibatches
+  def __init__(self, policy_cfg, value_cfg, rm_cfg, s: Settings, txs, mesh, score_fn):
+    self.policy_cfg, self.value_cfg, self.rm_cfg, self.s = policy_cfg, value_cfg, rm_cfg, s
+    self.txs, self.mesh, self.score_fn = txs, mesh, score_fn
+    self.sc = SamplingConfig(max_new_tokens=s.response_len, temperature=s.temperature,
+                             eos_token_id=s.eos_token_id, pad_token_id=s.pad_token_id)
 
-  def ppo_term(params, mb):
+  def __call__(self, state, frozen, batch, rng):
+    params = state["params"]
+    sample_rng, shuffle_rng = jax.random.split(rng)
+    out, tokens, seg, has_eos = self.rollout(params["policy"], batch, sample_rng)
+    mask = out.mask
+    logp, entropy, ref_logp, values, scores = self.score(params, frozen, tokens, seg,
+                                                         out.lengths, mask)
+    penalised, seq_kl, advantages, returns = self.advantages(
+        logp, ref_logp, values, scores, has_eos, mask, state["kl_coef"])
+    data = {"tokens": tokens, "segment_ids": seg, "mask": mask, "old_logp": logp,
+            "old_values": values, "advantages": advantages, "returns": returns}
+    updated, per_mb = self.optimize(params, state, data, batch, shuffle_rng)
+    new_state, kl = self.next_state(state, updated, seq_kl, batch["prompts"].shape[0])
+    metrics = self.metrics(state, out, has_eos, mask, entropy, values, returns, scores,
+                           penalised, seq_kl, kl, per_mb)
+    per_minibatch = {k: per_mb[k] for k in ("approx_kl", "ratio_dev", "loss", "nonfinite",
+                                            "tokens")}
+    return new_state, metrics, (per_minibatch, out.tokens, out.lengths)
+
+  # 1. rollout
+  def rollout(self, policy_params, batch, sample_rng):
+    """(sampler output, prompt ++ response tokens, their segment ids, whether each has EOS)."""
+    prompts, prompt_seg = batch["prompts"], batch["prompt_segment_ids"]
+    out = sample(policy_params, self.policy_cfg, prompts, prompt_seg, sample_rng, self.sc)
+    mask = out.mask
+    tokens = jnp.concatenate([prompts, out.tokens], axis=1)
+    seg = jnp.concatenate([prompt_seg, (mask > 0).astype(jnp.int32)], axis=1)
+    has_eos = jnp.any((out.tokens == self.s.eos_token_id) & (mask > 0), axis=1)
+    return out, tokens, seg, has_eos
+
+  # 2. score, on the minibatch split of the first epoch (so ratios start at exactly 1)
+  def score(self, params, frozen, tokens, seg, lengths, mask):
+    """(old log-probs, entropy, reference log-probs, old values (masked), scores) of the
+    rollout, computed minibatch by minibatch."""
+    s, p_len = self.s, self.s.prompt_len
+
+    def one(mb):
+      logp, entropy = policy_logprobs(self.policy_cfg, params["policy"], mb["tokens"],
+                                      mb["segment_ids"], p_len, s.temperature)
+      ref_logp, _ = policy_logprobs(self.policy_cfg, frozen["ref"], mb["tokens"],
+                                    mb["segment_ids"], p_len, s.temperature)
+      values = response_outputs(self.value_cfg, "scalar", params["value"], mb["tokens"],
+                                mb["segment_ids"], p_len)
+      if self.score_fn is None:
+        scores = last_token_scores(self.rm_cfg, frozen["rm"], mb["tokens"], mb["segment_ids"],
+                                   p_len, mb["lengths"])
+      else:
+        scores = self.score_fn(mb["tokens"], mb["lengths"], p_len).astype(jnp.float32)
+      return logp, entropy, ref_logp, values, scores
+    rollout = {"tokens": tokens, "segment_ids": seg, "lengths": lengths}
+    split = split_micro_batches(rollout, s.minibatches, self.mesh)
+    logp, entropy, ref_logp, values, scores = jax.tree.map(_unsplit, jax.lax.map(one, split))
+    return logp, entropy, ref_logp, values * mask, scores
+
+  # 3. rewards, advantages
+  def advantages(self, logp, ref_logp, values, scores, has_eos, mask, kl_coef):
+    """(penalised scores, per-sequence KL, whitened advantages, returns)."""
+    s = self.s
+    penalised = scores - s.missing_eos_penalty * (~has_eos).astype(jnp.float32)
+    rewards, seq_kl = losses.kl_penalty_rewards(logp, ref_logp, penalised, mask, kl_coef)
+    if s.whiten_rewards:
+      rewards = losses.whiten(rewards, mask, shift_mean=False)
+    advantages, returns = losses.gae(rewards, values, mask, s.gamma, s.lam)
+    advantages = losses.whiten(advantages, mask)
+    return penalised, seq_kl, advantages, returns
+
+  # 4. epochs x minibatches
+  def optimize(self, params, state, data, batch, shuffle_rng):
+    """((params, opt_state, ema) after every minibatch update, per-minibatch aux (E*M, ...))."""
+    s, m, b = self.s, self.s.minibatches, data["tokens"].shape[0]
+    if s.use_ptx:
+      ptx = {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")}
+      ptx = split_micro_batches(ptx, m, self.mesh)
+    else:
+      ptx = jnp.zeros((m,), jnp.float32)   # an unused scan input
+
+    def epoch(carry, e):
+      perm = jnp.where(e == 0, jnp.arange(b),
+                       jax.random.permutation(jax.random.fold_in(shuffle_rng, e), b))
+      mbs = split_micro_batches(jax.tree.map(lambda x: x[perm], data), m, self.mesh)
+      return jax.lax.scan(self.update, carry, (mbs, ptx))
+    updated, per_mb = jax.lax.scan(
+        epoch, (params, state["opt_state"], state.get("ema")), jnp.arange(s.epochs))
+    per_mb = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), per_mb)
+    return updated, per_mb
+
+  def ppo_term(self, params, mb):
     """policy loss + vf_coef x value loss on one minibatch of episodes."""
-    logp, _ = policy_logprobs(policy_cfg, params["policy"], mb["tokens"], mb["segment_ids"],
+    s, p_len = self.s, self.s.prompt_len
+    logp, _ = policy_logprobs(self.policy_cfg, params["policy"], mb["tokens"], mb["segment_ids"],
                               p_len, s.temperature)   # (the unused entropy is compiled away)
     pg_sum, count, stats = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"],
                                                   mb["mask"], s.clip_eps)
-    values = response_outputs(value_cfg, "scalar", params["value"], mb["tokens"],
+    values = response_outputs(self.value_cfg, "scalar", params["value"], mb["tokens"],
                               mb["segment_ids"], p_len)
     vf_sum, _ = losses.ppo_value_loss(values, mb["old_values"], mb["returns"], mb["mask"],
                                       s.value_clip_eps)
@@ -182,22 +274,25 @@ def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: Mode
                logp, mb["old_logp"])) - 1.0) * mask)}
     return policy_loss + s.vf_coef * value_loss, aux
 
-  def ptx_term(policy_params, ptx):
+  def ptx_term(self, policy_params, ptx):
     """ptx_coef x the LM loss on this minibatch's pretraining rows (the policy only)."""
-    logits = common.forward(policy_cfg, "lm", policy_params, ptx)
+    logits = forward(self.policy_cfg, "lm", policy_params, ptx)
     ptx_sum, ptx_count = losses.lm_loss(logits, ptx["tokens"], ptx["loss_mask"])
     ptx_loss = ptx_sum / jnp.maximum(ptx_count, 1.0)
-    return s.ptx_coef * ptx_loss, ptx_loss
+    return self.s.ptx_coef * ptx_loss, ptx_loss
 
-  def update(carry, xs):
+  def update(self, carry, xs):
+    """One minibatch: both terms' gradients, each policy term clipped by its own norm, both
+    AdamW steps and the EMA, all kept only when the loss and gradient are finite."""
+    s, txs = self.s, self.txs
     params, opt_state, ema = carry
     mb, ptx = xs
-    (loss, aux), grads = jax.value_and_grad(ppo_term, has_aux=True)(params, mb)
+    (loss, aux), grads = jax.value_and_grad(self.ppo_term, has_aux=True)(params, mb)
     g_ppo = grads["policy"]
     aux["grad_norm_ppo"] = optax.tree.norm(g_ppo)
     g_policy = clip_by_global_norm(g_ppo, aux["grad_norm_ppo"], s.grad_clip)
     if s.use_ptx:
-      (ptx_value, aux["ptx_loss"]), g_ptx = jax.value_and_grad(ptx_term, has_aux=True)(
+      (ptx_value, aux["ptx_loss"]), g_ptx = jax.value_and_grad(self.ptx_term, has_aux=True)(
           params["policy"], ptx)
       aux["grad_norm_ptx"] = optax.tree.norm(g_ptx)
       g_policy = jax.tree.map(jnp.add, g_policy,
@@ -213,70 +308,16 @@ def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: Mode
       new_params[name] = optax.apply_updates(params[name], upd)
     new_ema = None if ema is None else jax.tree.map(
         lambda e_, p: s.ema_decay * e_ + (1 - s.ema_decay) * p, ema, new_params["policy"])
-    (params, opt_state, ema), finite = common.guard_nonfinite(
+    (params, opt_state, ema), finite = guard_nonfinite(
         (params, opt_state, ema), (new_params, new_opt, new_ema), loss, grad_norm)
     aux = dict(aux, loss=loss, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
     return (params, opt_state, ema), aux
 
-  def iteration(state, frozen, batch, rng):
-    params = state["params"]
-    sample_rng, shuffle_rng = jax.random.split(rng)
-    prompts, prompt_seg = batch["prompts"], batch["prompt_segment_ids"]
-    b = prompts.shape[0]
-
-    # 1. rollout
-    out = sample(params["policy"], policy_cfg, prompts, prompt_seg, sample_rng, sc)
-    mask = out.mask
-    tokens = jnp.concatenate([prompts, out.tokens], axis=1)
-    seg = jnp.concatenate([prompt_seg, (mask > 0).astype(jnp.int32)], axis=1)
-    has_eos = jnp.any((out.tokens == s.eos_token_id) & (mask > 0), axis=1)
-
-    # 2. score, on the minibatch split of the first epoch (so ratios start at exactly 1)
-    def score(mb):
-      logp, entropy = policy_logprobs(policy_cfg, params["policy"], mb["tokens"],
-                                      mb["segment_ids"], p_len, s.temperature)
-      ref_logp, _ = policy_logprobs(policy_cfg, frozen["ref"], mb["tokens"], mb["segment_ids"],
-                                    p_len, s.temperature)
-      values = response_outputs(value_cfg, "scalar", params["value"], mb["tokens"],
-                                mb["segment_ids"], p_len)
-      if score_fn is None:
-        scores = last_token_scores(rm_cfg, frozen["rm"], mb["tokens"], mb["segment_ids"], p_len,
-                                   mb["lengths"])
-      else:
-        scores = score_fn(mb["tokens"], mb["lengths"], p_len).astype(jnp.float32)
-      return logp, entropy, ref_logp, values, scores
-    rollout = {"tokens": tokens, "segment_ids": seg, "lengths": out.lengths}
-    split = common.split_micro_batches(rollout, m, mesh)
-    logp, entropy, ref_logp, values, scores = jax.tree.map(_unsplit, jax.lax.map(score, split))
-    values = values * mask
-
-    # 3. rewards, advantages
-    penalised = scores - s.missing_eos_penalty * (~has_eos).astype(jnp.float32)
-    rewards, seq_kl = losses.kl_penalty_rewards(logp, ref_logp, penalised, mask, state["kl_coef"])
-    if s.whiten_rewards:
-      rewards = losses.whiten(rewards, mask, shift_mean=False)
-    advantages, returns = losses.gae(rewards, values, mask, s.gamma, s.lam)
-    advantages = losses.whiten(advantages, mask)
-
-    # 4. epochs x minibatches
-    data = {"tokens": tokens, "segment_ids": seg, "mask": mask, "old_logp": logp,
-            "old_values": values, "advantages": advantages, "returns": returns}
-    if s.use_ptx:
-      ptx = {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")}
-      ptx = common.split_micro_batches(ptx, m, mesh)
-    else:
-      ptx = jnp.zeros((m,), jnp.float32)   # an unused scan input
-
-    def epoch(carry, e):
-      perm = jnp.where(e == 0, jnp.arange(b),
-                       jax.random.permutation(jax.random.fold_in(shuffle_rng, e), b))
-      mbs = common.split_micro_batches(jax.tree.map(lambda x: x[perm], data), m, mesh)
-      return jax.lax.scan(update, carry, (mbs, ptx))
-    (new_params, new_opt, new_ema), per_mb = jax.lax.scan(
-        epoch, (params, state["opt_state"], state.get("ema")), jnp.arange(s.epochs))
-    per_mb = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), per_mb)
-
-    # 5. KL coefficient (the EMA moved with every applied update in step 4)
+  # 5. KL coefficient (the EMA moved with every applied update in step 4)
+  def next_state(self, state, updated, seq_kl, b):
+    """(the new state, the rollout's mean KL)."""
+    s = self.s
+    new_params, new_opt, new_ema = updated
     kl = jnp.mean(seq_kl)
     kl_coef = state["kl_coef"]
     if s.adaptive_kl:
@@ -285,7 +326,11 @@ def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: Mode
                  "kl_coef": kl_coef}
     if "ema" in state:
       new_state["ema"] = new_ema
+    return new_state, kl
 
+  def metrics(self, state, out, has_eos, mask, entropy, values, returns, scores, penalised,
+              seq_kl, kl, per_mb):
+    """The iteration's metrics (means over the rollout and over the minibatch updates)."""
     tok = jnp.maximum(per_mb["tokens"].sum(), 1.0)
     metrics = {
         "reward": jnp.mean(scores), "kl": kl, "kl_coef": state["kl_coef"],
@@ -305,13 +350,30 @@ def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: Mode
         "grad_norm_ppo": jnp.mean(per_mb["grad_norm_ppo"]),
         "nonfinite": jnp.sum(per_mb["nonfinite"]),
     }
-    if s.use_ptx:   # (plain PPO computes no pretraining loss: no metric rather than a 0)
+    if self.s.use_ptx:   # (plain PPO computes no pretraining loss: no metric rather than a 0)
       metrics["ptx_loss"] = jnp.mean(per_mb["ptx_loss"])
       metrics["grad_norm_ptx"] = jnp.mean(per_mb["grad_norm_ptx"])
-    per_minibatch = {k: per_mb[k] for k in ("approx_kl", "ratio_dev", "loss", "nonfinite",
-                                            "tokens")}
-    return new_state, metrics, (per_minibatch, out.tokens, out.lengths)
+    return metrics
 
+
+def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: ModelConfig,
+                   s: Settings, txs, mesh=None, score_fn=None):
+  """The pure PPO-ptx iteration `iteration(state, frozen, batch, rng) -> (state, metrics,
+  (per_minibatch, response tokens, lengths))` (see the module docstring; the phases are the
+  methods of `_Iteration`). txs = {'policy': tx, 'value': tx}; the policy tx must not clip (the
+  iteration clips each term to `s.grad_clip`).
+
+  batch: {'prompts', 'prompt_segment_ids'} (B, P) left-padded, and with ptx the pretraining rows
+  {'ptx_tokens', 'ptx_segment_ids', 'ptx_positions', 'ptx_loss_mask'} (ptx_rows, S).
+  score_fn(tokens (B, P + N) int32, lengths (B,), prompt_len) -> (B,) float32, traceable: the
+  reward of each finished episode (prompt then response, `lengths` real response tokens, EOS
+  included). None: the reward model `frozen['rm']` (config `rm_cfg`) at the last token. With a
+  score_fn, `frozen` needs no 'rm' and rm_cfg is unused.
+  """
+  phases = _Iteration(policy_cfg, value_cfg, rm_cfg, s, txs, mesh, score_fn)
+
+  def iteration(state, frozen, batch, rng):
+    return phases(state, frozen, batch, rng)
   return iteration
 
 
@@ -337,7 +399,7 @@ def settings_from_config(config, tok=None):
 
 def validate_ppo_config(config):
   """Checks every `config.ppo` field before anything is loaded or written."""
-  pos = common.check_positive
+  pos = check_positive
   for name in ("batch_size", "prompt_len", "response_len", "epochs", "minibatches",
                "num_iterations", "log_every", "checkpoint_every", "keep_checkpoints"):
     pos(config, f"ppo.{name}", kind=int)
@@ -348,7 +410,7 @@ def validate_ppo_config(config):
                "missing_eos_penalty"):
     pos(config, f"ppo.{name}", allow_zero=True)
   for name in ("gamma", "lam", "ema_decay"):
-    value = common._get(config, f"ppo.{name}")  # pylint: disable=protected-access
+    value = config_field(config, f"ppo.{name}")
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
       raise UserError(f"config.ppo.{name} must be in [0, 1], got {value!r}")
   if config.ppo.ema_decay == 1:
@@ -390,12 +452,10 @@ def gold_reward_norm(config, workdir):
   scale = float(gold_reward_scale(config))
   if scale:
     return 0.0, scale
-  from rlhf_jax import collect  # pylint: disable=g-import-not-at-top
   path = os.path.join(collect.collect_dir(workdir), collect.DONE_FILE)
   if not os.path.exists(path):
     raise UserError(f"config.ppo.gold_reward_scale: 0 normalises the gold reward by the collect "
                     f"stage's statistics, but {path} does not exist; run collect or set a scale")
-  import json  # pylint: disable=g-import-not-at-top
   with open(path, encoding="utf-8") as f:
     stats = json.load(f)["splits"].get(config.data.train_split, {})
   std = stats.get("gold_score_std") or 0.0
@@ -412,7 +472,7 @@ def resume_record(config):
           "data_seed", "data.")
   free = ("ppo.log_every", "ppo.checkpoint_every", "ppo.keep_checkpoints", "data.dir",
           "data.prefetch", "model.remat")
-  return {k: v for k, v in common.config_record(config).items()
+  return {k: v for k, v in loop.config_record(config).items()
           if k.startswith(keep) and k not in free}
 
 
@@ -425,15 +485,14 @@ def stage_name(config):
 
 
 def _optimizer(config, lr, num_iterations, s: Settings, clip=True):
-  """AdamW as in `common.make_optimizer`, the schedule counted in minibatch updates; clip=False
+  """AdamW as in `optim.make_optimizer`, the schedule counted in minibatch updates; clip=False
   leaves out the global-norm clip (the policy's: the iteration clips each term itself)."""
   opt = config.optimizer.to_dict()
   opt["lr"] = lr
   if not clip:
     opt["grad_clip"] = 0.0
   steps = num_iterations * s.epochs * s.minibatches
-  from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
-  return common.make_optimizer(ConfigDict(opt), steps)[0]
+  return optim.make_optimizer(ConfigDict(opt), steps)[0]
 
 
 # ----------------------------------------------------------------------------- state
@@ -483,18 +542,6 @@ def jit_iteration(iteration, state_sh, frozen_sh, batch_example, mesh):
   batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch_example.items()}
   return jax.jit(iteration, in_shardings=(state_sh, frozen_sh, batch_sh, rep),
                  out_shardings=(state_sh, rep, rep), donate_argnums=0)
-
-
-# ----------------------------------------------------------------------------- models
-
-def _resolve(path, workdir, stage, field):
-  if path != "auto":
-    return path
-  found = common.final_model_dir(workdir, stage)
-  if not os.path.exists(found):
-    raise UserError(f"config.{field}: 'auto' means the {stage} stage's model {found}, which does "
-                    f"not exist; run that stage first or set config.{field}")
-  return found
 
 
 # ----------------------------------------------------------------------------- data
@@ -551,7 +598,6 @@ def gold_score_fn(tok, scale=1.0, shift=0.0):
   """A `make_iteration` score_fn: scale x (`offline_task.gold_score(prompt, response)` - shift) of
   the decoded texts, computed on the host by `jax.pure_callback` (one process; the callback sees
   the whole batch)."""
-  from rlhf_jax.data import offline_task  # pylint: disable=g-import-not-at-top
 
   def host(tokens, lengths, prompt_len):
     return np.asarray([scale * (offline_task.gold_score(q, a) - shift)
@@ -568,7 +614,6 @@ def check_gold_prompts(prompt_source, tok, prompt_len):
   """Every training prompt, as the iteration sees it (encoded, cut to prompt_len, decoded), must
   be the same offline-task instruction, else the gold labeler cannot score it: a one-line
   UserError now instead of an error inside the jitted iteration."""
-  from rlhf_jax.data import encoding, offline_task  # pylint: disable=g-import-not-at-top
   for i in range(len(prompt_source)):
     text = _text(prompt_source[i]["prompt"])
     row = encoding.prompt_row(tok.encode(text), tok.bos_id, tok.pad_id, prompt_len)
@@ -579,44 +624,73 @@ def check_gold_prompts(prompt_source, tok, prompt_len):
                       f"({prompt_len}) tokens")
 
 
+# ----------------------------------------------------------------------------- the loop's step
+
+class IterationStep:
+  """The loop's `step` hook for PPO: `(state, host batch, rng) -> (state, metrics)`.
+
+  Runs one jitted iteration (`make_iteration`, jitted at the first batch) on this process's
+  prompt rows (and pretraining rows) placed on the mesh, and brings its metrics to the host. With
+  `gold` (the offline task's `gold_score`), adds `gold_score`: the mean gold score of this
+  process's responses of the iteration, and keeps the first four episodes as `samples` (those of
+  the last iteration are saved with the final model).
+  """
+
+  def __init__(self, iteration, shardings, frozen, frozen_sh, mesh, s: Settings, gold=None,
+               prompt_source=None, tok=None):
+    self.iteration, self.shardings = iteration, shardings
+    self.frozen, self.frozen_sh = frozen, frozen_sh
+    self.mesh, self.s, self.gold, self.prompt_source, self.tok = mesh, s, gold, prompt_source, tok
+    self.rows = sharding.process_batch_rows(mesh, s.batch_size)
+    self.samples = []
+    self._jitted = None
+
+  def __call__(self, state, host, rng):
+    index = host.pop("index")
+    if self._jitted is None:
+      self._jitted = jit_iteration(self.iteration, self.shardings, self.frozen_sh, host,
+                                   self.mesh)
+    batch = {k: sharding.global_batch(v, self.mesh, self.s.batch_size if not k.startswith("ptx_")
+                                      else self.s.ptx_rows) for k, v in host.items()}
+    with sharding.activate(self.mesh):
+      state, metrics, (_, resp, lengths) = self._jitted(state, self.frozen, batch, rng)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if self.gold is not None:
+      metrics["gold_score"] = self._gold_score(index, resp, lengths)
+    return state, metrics
+
+  def _gold_score(self, index, resp, lengths):
+    resp, lengths = np.asarray(resp)[self.rows], np.asarray(lengths)[self.rows]
+    texts = [_text(self.prompt_source[int(i)]["prompt"]) for i in index]
+    answers = [_decode(self.tok, resp[i], int(lengths[i])) for i in range(len(texts))]
+    scores = [self.gold(t, a) for t, a in zip(texts, answers)]
+    self.samples = [{"prompt": t, "response": a, "gold": g}
+                    for t, a, g in list(zip(texts, answers, scores))[:4]]
+    return float(np.mean(scores))
+
+
+def skipped_iteration(s: Settings):
+  """The loop's `skipped` hook: an iteration none of whose updates was finite counts as skipped
+  (too many in a row stop the run before anything of the bad stretch is saved)."""
+  return lambda metrics: metrics["nonfinite"] >= s.epochs * s.minibatches
+
+
 # ----------------------------------------------------------------------------- the stage
 
-def run(config, workdir):
-  """Runs PPO (ptx_coef 0, in `<workdir>/ppo`), PPO-ptx (in `<workdir>/ppo_ptx`), or PPO against
-  the gold labeler (`config.reward_model = 'gold'`, in `<workdir>/ppo_oracle`)."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from rlhf_jax.checkpoint import CheckpointManager  # pylint: disable=g-import-not-at-top
-  from rlhf_jax.data import loaders  # pylint: disable=g-import-not-at-top
-
-  validate_ppo_config(config)
-  name = stage_name(config)
-  workdir = common.check_workdir(workdir)
-  final = common.final_model_dir(workdir, name)
-  if os.path.exists(final):
-    print(f"{name}: final model exists at {final}; skipping the stage", flush=True)
-    return final
-  p = config.ppo
-  cfg = ModelConfig.from_dict(config.model).replace(dropout_resid=0.0, dropout_attn=0.0)
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(p.batch_size // p.minibatches, mesh,
-                            "config.ppo.batch_size / config.ppo.minibatches")
-  init_from = _resolve(config.init_from, workdir, "sft", "init_from")
+def _model_paths(config, workdir):
+  """(init_from, reward model path or 'gold', value_from) with 'auto' resolved."""
+  init_from = stage_io.resolve_auto(config.init_from, workdir, "sft", "init_from")
   gold_reward = is_gold(config)
   if gold_reward and jax.process_count() > 1:
     raise UserError("config.reward_model 'gold' scores on the host of a single process; run it "
                     f"on one host (got {jax.process_count()} processes)")
-  rm_path = "gold" if gold_reward else _resolve(config.reward_model, workdir, "rm",
-                                                "reward_model")
-  value_path = _resolve(config.value_from, workdir, "rm", "value_from")
-  tfds_dir, data_tok_dir = common.data_paths(config, workdir)
+  rm_path = "gold" if gold_reward else stage_io.resolve_auto(config.reward_model, workdir, "rm",
+                                                             "reward_model")
+  value_path = stage_io.resolve_auto(config.value_from, workdir, "rm", "value_from")
+  return init_from, rm_path, value_path
 
-  policy_params, model_tok_dir = common.load_init_model(init_from, cfg, "config.init_from")
-  rm_cfg, rm_params = (None, None) if gold_reward else \
-      common.load_scalar_model(rm_path, cfg, "reward_model")
-  value_cfg, value_params = (rm_cfg, rm_params) if value_path == rm_path else \
-      common.load_scalar_model(value_path, cfg, "value_from")
-  tok, tok_dir = common.load_tokenizer_for(config, model_tok_dir, data_tok_dir, cfg)
-  s = settings_from_config(config, tok)
+
+def _check_ptx_rows(s: Settings, mesh):
   if s.use_ptx:
     sharding.check_batch_size(s.ptx_rows // s.minibatches, mesh,
                               "config.ppo.ptx_per_episode x batch_size / minibatches")
@@ -624,124 +698,98 @@ def run(config, workdir):
       raise UserError(f"config.ppo.minibatches ({s.minibatches}) must divide the pretraining "
                       f"rows per iteration ({s.ptx_rows})")
 
+
+def _gold_reward(config, workdir, prompt_source, tok):
+  """(score_fn, {'scale', 'shift'}) of the oracle run, or (None, None) with a reward model."""
+  if not is_gold(config):
+    return None, None
+  check_gold_prompts(prompt_source, tok, config.ppo.prompt_len)
+  shift, scale = gold_reward_norm(config, workdir)
+  return gold_score_fn(tok, scale, shift), {"scale": scale, "shift": shift}
+
+
+def _batches(config, tfds_dir, prompt_source, tok, s: Settings, mesh):
+  """This process's prompt batches (and pretraining rows with ptx), resumable."""
+  p = config.ppo
+  local = lambda n: stage_io.local_batch_size(mesh, n)
+  prompts = iter(loaders.prompt_loader(prompt_source, tok, batch_size=local(p.batch_size),
+                                       prompt_len=p.prompt_len, seed=config.data_seed))
+  ptx_it = None
+  if s.use_ptx:
+    ptx_source = stage_io.load_split(tfds_dir, "ptx", config.data.train_split, "train_split")
+    ptx_it = iter(loaders.ptx_loader(ptx_source, tok, batch_size=local(s.ptx_rows),
+                                     seq_len=p.ptx_seq_len, seed=config.data_seed + 1))
+  return _Batches(prompts, ptx_it)
+
+
+def run(config, workdir):
+  """Runs PPO (ptx_coef 0, in `<workdir>/ppo`), PPO-ptx (in `<workdir>/ppo_ptx`), or PPO against
+  the gold labeler (`config.reward_model = 'gold'`, in `<workdir>/ppo_oracle`)."""
+  validate_ppo_config(config)
+  name = stage_name(config)
+  workdir = stage_io.check_workdir(workdir)
+  final = stage_io.finished(workdir, name)
+  if final:
+    return final
+  p = config.ppo
+  cfg = ModelConfig.from_dict(config.model).replace(dropout_resid=0.0, dropout_attn=0.0)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(p.batch_size // p.minibatches, mesh,
+                            "config.ppo.batch_size / config.ppo.minibatches")
+  init_from, rm_path, value_path = _model_paths(config, workdir)
+  tfds_dir, data_tok_dir = stage_io.data_paths(config, workdir)
+
+  # The models: policy and frozen reference from SFT, value function and reward from the RM.
+  policy_params, model_tok_dir = stage_io.load_init_model(init_from, cfg, "config.init_from")
+  rm_cfg, rm_params = (None, None) if rm_path == "gold" else \
+      stage_io.load_scalar_model(rm_path, cfg, "reward_model")
+  value_cfg, value_params = (rm_cfg, rm_params) if value_path == rm_path else \
+      stage_io.load_scalar_model(value_path, cfg, "value_from")
+  tok, tok_dir = stage_io.load_tokenizer_for(config, model_tok_dir, data_tok_dir, cfg)
+  s = settings_from_config(config, tok)
+  _check_ptx_rows(s, mesh)
   txs = {"policy": _optimizer(config, p.policy_lr, p.num_iterations, s, clip=False),
          "value": _optimizer(config, p.value_lr, p.num_iterations, s)}
   shardings = state_shardings(cfg, value_cfg, txs, mesh, ema=s.ema_decay > 0)
   frozen_sh = {"ref": shardings["params"]["policy"]}
-  if not gold_reward:
+  if rm_cfg is not None:
     frozen_sh["rm"] = sharding.param_shardings(abstract_params(rm_cfg, "scalar", boxed=True),
                                                mesh)
   state, frozen = place(policy_params, value_params, rm_params, txs, shardings, frozen_sh,
                         p.kl_coef)
   del policy_params, value_params, rm_params
 
-  prompt_source = common.load_split(tfds_dir, "prompts", config.data.train_split, "train_split")
-  score_fn = None
-  if gold_reward:
-    check_gold_prompts(prompt_source, tok, p.prompt_len)
-    shift, scale = gold_reward_norm(config, workdir)
-    score_fn = gold_score_fn(tok, scale, shift)
-  local = lambda n: common.local_batch_size(mesh, n)
-  prompts = iter(loaders.prompt_loader(prompt_source, tok, batch_size=local(p.batch_size),
-                                       prompt_len=p.prompt_len, seed=config.data_seed))
-  ptx_it = None
-  if s.use_ptx:
-    ptx_source = common.load_split(tfds_dir, "ptx", config.data.train_split, "train_split")
-    ptx_it = iter(loaders.ptx_loader(ptx_source, tok, batch_size=local(s.ptx_rows),
-                                     seq_len=p.ptx_seq_len, seed=config.data_seed + 1))
-  batches = _Batches(prompts, ptx_it)
-
-  stage_dir = os.path.join(workdir, name)
-  os.makedirs(stage_dir, exist_ok=True)
-  ckpt = CheckpointManager(os.path.join(stage_dir, "checkpoints"), save_every=p.checkpoint_every,
-                           keep=p.keep_checkpoints)
-  record = resume_record(config)
-  metrics_path = os.path.join(stage_dir, "metrics.jsonl")
-  counter = common.NonFiniteCounter(config.max_nonfinite_steps, last_checkpoint=ckpt.latest_path,
-                                    unit="iteration", lag=0)
-  start = 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    where = f"the checkpoint {ckpt.directory}/{latest}"
-    common.check_resume_config(ckpt.read_meta(latest).get("config"), record, where)
-    state, meta = ckpt.restore(sharding.abstract_with_sharding(state, shardings), latest)
-    batches.set_state(meta["data"])
-    counter.load(meta.get("nonfinite"))
-    start = int(latest)
-    print(f"{name}: resumed from {ckpt.directory}/{latest}", flush=True)
-  common.rewind_metrics(metrics_path, start)
-
-  gold = None
-  if config.data.source == "offline":
-    from rlhf_jax.data import offline_task  # pylint: disable=g-import-not-at-top
-    gold = offline_task.gold_score
-  reward = (f"the gold labeler, {scale:.3f} x (gold - {shift:.3f})" if gold_reward else
-            f"reward model {rm_path}")
+  # The one loop, one iteration per step.
+  prompt_source = stage_io.load_split(tfds_dir, "prompts", config.data.train_split, "train_split")
+  score_fn, gold_norm = _gold_reward(config, workdir, prompt_source, tok)
+  batches = _batches(config, tfds_dir, prompt_source, tok, s, mesh)
+  step = IterationStep(make_iteration(cfg, value_cfg, rm_cfg, s, txs, mesh, score_fn),
+                       shardings, frozen, frozen_sh, mesh, s,
+                       gold=offline_task.gold_score if config.data.source == "offline" else None,
+                       prompt_source=prompt_source, tok=tok)
+  task = loop.Task(name=name, step=step, train_batches=lambda: batches,
+                   rng=jax.random.key(config.seed + 2), record=resume_record(config),
+                   reduce=loop.mean_over_steps, skipped=skipped_iteration(s), unit="iteration",
+                   rate_key="iters_per_s")
+  cadence = loop.Cadence(num_steps=p.num_iterations, log_every=p.log_every,
+                         checkpoint_every=p.checkpoint_every,
+                         keep_checkpoints=p.keep_checkpoints,
+                         max_nonfinite_steps=config.max_nonfinite_steps)
+  reward = (f"the gold labeler, {gold_norm['scale']:.3f} x (gold - {gold_norm['shift']:.3f})"
+            if gold_norm else f"reward model {rm_path}")
   print(f"{name}: policy {cfg.num_layers}x{cfg.d_model} from {init_from}, value from "
         f"{value_path}, {reward}; {p.num_iterations} iterations of "
         f"{p.batch_size} episodes x {p.response_len} tokens, {p.epochs} epoch(s) x "
         f"{p.minibatches} minibatch(es), ptx_coef {s.ptx_coef}, mesh {dict(mesh.shape)}; "
-        f"writing {stage_dir}", flush=True)
-  bar = tqdm(total=p.num_iterations, initial=start, desc=name, dynamic_ncols=True,
-             disable=jax.process_index() != 0, file=sys.stderr, mininterval=1.0)
-  writer = common.MetricsWriter(metrics_path, bar)
-  base_rng = jax.random.key(config.seed + 2)
-  step_fn, pending, t_log = None, [], time.time()
-  rows = sharding.process_batch_rows(mesh, p.batch_size)
-  samples = []
-  try:
-    for it in range(start, p.num_iterations):
-      host = next(batches)
-      index = host.pop("index")
-      if step_fn is None:
-        step_fn = jit_iteration(make_iteration(cfg, value_cfg, rm_cfg, s, txs, mesh, score_fn),
-                                shardings, frozen_sh, host, mesh)
-      batch = {k: sharding.global_batch(v, mesh, p.batch_size if not k.startswith("ptx_")
-                                        else s.ptx_rows) for k, v in host.items()}
-      with sharding.activate(mesh):
-        state, metrics, (_, resp, lengths) = step_fn(state, frozen, batch,
-                                                     jax.random.fold_in(base_rng, it))
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if gold is not None:
-        resp, lengths = np.asarray(resp)[rows], np.asarray(lengths)[rows]
-        texts = [_text(prompt_source[int(i)]["prompt"]) for i in index]
-        answers = [_decode(tok, resp[i], int(lengths[i])) for i in range(len(texts))]
-        scores = [gold(t, a) for t, a in zip(texts, answers)]
-        metrics["gold_score"] = float(np.mean(scores))
-        if it == p.num_iterations - 1:
-          samples = [{"prompt": t, "response": a, "gold": g}
-                     for t, a, g in list(zip(texts, answers, scores))[:4]]
-      done = it + 1
-      # An iteration none of whose updates was finite counts as skipped; too many in a row stop
-      # the run before anything of the bad stretch is saved.
-      counter.observe(done, metrics["nonfinite"] >= s.epochs * s.minibatches)
-      pending.append(metrics)
-      bar.update(1)
-      if done % p.log_every == 0 or done == p.num_iterations:
-        values = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
-        values["nonfinite"] = float(sum(m["nonfinite"] for m in pending))
-        values["iters_per_s"] = len(pending) / max(time.time() - t_log, 1e-9)
-        writer.write("train", done, values)
-        pending, t_log = [], time.time()
-      if ckpt.should_save(done) or done == p.num_iterations:
-        counter.flush()
-        ckpt.save(done, state, meta={"data": batches.get_state(), "config": record,
-                                     "nonfinite": counter.state()},
-                  force=done == p.num_iterations)
-    ckpt.wait()
-  finally:
-    bar.close()
-    writer.close()
-    ckpt.close()
-    batches.close()
+        f"writing {os.path.join(workdir, name)}", flush=True)
+  state, _, _ = loop.run_loop(task, state, cadence, workdir, mesh)
 
   params = state["ema"] if "ema" in state else state["params"]["policy"]
   meta = {"stage": name, "iterations": p.num_iterations, "init_from": init_from,
           "reward_model": rm_path, "value_from": value_path, "ptx_coef": s.ptx_coef,
-          "gold_reward": {"scale": scale, "shift": shift} if gold_reward else None,
-          "final_kl_coef": float(state["kl_coef"]), "ema_decay": s.ema_decay,
-          "settings": dataclasses.asdict(s), "samples": samples}
-  path = common.save_final(stage_dir, cfg, params, "lm", tok_dir, meta)
+          "gold_reward": gold_norm, "final_kl_coef": float(state["kl_coef"]),
+          "ema_decay": s.ema_decay, "settings": dataclasses.asdict(s), "samples": step.samples}
+  path = stage_io.save_final(os.path.join(workdir, name), cfg, params, "lm", tok_dir, meta)
   print(f"{name}: final model written to {path}", flush=True)
   return path
 

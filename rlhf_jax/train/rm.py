@@ -28,9 +28,13 @@ import numpy as np
 
 from rlhf_jax import losses
 from rlhf_jax import sharding
+from rlhf_jax.data import builders, loaders, offline_task
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import ModelConfig, with_scalar_head
-from rlhf_jax.train import common
+from rlhf_jax.train import loop
+from rlhf_jax.train import optim
+from rlhf_jax.train import stage_io
+from rlhf_jax.train.step import TrainStep, forward, jit_eval_step
 
 TRAIN_KEYS = ("tokens", "segment_ids", "positions", "last_index", "ranks", "response_valid")
 
@@ -40,7 +44,7 @@ def response_rewards(cfg: ModelConfig, params, batch, *, rng=None, train=False):
   b, k, t = batch["tokens"].shape
   flat = {name: batch[name].reshape(b * k, t) for name in ("tokens", "segment_ids", "positions")
           if name in batch}
-  values = common.forward(cfg, "scalar", params, flat, rng=rng, train=train)   # (B*K, T)
+  values = forward(cfg, "scalar", params, flat, rng=rng, train=train)   # (B*K, T)
   return losses.gather_last(values, batch["last_index"].reshape(b * k)).reshape(b, k)
 
 
@@ -63,6 +67,7 @@ def make_eval_fn(cfg: ModelConfig):
 
 
 def summarize(values):
+  """The logged training metrics: accuracy from the summed correct / pairs counts."""
   out = dict(values)
   out["accuracy"] = out.pop("correct_sum") / max(out.pop("pairs_sum"), 1.0)
   out.pop("count", None)
@@ -96,7 +101,6 @@ def _text(v):
 
 def gold_matrix(source, index, k_max):
   """(N, K_max) gold scores of the offline task for the records `index` (NaN on padding)."""
-  from rlhf_jax.data import offline_task  # pylint: disable=g-import-not-at-top
   out = np.full((len(index), k_max), np.nan)
   for row, i in enumerate(index):
     if i < 0:
@@ -132,7 +136,7 @@ class RmEval:
     total, count, rewards = 0.0, 0.0, []
     for local in self.batches:
       if self.step is None:
-        self.step = common.jit_eval_step(make_eval_fn(cfg), param_shardings, local, self.mesh)
+        self.step = jit_eval_step(make_eval_fn(cfg), param_shardings, local, self.mesh)
       s, c, r = jax.device_get(self.step(params, sharding.global_batch(local, self.mesh,
                                                                  self.batch_size)))
       total, count = total + float(s), count + float(c)
@@ -169,7 +173,7 @@ def _scored(loader, score, params, mesh, batch_size):
   for batch in loader:
     keys = {k: batch[k] for k in ("tokens", "segment_ids", "positions", "last_index")}
     if step is None:
-      step = common.jit_eval_step(score, jax.tree.map(lambda x: x.sharding, params), keys, mesh)
+      step = jit_eval_step(score, jax.tree.map(lambda x: x.sharding, params), keys, mesh)
     with sharding.activate(mesh):
       out = step(params, sharding.global_batch(keys, mesh, batch_size))
     yield batch, np.asarray(jax.device_get(out))[rows]
@@ -183,14 +187,13 @@ def _first(batch, done, limit):
 
 def demonstration_reward_mean(cfg, params, source, tok, mesh, config):
   """Mean reward at the last token of the first `norm_examples` demonstrations."""
-  from rlhf_jax.data import loaders  # pylint: disable=g-import-not-at-top
   bs = config.eval_batch_size
-  loader = loaders.sft_loader(source, tok, batch_size=common.local_batch_size(mesh, bs),
+  loader = loaders.sft_loader(source, tok, batch_size=stage_io.local_batch_size(mesh, bs),
                               seq_len=config.seq_len, num_epochs=1, shuffle=False, pack=False,
                               drop_remainder=False)
 
   def score(params, batch):
-    values = common.forward(cfg, "scalar", params, batch)
+    values = forward(cfg, "scalar", params, batch)
     return losses.gather_last(values, batch["last_index"])
 
   total, n = 0.0, 0
@@ -208,9 +211,8 @@ def demonstration_reward_mean(cfg, params, source, tok, mesh, config):
 def sample_reward_std(cfg, params, source, tok, mesh, config, k_max):
   """Standard deviation of the reward over the responses of the first `norm_examples` comparison
   records (with the collect stage: samples of the SFT policy, what PPO will score)."""
-  from rlhf_jax.data import loaders  # pylint: disable=g-import-not-at-top
   bs = config.eval_batch_size
-  loader = loaders.comparison_loader(source, tok, batch_size=common.local_batch_size(mesh, bs),
+  loader = loaders.comparison_loader(source, tok, batch_size=stage_io.local_batch_size(mesh, bs),
                                      seq_len=config.seq_len, k_max=k_max, num_epochs=1,
                                      shuffle=False, drop_remainder=False)
   values, prompts = [], 0
@@ -239,9 +241,9 @@ def normalized_head(params, mean, gain):
 
 
 def k_max_of(config, tfds_dir):
+  """config.k_max, or with 0 the largest K the comparisons dataset records."""
   if config.k_max:
     return config.k_max
-  from rlhf_jax.data import builders  # pylint: disable=g-import-not-at-top
   found = builders.prepared_builder(tfds_dir, "comparisons").info.metadata.get("max_k", {})
   wanted = [found.get(s) for s in (config.data.train_split, config.data.eval_split)]
   if not all(wanted):
@@ -268,33 +270,34 @@ def comparisons_tfds_dir(config, workdir, tfds_dir):
 
 def run(config, workdir):
   """Runs the reward-model stage in `<workdir>/rm`."""
-  from rlhf_jax.data import loaders  # pylint: disable=g-import-not-at-top
   stage = "rm"
-  setup = common.begin_stage(config, workdir, stage, "sft")
+  setup = stage_io.begin_stage(config, workdir, stage, "sft")
   if setup is None:
-    return common.final_model_dir(workdir, stage)
-  workdir, stage_dir, cfg, mesh = setup.workdir, setup.stage_dir, setup.cfg, setup.mesh
-  tfds_dir, init_from = setup.tfds_dir, setup.init_from
+    return stage_io.final_model_dir(workdir, stage)
+  workdir, cfg, mesh, init_from = setup.workdir, setup.cfg, setup.mesh, setup.init_from
   if not init_from:
     raise UserError("config.init_from: the reward model starts from an SFT model; give its path")
-  lm_params, model_tok_dir = common.load_init_model(init_from, cfg, "config.init_from")
+  lm_params, model_tok_dir = stage_io.load_init_model(init_from, cfg, "config.init_from")
   params = with_scalar_head(lm_params, cfg, jax.random.key(config.seed))
   del lm_params
-  tok, tok_dir = common.load_tokenizer_for(config, model_tok_dir, setup.data_tokenizer_dir, cfg)
-  comparisons_dir = comparisons_tfds_dir(config, workdir, tfds_dir)
-  train_source = common.load_split(comparisons_dir, "comparisons", config.data.train_split,
-                                   "train_split")
-  eval_source = common.load_split(comparisons_dir, "comparisons", config.data.eval_split,
-                                  "eval_split")
+  tok, tok_dir = stage_io.load_tokenizer_for(config, model_tok_dir, setup.data_tokenizer_dir, cfg)
+
+  # The comparisons, the optimizer and the train state.
+  comparisons_dir = comparisons_tfds_dir(config, workdir, setup.tfds_dir)
+  train_source = stage_io.load_split(comparisons_dir, "comparisons", config.data.train_split,
+                                     "train_split")
+  eval_source = stage_io.load_split(comparisons_dir, "comparisons", config.data.eval_split,
+                                    "eval_split")
   k_max = k_max_of(config, comparisons_dir)
   num_steps = config.num_steps or max(
       1, int(np.ceil(config.num_epochs * len(train_source) / config.batch_size)))
-  tx, schedule = common.make_optimizer(config.optimizer, num_steps)
-  shardings = common.state_shardings(cfg, "scalar", tx, mesh)
-  state = common.create_state(params, tx, shardings)
+  tx, schedule = optim.make_optimizer(config.optimizer, num_steps)
+  shardings = optim.state_shardings(cfg, "scalar", tx, mesh)
+  state = optim.create_state(params, tx, shardings)
   del params
 
-  local_eval_bs = common.local_batch_size(mesh, config.eval_batch_size)
+  # The one loop: the step, its batches and the held-out evaluation.
+  local_eval_bs = stage_io.local_batch_size(mesh, config.eval_batch_size)
   rm_eval = RmEval(loaders.comparison_loader(eval_source, tok, batch_size=local_eval_bs,
                                              seq_len=config.seq_len, k_max=k_max, num_epochs=1,
                                              shuffle=False, drop_remainder=False),
@@ -302,27 +305,38 @@ def run(config, workdir):
                    gold=config.data.source == "offline")
 
   def train_batches():
-    return common.KeyedBatches(iter(loaders.comparison_loader(
-        train_source, tok, batch_size=common.local_batch_size(mesh, config.batch_size),
+    return stage_io.KeyedBatches(iter(loaders.comparison_loader(
+        train_source, tok, batch_size=stage_io.local_batch_size(mesh, config.batch_size),
         seq_len=config.seq_len, k_max=k_max, seed=config.data_seed,
         prefetch=config.data.prefetch)), TRAIN_KEYS, check=check_comparisons)
 
-  task = common.Task(name=stage, head="scalar", loss_fn=make_loss_fn(cfg),
-                     train_batches=train_batches,
-                     evaluate=lambda p: rm_eval(cfg, p, shardings["params"]),
-                     summarize=summarize)
+  task = loop.Task(
+      name=stage,
+      step=TrainStep(make_loss_fn(cfg), tx, schedule, config.grad_accum_steps, mesh,
+                     config.batch_size),
+      train_batches=train_batches, rng=jax.random.key(config.seed + 1),
+      record=loop.config_record(config),
+      evaluate=lambda p: rm_eval(cfg, p, shardings["params"]),
+      reduce=lambda items: summarize(loop.mean_over_applied_steps(items)))
   print(f"{stage}: {cfg.flavour} {cfg.num_layers}x{cfg.d_model} + scalar head from {init_from}, "
         f"{num_steps} steps of {config.batch_size} prompts x K<={k_max} x {config.seq_len} "
-        f"tokens, mesh {dict(mesh.shape)}; writing {stage_dir}", flush=True)
-  state, last_eval, history = common.run_loop(task, config, workdir, cfg, mesh, tx, schedule,
-                                              state, num_steps)
-  params = state["params"]
+        f"tokens, mesh {dict(mesh.shape)}; writing {setup.stage_dir}", flush=True)
+  state, last_eval, history = loop.run_loop(
+      task, state, loop.Cadence.from_config(config, num_steps), workdir, mesh)
   meta = {"stage": stage, "steps": num_steps, "init_from": init_from, "k_max": k_max,
           "comparisons": comparisons_dir,
           "final_eval": last_eval,
           "first_eval": next((m for kind, _, m in history if kind == "eval"), None)}
+  return _normalize_and_save(config, setup, state["params"], tok, tok_dir, train_source, k_max,
+                             meta)
+
+
+def _normalize_and_save(config, setup, params, tok, tok_dir, train_source, k_max, meta):
+  """Folds the reward normalisation into the scalar head (`norm_examples` > 0) and writes the
+  final model with what the stage did."""
+  stage, cfg, mesh = "rm", setup.cfg, setup.mesh
   if config.norm_examples:
-    sft_source = common.load_split(tfds_dir, "sft", config.data.norm_split, "norm_split")
+    sft_source = stage_io.load_split(setup.tfds_dir, "sft", config.data.norm_split, "norm_split")
     mean, n = demonstration_reward_mean(cfg, params, sft_source, tok, mesh, config)
     std, n_samples = sample_reward_std(cfg, params, train_source, tok, mesh, config, k_max)
     gain = 1.0 / max(std, 1e-6)
@@ -335,6 +349,6 @@ def run(config, workdir):
     print(f"{stage}: {n} demonstrations scored mean {mean:.4f}, {n_samples} compared responses "
           f"std {std:.4f}; reward = {gain:.4f} x (score - {mean:.4f}) folded into the scalar head "
           f"(demonstrations mean now {after:.2e}, sample std {std_after:.4f})", flush=True)
-  path = common.save_final(stage_dir, cfg, params, "scalar", tok_dir, meta)
+  path = stage_io.save_final(setup.stage_dir, cfg, params, "scalar", tok_dir, meta)
   print(f"{stage}: final model written to {path}", flush=True)
   return path

@@ -1,0 +1,305 @@
+"""What a stage reads and writes around its loop: the config check, the workdir, 'auto' model
+paths, the data and tokenizer, the models it starts from, and the atomic final model.
+
+A pretrain/SFT/RM stage starts with `begin_stage` (None: its final model exists, skip it) and
+ends with `save_final`; PPO and collect use the same pieces (`resolve_auto`, `data_paths`,
+`load_init_model`, `load_scalar_model`, `load_tokenizer_for`, `load_split`).
+"""
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+
+from rlhf_jax import sharding
+from rlhf_jax.checkpoint import CheckpointManager, check_matches, quiet_aborted_reads
+from rlhf_jax.convert import load_model, save_model
+from rlhf_jax.data import builders, load_tokenizer, offline_task, prepare
+from rlhf_jax.errors import UserError, check_int, check_positive
+from rlhf_jax.models import ModelConfig, abstract_params
+from rlhf_jax.train import STAGE_NAMES
+from rlhf_jax.train import loop
+from rlhf_jax.train import optim
+from rlhf_jax.train import step
+
+STAGE_META = "rlhf_jax_stage.json"
+
+
+# ----------------------------------------------------------------------------- config
+
+def validate_config(config):
+  """Checks every field a pretrain/SFT/RM stage reads, before anything is loaded or written:
+  the stage and model here, then the optimizer's (optim.py), the batch's (step.py), the loop's
+  (loop.py), the data's and the reward model's here."""
+  if "stage" not in config or config.stage not in STAGE_NAMES:
+    raise UserError(f"config.stage must be one of {', '.join(STAGE_NAMES)}, "
+                    f"got {config.get('stage')!r}")
+  if "model" not in config:
+    raise UserError("config.model is missing (expected a model preset ConfigDict)")
+  ModelConfig.from_dict(config.model)
+  sharding.parse_mesh_shape(config.mesh.shape, "config.mesh.shape")
+  optim.check_config(config)
+  step.check_config(config)
+  loop.check_config(config)
+  check_positive(config, "data.prefetch", kind=int, allow_zero=True)
+  for name in ("data_seed", "data.task_seed"):
+    check_int(config, name)
+  if config.stage == "rm":
+    k_max = config.k_max
+    if not isinstance(k_max, int) or isinstance(k_max, bool) or (k_max != 0 and k_max < 2):
+      raise UserError(f"config.k_max must be an integer >= 2 (or 0: the largest K in the data), "
+                      f"got {k_max!r}")
+    check_positive(config, "norm_examples", kind=int, allow_zero=True)
+  if config.data.source not in ("offline", "dir"):
+    raise UserError(f"config.data.source must be 'offline' or 'dir', got {config.data.source!r}")
+  if config.data.source == "dir" and not config.data.dir:
+    raise UserError("config.data.dir is required when config.data.source is 'dir'")
+  if config.data.source == "offline":
+    offline_task.from_config(config.data.get("task", {}))
+
+
+# ----------------------------------------------------------------------------- workdir
+
+def final_model_dir(workdir, stage):
+  return os.path.join(workdir, stage, "model")
+
+
+def check_workdir(workdir):
+  """The absolute workdir; a UserError when it exists but is not a directory."""
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir: {workdir} is a file, expected a directory")
+  for parent in _parents(workdir):
+    if os.path.exists(parent) and not os.path.isdir(parent):
+      raise UserError(f"--workdir: {parent} is a file, so {workdir} cannot be created")
+  return workdir
+
+
+def _parents(path):
+  while os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+    yield path
+
+
+def finished(workdir, stage):
+  """The stage's final model when it exists (after saying the stage is skipped), else None."""
+  final = final_model_dir(workdir, stage)
+  if os.path.exists(final):
+    print(f"{stage}: final model exists at {final}; skipping the stage", flush=True)
+    return final
+  return None
+
+
+def resolve_auto(path, workdir, stage, field, hint=""):
+  """`path`, or for 'auto' the final model of `stage`, which must exist (else a UserError
+  naming `config.<field>`; `hint` ends its advice)."""
+  if path != "auto":
+    return path
+  found = final_model_dir(workdir, stage)
+  if not os.path.exists(found):
+    raise UserError(f"config.{field}: 'auto' means the {stage} stage's model {found}, which does "
+                    f"not exist; run that stage first or set config.{field}{hint}")
+  return found
+
+
+def check_checkpoints(config, directory):
+  """Fails early (before models and data are loaded) when the run would resume from checkpoints
+  in `directory` it cannot use: not ours, an unreadable record, or another config. The arrays
+  themselves are read (and checked) when the loop restores them."""
+  if not os.path.exists(directory) or (os.path.isdir(directory) and not os.listdir(directory)):
+    return
+  with CheckpointManager(directory, save_every=config.checkpoint_every,
+                         keep=config.keep_checkpoints) as ckpt:
+    latest = ckpt.latest_step()
+    if latest is not None:
+      loop.check_resume_config(ckpt.read_meta(latest).get("config"), config,
+                               f"the checkpoint {ckpt.directory}/{latest}")
+
+
+@dataclasses.dataclass
+class StageSetup:
+  """What every stage resolves before it builds anything (see `begin_stage`)."""
+  workdir: str
+  stage_dir: str
+  cfg: ModelConfig
+  mesh: Any
+  tfds_dir: str
+  data_tokenizer_dir: str
+  init_from: str       # the model to start from ('' = random init)
+
+
+def begin_stage(config, workdir, stage, previous):
+  """Resolves paths, the model config, the mesh, the data and `config.init_from` of a stage.
+
+  Returns None (after saying so) when the stage's final model already exists. `previous` is the
+  stage whose model `init_from='auto'` means ('' for none).
+  """
+  workdir = check_workdir(workdir)
+  if finished(workdir, stage):
+    return None
+  cfg = ModelConfig.from_dict(config.model)
+  mesh = sharding.make_mesh(config.mesh)
+  step.check_mesh_batch(config, mesh)
+  init_from = config.init_from   # checked before the offline data are prepared (written)
+  if init_from == "auto":
+    init_from = (resolve_auto("auto", workdir, previous, "init_from",
+                              " to a model (e.g. smollm2-135m)") if previous else "")
+  check_checkpoints(config, os.path.join(workdir, stage, "checkpoints"))
+  tfds_dir, data_tok_dir = data_paths(config, workdir)
+  return StageSetup(workdir, os.path.join(workdir, stage), cfg, mesh, tfds_dir, data_tok_dir,
+                    init_from)
+
+
+# ----------------------------------------------------------------------------- data
+
+def data_paths(config, workdir):
+  """(tfds data_dir, default tokenizer dir) of the run's data; the offline task is prepared
+  under `<workdir>/data` when missing."""
+  if config.data.source == "dir" and not os.path.isdir(config.data.dir):
+    raise UserError(f"config.data.dir: {config.data.dir} is not a directory")
+  if config.data.source == "offline":
+    out = config.data.dir or os.path.join(workdir, "data")
+    tfds_dir = os.path.join(out, "tfds")
+    task, sizes = offline_task.from_config(config.data.get("task", {}))
+    if not os.path.isdir(tfds_dir):
+      print(f"preparing the offline task in {out}", flush=True)
+      prepare.prepare_offline(out, task, sizes, seed=config.data.task_seed)
+    else:
+      offline_task.check_prepared(out, task, sizes, config.data.task_seed)
+    return tfds_dir, os.path.join(out, "tokenizer")
+  tfds_dir = os.path.join(config.data.dir, "tfds")
+  if not os.path.isdir(tfds_dir):
+    tfds_dir = config.data.dir
+  return tfds_dir, os.path.join(config.data.dir, "tokenizer")
+
+
+def load_tokenizer_for(config, model_tokenizer_dir, data_tokenizer_dir, cfg):
+  """(tokenizer, its dir): config.data.tokenizer, else the model's, else the data's."""
+  path = config.data.tokenizer or model_tokenizer_dir or data_tokenizer_dir
+  if not path or not os.path.isdir(path):
+    raise UserError(f"config.data.tokenizer: no tokenizer at {path!r} (set it to a tokenizer "
+                    "directory)")
+  tok = load_tokenizer(path)
+  if tok.vocab_size > cfg.vocab_size:
+    raise UserError(f"config.data.tokenizer: {path} has {tok.vocab_size} tokens, more than the "
+                    f"model's vocab_size {cfg.vocab_size}")
+  return tok, path
+
+
+def local_batch_size(mesh, global_size):
+  """The rows of a global batch of `global_size` that this process loads."""
+  rows = sharding.process_batch_rows(mesh, global_size)
+  return rows.stop - rows.start
+
+
+def load_split(tfds_dir, kind, split, field):
+  """The TFDS source of one split; a missing split names its config field."""
+  if kind in builders.BUILDERS:
+    info = os.path.join(tfds_dir, builders.BUILDERS[kind].name, builders.VERSION,
+                        "dataset_info.json")
+    if not os.path.isfile(info):   # checked here: tfds would log a warning line first
+      raise UserError(f"config.data.{field}: {tfds_dir} holds no prepared {kind} dataset (no "
+                      f"{os.path.relpath(info, tfds_dir)}; make it with rlhf_jax.data.prepare)")
+  try:
+    return builders.load_source(tfds_dir, kind, split)
+  except UserError as e:
+    raise UserError(f"config.data.{field}: {e}") from None
+
+
+class KeyedBatches:
+  """A resumable training iterator that keeps only the keys the step needs.
+
+  check(batch) runs on every host batch before it is trimmed (e.g. the RM's K >= 2 check);
+  get_state/set_state pass through to the loader's iterator.
+  """
+
+  def __init__(self, it, keys, check=None):
+    self._it, self._keys, self._check = it, keys, check
+
+  def __next__(self):
+    batch = next(self._it)
+    if self._check is not None:
+      self._check(batch)
+    return {k: batch[k] for k in self._keys}
+
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state):
+    self._it.set_state(state)
+
+  def close(self):
+    if hasattr(self._it, "close"):
+      self._it.close()
+
+
+# ----------------------------------------------------------------------------- models
+
+def check_same_shapes(loaded, expected, where):
+  """UserError naming the first parameter whose shape differs (e.g. RM init from a model of
+  another shape)."""
+  describe = lambda tree: {jax.tree_util.keystr(p): [list(np.shape(x)), "float"]
+                           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  check_matches(describe(loaded), describe(expected), where)
+
+
+def shape_fields_differ(a: ModelConfig, b: ModelConfig):
+  """Names of the fields that decide parameter shapes and differ between two model configs."""
+  fields = ("flavour", "vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads",
+            "head_dim", "d_ff", "tie_embeddings")
+  out = [f"{f} {getattr(a, f)} vs {getattr(b, f)}" for f in fields if getattr(a, f) != getattr(b, f)]
+  if a.flavour == "gpt2" and b.flavour == "gpt2" and a.max_len != b.max_len:
+    out.append(f"max_len {a.max_len} vs {b.max_len}")
+  return out
+
+
+def load_init_model(path, cfg, where):
+  """Parameters (host arrays, LM head) and tokenizer dir of the model at `path`, checked against
+  the run's model config `cfg` (shape fields must agree; dropout/dtype/remat come from cfg)."""
+  quiet_aborted_reads()    # a damaged model: one line, no tensorstore noise
+  try:
+    model = load_model(path)
+  except UserError as e:
+    raise UserError(f"{where}: {e}") from None
+  if model.head != "lm":
+    raise UserError(f"{where}: {path} holds a model with a {model.head!r} head; expected a "
+                    "language model (the previous stage's model)")
+  differ = shape_fields_differ(model.cfg, cfg)
+  if differ:
+    raise UserError(f"{where}: {path} holds a model of another shape than config.model "
+                    f"({'; '.join(differ)})")
+  check_same_shapes(model.params, abstract_params(cfg, "lm"), f"{where}: {path}")
+  return model.params, model.tokenizer_dir
+
+
+def load_scalar_model(path, policy_cfg, field):
+  """(config with dropout off, params) of the scalar-head model at `path` (a reward model or value
+  function), checked to score the policy's tokens; errors name `config.<field>`."""
+  model = load_model(path)
+  if model.head != "scalar":
+    raise UserError(f"config.{field}: {path} holds a model with a {model.head!r} head; expected a "
+                    "reward model (scalar head)")
+  if model.cfg.vocab_size != policy_cfg.vocab_size:
+    raise UserError(f"config.{field}: {path} has vocab_size {model.cfg.vocab_size} but the policy "
+                    f"has {policy_cfg.vocab_size}; they must share the tokenizer")
+  check_same_shapes(model.params, abstract_params(model.cfg, "scalar"), f"config.{field}: {path}")
+  return model.cfg.replace(dropout_resid=0.0, dropout_attn=0.0), model.params
+
+
+def save_final(stage_dir, cfg, params, head, tokenizer_dir, meta):
+  """Writes `<stage_dir>/model` atomically: the model (rlhf_jax format, readable by
+  `rlhf_jax.convert.load_model` and `rlhf_jax.generate`), its tokenizer and `rlhf_jax_stage.json`
+  (what the stage did: steps, final metrics, e.g. the reward normalisation bias)."""
+  final = os.path.join(stage_dir, "model")
+  partial = os.path.join(stage_dir, ".model.partial")
+  if os.path.exists(partial):
+    shutil.rmtree(partial)
+  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+  save_model(partial, cfg, host, fmt="rlhf_jax", head=head, tokenizer_dir=tokenizer_dir)
+  with open(os.path.join(partial, STAGE_META), "w", encoding="utf-8") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  os.rename(partial, final)
+  return final
