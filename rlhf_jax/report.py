@@ -242,16 +242,21 @@ def plot_curves(series: Mapping[str, Union[str, Sequence[Mapping]]], keys: Seque
         name = label if len(found) == 1 else f"{label} ({kind})"
         ax.plot(steps, values, label=name, marker="." if len(steps) < 20 else None)
         drawn[key].append(name)
-    ax.set_title(key, fontsize=10)
-    ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(True, alpha=0.3)
-    if drawn[key]:
-      ax.legend(fontsize=7)
-    else:
-      ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    _finish_axes(ax, key, "step", drawn[key])
   _save(fig, title, out_png, dpi)
   return drawn
+
+
+def _finish_axes(ax, title, xlabel, drawn):
+  """Title, x label, grid, and a legend of what was drawn (or 'no data')."""
+  ax.set_title(title, fontsize=10)
+  ax.set_xlabel(xlabel, fontsize=8)
+  ax.tick_params(labelsize=7)
+  ax.grid(True, alpha=0.3)
+  if drawn:
+    ax.legend(fontsize=7)
+  else:
+    ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
 
 
 def _save(fig, title, out_png, dpi):
@@ -354,14 +359,8 @@ def plot_overoptimisation(runs: Mapping[str, Union[str, Sequence[Mapping]]], out
               markersize=11, color=color(label), markeredgecolor="black",
               label=f"{label} (final)")
       drawn[panel].append(f"{label} (final)")
-    ax.set_title("gold score" if panel == "gold" else "reward-model score", fontsize=10)
-    ax.set_xlabel("sqrt(KL to SFT)  (nats^0.5)", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(True, alpha=0.3)
-    if drawn[panel]:
-      ax.legend(fontsize=7)
-    else:
-      ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    _finish_axes(ax, "gold score" if panel == "gold" else "reward-model score",
+                 "sqrt(KL to SFT)  (nats^0.5)", drawn[panel])
   _save(fig, title, out_png, dpi)
   return drawn
 

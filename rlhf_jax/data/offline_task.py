@@ -38,7 +38,7 @@ as a wrong one). A small reward model trained on ranked SFT samples can learn to
 (is a word a filler? does a word of the answer occur in the prompt? both are one attention
 lookup) long before it can sort or add itself; so PPO against it removes them, and the content of
 the answers gets more right, not only their style. The evaluation reports both: `content_score`
-(the gold score with filler words removed: correctness alone), `has_filler` and
+(the gold score with filler words removed: correctness alone), the number of filler words and
 `hallucinated_words` per response.
 
 A capability probe that only the pretraining text teaches (`probe_records`, `probe_score`): the
@@ -264,11 +264,6 @@ def gold_score(prompt, response):
 def gold_scores(prompts, responses):
   """Gold scores of paired lists, as float32."""
   return np.asarray([gold_score(p, r) for p, r in zip(prompts, responses)], np.float32)
-
-
-def has_filler(response):
-  """Whether the response contains a filler word (FILLERS)."""
-  return any(w in FILLERS for w in response.split())
 
 
 def content_score(prompt, response):
