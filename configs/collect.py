@@ -6,25 +6,23 @@ The SFT policy samples K responses per prompt and the simulated labeler ranks th
 model then trains on them with `--config.data.comparisons_dir=<workdir>/collect` (configs/rm.py).
 InstructGPT showed labelers K = 4 to 9 responses per prompt, sampled at temperature 1.
 """
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import models  # noqa: E402  pylint: disable=g-import-not-at-top
+from rlhf_jax import config_files
+
+models = config_files.sibling(__file__, "models")
 
 
 def get_config(preset="tiny"):
-  base = models.base_config(preset, "collect")
   c = ml_collections.ConfigDict()
-  c.name, c.stage = base.name, "collect"
+  c.name = preset
+  c.stage = "collect"
   c.model = models.model_config(preset, dropout_resid=0.0, dropout_attn=0.0)
-  c.mesh = base.mesh
+  c.mesh = models.mesh_config()
   c.init_from = "auto"           # 'auto' = <workdir>/sft/model, else a model path
-  c.data = base.data             # the `prompts` splits data.train_split and data.eval_split
-  c.num_train_prompts = 0        # prompts of data.train_split to collect on (0 = all; offline 10000)
-  c.num_eval_prompts = 0         # prompts of data.eval_split (0 = all; offline 400)
+  c.data = models.data_config()  # the `prompts` splits data.train_split and data.eval_split
+  c.num_train_prompts = 0        # prompts of data.train_split to label (0 = all, 10000 offline)
+  c.num_eval_prompts = 0         # prompts of data.eval_split (0 = all, 400 offline)
   c.min_k = 4                    # responses ranked per prompt, drawn in min_k..max_k (paper 4..9)
   c.max_k = 9
   c.temperature = 1.0            # sampling temperature of the policy
@@ -34,9 +32,14 @@ def get_config(preset="tiny"):
   c.batch_size = 64              # prompts per sampler call (each gives max_k rows)
   c.seed = 0                     # sampling, K and labeler noise
   if preset == "tiny":
-    c.min_k = c.max_k = 6
-    c.max_new_tokens, c.prompt_len, c.batch_size = 24, 24, 64   # responses: PPO response_len
+    c.min_k = 6
+    c.max_k = 6
+    c.max_new_tokens = 24
+    c.prompt_len = 24
+    c.batch_size = 64
   elif preset == "smollm2":
     c.max_k = 6
-    c.max_new_tokens, c.prompt_len, c.batch_size = 32, 48, 32
+    c.max_new_tokens = 32
+    c.prompt_len = 48
+    c.batch_size = 32
   return c

@@ -1,5 +1,6 @@
 """Shared pieces of the stage configs: which model preset each config preset uses, and the fields
-every stage has. The model shapes themselves live in `rlhf_jax.models.presets` (the source of truth).
+the training stages have. The model shapes themselves live in `rlhf_jax.models.presets` (the source
+of truth). The other config files load this one by its path (`rlhf_jax.config_files.sibling`).
 
 Config presets:
   tiny      offline default: the `tiny` llama (2 x 64) on the generated offline task; runs on a
@@ -34,47 +35,77 @@ def model_config(name, **overrides):
   return model
 
 
+def mesh_config():
+  c = ml_collections.ConfigDict()
+  c.shape = (1, -1, 1)        # (data, fsdp, tensor); -1 = the rest
+  return c
+
+
+def data_config():
+  """`config.data`: where the data come from (read by rlhf_jax.train.stage_io)."""
+  c = ml_collections.ConfigDict()
+  # 'offline': the generated task, prepared under <workdir>/data when `dir` is empty;
+  # 'dir': data prepared by rlhf_jax.data.prepare.
+  c.source = "offline"
+  c.dir = ""                  # that folder (holding tfds/ and, offline, tokenizer/)
+  c.tokenizer = ""            # '' = the init model's tokenizer, else the data folder's
+  c.train_split = "train"
+  c.eval_split = "validation"
+  c.task_seed = 0             # seed of the offline task's generation
+  # The offline task's knobs (families, words, lengths, operands, demonstration flaw rates)
+  # and sizes (records per kind, K, labeler temperature): rlhf_jax/data/offline_task.py.
+  c.task = ml_collections.ConfigDict(offline_task.config_fields())
+  c.prefetch = 2              # batches built ahead in a background thread
+  return c
+
+
+def optimizer_config():
+  """`config.optimizer`: AdamW with global-norm clipping, warmup and cosine decay
+  (rlhf_jax.train.optim)."""
+  c = ml_collections.ConfigDict()
+  c.lr = 1e-3
+  c.warmup_steps = 20
+  c.final_lr_fraction = 0.1   # cosine decay to 10% (paper)
+  c.weight_decay = 0.1
+  c.b1 = 0.9
+  c.b2 = 0.95
+  c.eps = 1e-8
+  c.grad_clip = 1.0
+  return c
+
+
 def base_config(name, stage):
-  """Fields every stage has, with defaults that run offline."""
+  """The top-level fields of a stage that trains with the loop, with defaults that run offline.
+
+  Pretrain, SFT and RM (`stage` 'pretrain', 'sft', 'rm') also get their batch and loop fields
+  (read by rlhf_jax.train.step and rlhf_jax.train.loop); PPO ('ppo') has its own in `config.ppo`
+  and gets none of them, so overriding one on a PPO config is an error.
+  """
   c = ml_collections.ConfigDict()
   c.name = name
   c.stage = stage
   c.model = model_config(name)
-  c.mesh = ml_collections.ConfigDict({"shape": (1, -1, 1)})   # (data, fsdp, tensor); -1 = the rest
+  c.mesh = mesh_config()
   # Path of the model to start from: 'auto' = the previous stage's model in the same workdir
   # (sft: <workdir>/pretrain/model, rm: <workdir>/sft/model; pretrain: random init), '' = random,
   # or a model directory / GGUF / 'smollm2-135m' (anything rlhf_jax.convert reads).
   c.init_from = "auto"
-  c.data = ml_collections.ConfigDict({
-      "source": "offline",      # 'offline': the generated task, prepared under <workdir>/data
-                                # when `dir` is empty; 'dir': data prepared by rlhf_jax.data.prepare
-      "dir": "",                # that folder (holding tfds/ and, offline, tokenizer/)
-      "tokenizer": "",          # '' = the init model's tokenizer, else the data folder's
-      "train_split": "train",
-      "eval_split": "validation",
-      "task_seed": 0,           # seed of the offline task's generation
-      # The offline task's knobs (families, words, lengths, operands, demonstration flaw rates)
-      # and sizes (records per kind, K, labeler temperature): rlhf_jax/data/offline_task.py.
-      "task": ml_collections.ConfigDict(offline_task.config_fields()),
-      "prefetch": 2,            # batches built ahead in a background thread
-  })
-  c.optimizer = ml_collections.ConfigDict({
-      "lr": 1e-3, "warmup_steps": 20, "final_lr_fraction": 0.1,   # cosine decay to 10% (paper)
-      "weight_decay": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "grad_clip": 1.0,
-  })
-  c.batch_size = 32          # global: rows (sft, packed) or prompts (rm)
-  c.eval_batch_size = 32
-  c.seq_len = 128
-  c.grad_accum_steps = 1     # micro-batches per step (lax.scan; exact)
-  c.num_steps = 300          # 0: derive from num_epochs
-  c.num_epochs = 0.0
-  c.log_every = 25
-  c.eval_every = 100         # 0: no periodic evaluation
-  c.eval_batches = 0         # 0: the whole validation split
-  c.checkpoint_every = 100
-  c.keep_checkpoints = 2
-  c.seed = 0                 # parameter init and dropout
-  c.data_seed = 0            # shuffling
+  c.data = data_config()
+  c.optimizer = optimizer_config()
+  if stage != "ppo":
+    c.batch_size = 32         # global: rows (sft, packed) or prompts (rm)
+    c.eval_batch_size = 32
+    c.seq_len = 128
+    c.grad_accum_steps = 1    # micro-batches per step (lax.scan; exact)
+    c.num_steps = 300         # 0: derive from num_epochs
+    c.num_epochs = 0.0
+    c.log_every = 25
+    c.eval_every = 100        # 0: no periodic evaluation
+    c.eval_batches = 0        # 0: the whole validation split
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 2
+  c.seed = 0                  # parameter init and dropout
+  c.data_seed = 0             # shuffling
   # A step whose loss or gradient is NaN/Inf is skipped (not applied); this many in a row stop
   # the run (exit status 2) without saving, the last checkpoint being the last good state.
   c.max_nonfinite_steps = 5

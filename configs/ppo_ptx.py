@@ -21,13 +21,15 @@ InstructGPT (Ouyang et al. 2022, appendix C.3) and where each number lives:
 The tiny preset shrinks the batch and the coefficients to the offline task's scale (a 2 x 64 model
 for minutes on a CPU); see its comments.
 """
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import models  # noqa: E402  pylint: disable=g-import-not-at-top
+from rlhf_jax import config_files
+
+models = config_files.sibling(__file__, "models")
+collect_config = config_files.sibling(__file__, "collect")
+eval_config = config_files.sibling(__file__, "eval")
+rm_config = config_files.sibling(__file__, "rm")
+sft_config = config_files.sibling(__file__, "sft")
 
 
 def ppo_fields():
@@ -39,6 +41,8 @@ def ppo_fields():
       "prompt_len": 256,
       "response_len": 256,
       "temperature": 1.0,
+      # The learning rates of the policy's and the value function's AdamW; the other optimizer
+      # settings are config.optimizer's (whose lr PPO does not use).
       "policy_lr": 9.65e-6,
       "value_lr": 9.65e-6,
       "clip_eps": 0.2,
@@ -66,11 +70,12 @@ def ppo_fields():
 
 
 def get_config(preset="tiny"):
-  """PPO-ptx and, for the pipeline (rlhf_jax.pipeline), the config of every earlier stage."""
-  from configs import collect as collect_config  # pylint: disable=g-import-not-at-top
-  from configs import rm as rm_config  # pylint: disable=g-import-not-at-top
-  from configs import sft as sft_config  # pylint: disable=g-import-not-at-top
-  from rlhf_jax import evaluate  # pylint: disable=g-import-not-at-top
+  """PPO-ptx and, for the pipeline (rlhf_jax.pipeline), the config of every earlier stage.
+
+  The top level is the PPO stage's: what every stage has (model, mesh, init_from, data,
+  optimizer, seeds, max_nonfinite_steps; no batch or loop fields: those are `ppo`), and the
+  pipeline's switches and sub-configs.
+  """
   c = models.base_config(preset, "ppo")
   # The pipeline: True runs every missing earlier stage first, then evaluates; False runs PPO only.
   c.pipeline = True
@@ -83,7 +88,7 @@ def get_config(preset="tiny"):
   c.sft = sft_config.get_config(preset)
   c.collect = collect_config.get_config(preset)
   c.rm = rm_config.get_config(preset)
-  c.eval = evaluate.default_config(preset)
+  c.eval = eval_config.get_config(preset)
   c.model.dropout_resid = 0.0
   c.model.dropout_attn = 0.0
   c.reward_model = "auto"    # 'gold': PPO against the offline task's gold labeler (oracle)
@@ -91,29 +96,40 @@ def get_config(preset="tiny"):
   # bound of what PPO can do on the task with this policy, next to PPO against the reward model.
   c.oracle_run = preset == "tiny"
   c.value_from = "auto"
-  c.max_nonfinite_steps = 5
   c.ppo = ppo_fields()
   p = c.ppo
   if preset == "tiny":
-    c.optimizer.warmup_steps, c.optimizer.final_lr_fraction = 0, 1.0
-    p.num_iterations, p.batch_size, p.minibatches = 120, 64, 4
-    p.prompt_len, p.response_len = 24, 16   # offline prompts <= 20 tokens, answers <= 8
-    p.policy_lr, p.value_lr = 1e-4, 1e-3
+    c.optimizer.warmup_steps = 0
+    c.optimizer.final_lr_fraction = 1.0
+    p.num_iterations = 120
+    p.batch_size = 64
+    p.minibatches = 4
+    p.prompt_len = 24       # offline prompts <= 20 tokens
+    p.response_len = 16     # offline answers <= 8 tokens
+    p.policy_lr = 1e-4
+    p.value_lr = 1e-3
     # beta 0.2 keeps the policy within ~2 nats of SFT in 120 iterations; 0.1 went to 3.3 nats for
     # the same gold score on the training prompts.
     p.kl_coef = 0.2
     # SFT wipes out the tiny model's language modelling (held-out pretraining loss 0.9 -> 9); 0.02
     # brings it back to ~2.7 at a small cost in reward (0.05 and 0.1 cost more: 0.71, 0.69 win).
-    p.ptx_coef, p.ptx_per_episode, p.ptx_seq_len = 0.02, 1, 64
+    p.ptx_coef = 0.02
+    p.ptx_per_episode = 1
+    p.ptx_seq_len = 64
     p.missing_eos_penalty = 1.0
     p.ema_decay = 0.0
     p.checkpoint_every = 10
   elif preset == "smollm2":
     c.model.remat = True
-    p.num_iterations, p.batch_size, p.minibatches = 20, 16, 2
-    p.prompt_len, p.response_len = 48, 32
-    p.policy_lr, p.value_lr = 2e-6, 5e-6
-    p.ptx_per_episode, p.ptx_seq_len = 1, 128
+    p.num_iterations = 20
+    p.batch_size = 16
+    p.minibatches = 2
+    p.prompt_len = 48
+    p.response_len = 32
+    p.policy_lr = 2e-6
+    p.value_lr = 5e-6
+    p.ptx_per_episode = 1
+    p.ptx_seq_len = 128
     p.ema_decay = 0.0
   else:  # the paper's sizes
     c.optimizer.weight_decay = 0.0

@@ -5,11 +5,9 @@ r"""Reward-model config: `--config=configs/rm.py:<preset>`.
 Presets as in configs/sft.py. InstructGPT (appendix C.2): one epoch, lr 9e-6, cosine decay to 10%,
 batch 64 prompts with K = 4..9 responses each, no dropout; a 6B reward model for every policy size.
 """
-import os
-import sys
+from rlhf_jax import config_files
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import models  # noqa: E402  pylint: disable=g-import-not-at-top
+models = config_files.sibling(__file__, "models")
 
 
 def get_config(preset="tiny"):
@@ -23,18 +21,33 @@ def get_config(preset="tiny"):
   # holding tfds/ with one, e.g. the collect stage's ('auto' = <workdir>/collect).
   c.data.comparisons_dir = ""
   if preset == "tiny":
-    c.optimizer.lr, c.optimizer.warmup_steps = 1e-3, 10
-    # seq_len 32: the longest [bos] prompt response [eos] of the offline task is 28 tokens.
-    c.batch_size, c.eval_batch_size, c.seq_len, c.num_steps = 16, 32, 32, 1000
+    c.optimizer.lr = 1e-3
+    c.optimizer.warmup_steps = 10
+    c.batch_size = 16
+    c.eval_batch_size = 32
+    c.seq_len = 32         # the longest [bos] prompt response [eos] of the offline task: 28 tokens
+    c.num_steps = 1000
     c.eval_every = 250
     c.log_every = 50
   elif preset == "smollm2":
-    c.optimizer.lr, c.optimizer.weight_decay = 1e-5, 0.0
-    c.batch_size, c.eval_batch_size, c.seq_len, c.num_steps, c.num_epochs = 16, 16, 128, 0, 1.0
+    c.optimizer.lr = 1e-5
+    c.optimizer.weight_decay = 0.0
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.seq_len = 128
+    c.num_steps = 0
+    c.num_epochs = 1.0
     # 16 prompts x 6 responses x 128 tokens through 30 layers: without rematerialisation and
     # micro-batches the backward pass wants ~28 GB on a CPU machine.
-    c.model.remat, c.grad_accum_steps = True, 4
+    c.model.remat = True
+    c.grad_accum_steps = 4
   else:
-    c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.weight_decay = 9e-6, 0, 0.0
-    c.batch_size, c.eval_batch_size, c.seq_len, c.num_steps, c.num_epochs = 64, 64, 1024, 0, 1.0
+    c.optimizer.lr = 9e-6
+    c.optimizer.warmup_steps = 0
+    c.optimizer.weight_decay = 0.0
+    c.batch_size = 64
+    c.eval_batch_size = 64
+    c.seq_len = 1024
+    c.num_steps = 0
+    c.num_epochs = 1.0
   return c

@@ -2,7 +2,9 @@ r"""Entry point: runs the stage named by an ml-collections config.
 
   python -m rlhf_jax.main --config=configs/sft.py:tiny --config.stage=pretrain   # offline base model
   python -m rlhf_jax.main --config=configs/sft.py:tiny                          # SFT
+  python -m rlhf_jax.main --config=configs/collect.py:tiny                      # ranked samples
   python -m rlhf_jax.main --config=configs/rm.py:tiny                           # reward model
+  python -m rlhf_jax.main --config=configs/ppo_ptx.py                           # the pipeline
   python -m rlhf_jax.main --config=configs/sft.py:smollm2 --workdir=runs/smol   # from SmolLM2
 
 --workdir defaults to runs/<config.name>; every stage writes `<workdir>/<stage>/` (metrics.jsonl,
@@ -23,15 +25,34 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (pa
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.name>).")
 
 
-def _run_training_stage(stage):
-  def run(config, workdir):
-    from rlhf_jax.train import ppo, rm, sft  # pylint: disable=g-import-not-at-top
-    return {"pretrain": sft, "sft": sft, "rm": rm, "ppo": ppo}[stage].run(config, workdir)
-  return run
+def _stage_module(stage):
+  # pylint: disable=g-import-not-at-top
+  if stage == "collect":
+    from rlhf_jax import collect
+    return collect
+  from rlhf_jax.train import ppo, rm, sft
+  return {"pretrain": sft, "sft": sft, "rm": rm, "ppo": ppo}[stage]
 
 
-# stage name -> run(config, workdir) -> path of the stage's final model.
-STAGES = {name: _run_training_stage(name) for name in ("pretrain", "sft", "rm", "ppo")}
+def _run_stage(stage):
+  return lambda config, workdir: _stage_module(stage).run(config, workdir)
+
+
+# stage name -> run(config, workdir) -> path of the stage's result (its final model; collect: the
+# comparisons directory).
+STAGES = {name: _run_stage(name) for name in ("pretrain", "sft", "collect", "rm", "ppo")}
+
+
+def validate(config):
+  """Checks the fields the config's stage reads, by that stage's own rules (a one-line
+  UserError for the first bad one)."""
+  if config.get("stage") not in STAGES:
+    raise UserError(f"config.stage must be one of {', '.join(STAGES)}, got {config.get('stage')!r}")
+  if config.stage == "collect":
+    _stage_module("collect").validate(config)
+  else:
+    from rlhf_jax.train import stage_io  # pylint: disable=g-import-not-at-top
+    stage_io.validate_config(config)
 
 
 def workdir_for(config):
@@ -49,10 +70,7 @@ def main(argv):
   except OSError as e:
     cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
     raise UserError(f"--config: cannot load the config file ({cause})") from None
-  from rlhf_jax.train import stage_io  # pylint: disable=g-import-not-at-top
-  stage_io.validate_config(config)
-  if config.stage not in STAGES:
-    raise UserError(f"config.stage must be one of {', '.join(STAGES)}, got {config.stage!r}")
+  validate(config)
   distributed.initialize_from_flags()
   workdir = os.path.abspath(workdir_for(config))
   if config.get("pipeline"):

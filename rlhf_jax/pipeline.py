@@ -12,9 +12,10 @@ again (a killed stage with no marker resumes from its checkpoints). So re-runnin
 skips everything finished, and deleting one stage's directory re-runs it and what follows.
 
 Each stage runs with its own sub-config (`config.pretrain`, `config.sft`, `config.collect`,
-`config.rm`, `config.eval`, and the top level for PPO); `mesh`, the `data` fields and the seeds
-of the top level are copied into every sub-config, and the top-level `model` into the stages that
-train or sample the policy (pretrain, sft, collect), so one override reaches all of them.
+`config.rm`, `config.eval` from configs/eval.py, and the top level for PPO), each checked by its
+own stage's rules before anything is written; `mesh`, the `data` fields and the seeds of the top
+level are copied into every sub-config, and the top-level `model` into the stages that train or
+sample the policy (pretrain, sft, collect), so one override reaches all of them.
 """
 import os
 import shutil
@@ -156,6 +157,17 @@ def plot(workdir):
 def run(config, workdir):
   """Runs every stage of `stages_of(config)` that is not up to date; returns the results."""
   workdir = os.path.abspath(workdir)
+  # Every stage's config is checked before anything is written (each by its own stage's rules).
+  stages = stages_of(config)
+  configs = {s: stage_config(config, s, workdir) for s in stages}
+  stage_io.validate_config(config)      # the top level: the PPO stage's
+  for s in ("pretrain", "sft", "rm"):
+    if s in configs:
+      stage_io.validate_config(configs[s])
+  from rlhf_jax import collect, evaluate  # pylint: disable=g-import-not-at-top
+  if "collect" in configs:
+    collect.validate(configs["collect"])
+  evaluate.validate(config)
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, ".rlhf_jax_write_test")
@@ -164,17 +176,6 @@ def run(config, workdir):
     os.remove(probe)
   except OSError as e:
     raise UserError(f"--workdir: cannot write to {workdir} ({e.strerror})") from None
-  stages = stages_of(config)
-  configs = {s: stage_config(config, s, workdir) for s in stages}
-  from rlhf_jax.train import ppo  # pylint: disable=g-import-not-at-top
-  ppo.validate_ppo_config(config)
-  for s in ("pretrain", "sft", "rm"):
-    if s in configs:
-      stage_io.validate_config(configs[s])
-  from rlhf_jax import collect, evaluate  # pylint: disable=g-import-not-at-top
-  if "collect" in configs:
-    collect.validate(configs["collect"])
-  evaluate.validate(config)
   t0 = time.time()
   result = None
   for stage in stages:

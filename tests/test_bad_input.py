@@ -23,6 +23,8 @@ import kill_resume as kr
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SFT = "--config=configs/sft.py:tiny"
 RM = "--config=configs/rm.py:tiny"
+PPO = "--config=configs/ppo_ptx.py"
+COLLECT = "--config=configs/collect.py:tiny"
 # The checkpointed run the checkpoint cases resume (see the `shared` fixture).
 PRETRAIN = [SFT, "--config.stage=pretrain", "--config.data.dir={data}",
             "--config.model.num_layers=1", "--config.num_steps=4", "--config.checkpoint_every=2",
@@ -107,6 +109,12 @@ CASES = [
     Case("heads-not-dividing", [SFT, "--config.model.num_heads=3"], ("num_heads",)),
     Case("seed-not-int", [SFT, "--config.seed=1.5"], ("--config.seed",)),
     Case("negative-prefetch", [SFT, "--config.data.prefetch=-1"], ("config.data.prefetch",)),
+    # each stage by its own rules: PPO has no SFT batch/loop fields; collect its own checks
+    Case("ppo-has-no-sft-batch-size", [PPO, "--config.batch_size=8"], ("--config.batch_size",)),
+    Case("ppo-zero-minibatches", [PPO, "--config.ppo.minibatches=0"],
+         ("config.ppo.minibatches",)),
+    Case("ppo-sub-config-bad", [PPO, "--config.rm.k_max=1"], ("config.k_max",)),
+    Case("collect-k-below-2", [COLLECT, "--config.min_k=1"], ("config.min_k",)),
     # ---- command line
     Case("unknown-flag", [SFT, "--foo=1"], ("foo",)),
     Case("extra-argument", [SFT, "extra"], ("extra",)),

@@ -50,14 +50,26 @@ from rlhf_jax.errors import UserError, check_int, check_positive
 
 # ----------------------------------------------------------------------------- config
 
+# The top-level length and cadence fields of a pretrain/SFT/RM config (`Cadence.from_config`;
+# PPO's are `config.ppo`'s).
+FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "num_steps", "eval_every",
+          "eval_batches", "num_epochs")
+
+
+def check_run_config(config):
+  """The loop fields every training stage's top level has, PPO's too: the non-finite limit and
+  the seed."""
+  check_positive(config, "max_nonfinite_steps", kind=int)
+  check_int(config, "seed")
+
+
 def check_config(config):
   """The loop fields of a pretrain/SFT/RM config: length, cadence, seed, non-finite limit."""
   for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
     check_positive(config, name, kind=int)
   for name in ("num_steps", "eval_every", "eval_batches"):
     check_positive(config, name, kind=int, allow_zero=True)
-  check_positive(config, "max_nonfinite_steps", kind=int)
-  check_int(config, "seed")
+  check_run_config(config)
   check_positive(config, "num_epochs", allow_zero=True)
   if config.num_steps == 0 and config.num_epochs == 0:
     raise UserError("config.num_steps and config.num_epochs are both 0; set one of them")

@@ -31,9 +31,11 @@ STAGE_META = "rlhf_jax_stage.json"
 # ----------------------------------------------------------------------------- config
 
 def validate_config(config):
-  """Checks every field a pretrain/SFT/RM stage reads, before anything is loaded or written:
-  the stage and model here, then the optimizer's (optim.py), the batch's (step.py), the loop's
-  (loop.py), the data's and the reward model's here."""
+  """Checks every top-level field a training stage reads, before anything is loaded or written:
+  the stage and model here, then the optimizer's (optim.py); for pretrain/SFT/RM the batch's
+  (step.py) and the loop's (loop.py), for PPO the non-finite limit and seed (loop.py), the fields
+  of the other stages it must not carry, and its `ppo` section and reward (ppo.py); then the
+  data's and the reward model's here."""
   if "stage" not in config or config.stage not in STAGE_NAMES:
     raise UserError(f"config.stage must be one of {', '.join(STAGE_NAMES)}, "
                     f"got {config.get('stage')!r}")
@@ -42,8 +44,15 @@ def validate_config(config):
   ModelConfig.from_dict(config.model)
   sharding.parse_mesh_shape(config.mesh.shape, "config.mesh.shape")
   optim.check_config(config)
-  step.check_config(config)
-  loop.check_config(config)
+  if config.stage == "ppo":
+    loop.check_run_config(config)
+    check_unread(config, step.FIELDS + loop.FIELDS,
+                 "its batch and loop fields are under config.ppo")
+    from rlhf_jax.train import ppo  # pylint: disable=g-import-not-at-top  (ppo imports this)
+    ppo.validate_ppo_config(config)
+  else:
+    step.check_config(config)
+    loop.check_config(config)
   check_positive(config, "data.prefetch", kind=int, allow_zero=True)
   for name in ("data_seed", "data.task_seed"):
     check_int(config, name)
@@ -59,6 +68,15 @@ def validate_config(config):
     raise UserError("config.data.dir is required when config.data.source is 'dir'")
   if config.data.source == "offline":
     offline_task.from_config(config.data.get("task", {}))
+
+
+def check_unread(config, fields, why):
+  """UserError naming the first of `fields` the config has: fields of other stages that this
+  stage would silently ignore (`why` says where its own are)."""
+  for name in fields:
+    if name in config:
+      raise UserError(f"config.{name}: the {config.stage} stage does not read it ({why}); "
+                      "remove it")
 
 
 # ----------------------------------------------------------------------------- workdir

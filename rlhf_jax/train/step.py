@@ -30,9 +30,13 @@ from rlhf_jax.models import Transformer
 
 # ----------------------------------------------------------------------------- config
 
+# The top-level batch fields of a pretrain/SFT/RM config (PPO's batch is `config.ppo`'s).
+FIELDS = ("batch_size", "seq_len", "grad_accum_steps", "eval_batch_size")
+
+
 def check_config(config):
   """The batch fields of a pretrain/SFT/RM config: sizes, the accumulation split, seq_len."""
-  for name in ("batch_size", "seq_len", "grad_accum_steps", "eval_batch_size"):
+  for name in FIELDS:
     check_positive(config, name, kind=int)
   if config.batch_size % config.grad_accum_steps:
     raise UserError(f"config.grad_accum_steps ({config.grad_accum_steps}) must divide "

@@ -1,1 +1,0 @@
-"""Stage configs (ml-collections): `--config=configs/sft.py:tiny`, `--config=configs/rm.py:tiny`."""
