@@ -9,9 +9,10 @@ Shapes, every side: 4 layers, d_model 256, 4 heads, vocabulary 8192, random-init
 weights; 16 prompts of 32 tokens; exactly 32 sampled response tokens (temperature 1, no EOS stop);
 one PPO epoch with one minibatch of 16 (policy and value); no pretraining (ptx) term. One iteration
 = rollout + scoring (reference log-probs, values, reward) + GAE + the update. Ours is GPT-2 flavoured
-(`bench_iteration` below: `rlhf_jax.train.ppo`'s iteration, one jitted program per iteration);
-TRL 1.10 runs GPT-2 (`trl.experimental.ppo.PPOTrainer`, eager PyTorch); tunix 0.1.7 has no GPT-2
-and runs Qwen2 (`tunix.rl.ppo.ppo_learner.PPOLearner`). See benchmarks/peers/trl_ppo.py and
+(`bench_iteration` below: `rlhf_jax.train.ppo_iteration`'s iteration, one jitted program per
+iteration, its settings from configs/ppo_ptx.py's tiny config with the sizes above); TRL 1.10
+runs GPT-2 (`trl.experimental.ppo.PPOTrainer`, eager PyTorch); tunix 0.1.7 has no GPT-2 and runs
+Qwen2 (`tunix.rl.ppo.ppo_learner.PPOLearner`). See benchmarks/peers/trl_ppo.py and
 tunix_ppo.py for how each peer is driven and timed.
 
 `--shape=tiny` (1 layer x 32, 2 heads, vocabulary 64, 4 prompts of 6 tokens, 4 response tokens) is
@@ -63,6 +64,8 @@ roofline_fraction, model_gflop_per_iter, matmul_peak_gflops [before, after], bre
 per-phase breakdowns each side exposes), shape, and rounds (the raw s/iter per side and round).
 """
 import argparse
+import dataclasses
+import importlib.util
 import json
 import os
 import statistics
@@ -89,8 +92,8 @@ DEFAULT_PYTHON = {
 }
 # What must import for a side to count as available.
 PROBES = {
-    "ours": ("from rlhf_jax.train import ppo; ppo.Settings, ppo.state_shardings, ppo.place, "
-             "ppo.make_iteration, ppo.jit_iteration"),
+    "ours": ("from rlhf_jax.train import ppo, ppo_iteration; ppo.settings_from_config, "
+             "ppo.state_shardings, ppo.place, ppo_iteration.make_iteration, ppo.jit_iteration"),
     "trl": "from trl.experimental.ppo import PPOConfig, PPOTrainer",
     "tunix": "from tunix.rl.ppo.ppo_learner import PPOLearner; import tunix.models.qwen2.model",
 }
@@ -108,25 +111,40 @@ def model_config(shape=SHAPE):
                           vocab_size=shape["vocab"], max_len=512)
 
 
+def iteration_settings(**fields):
+  """`ppo_iteration.Settings` from configs/ppo_ptx.py's tiny config (their one source, through
+  `ppo.settings_from_config`) with ptx and the missing-EOS penalty off and `fields` replaced."""
+  from rlhf_jax.train import ppo
+  spec = importlib.util.spec_from_file_location(
+      "ppo_ptx_config", os.path.join(HERE, "..", "configs", "ppo_ptx.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  config.ppo.ptx_coef = 0.0
+  config.ppo.missing_eos_penalty = 0.0
+  return dataclasses.replace(ppo.settings_from_config(config), **fields)
+
+
 def bench_iteration(model_cfg, *, num_prompts, prompt_len, response_len, seed=0, epochs=1,
                     minibatches=1):
   """A `run()` that does one full PPO iteration (ptx off) on random weights, blocks and returns the
   iteration's metrics.
 
   Rollout with the sampler, scoring by policy/reference/value/reward model, GAE, `epochs` x
-  `minibatches` updates: the pieces `rlhf_jax.train.ppo.run` uses (Settings, make_iteration,
-  state_shardings, place, jit_iteration) on one device, the state donated from call to call.
+  `minibatches` updates: the pieces `rlhf_jax.train.ppo.run` uses (settings_from_config,
+  make_iteration, state_shardings, place, jit_iteration) on one device, the state donated from call
+  to call.
   """
   import jax
   import ml_collections
   import numpy as np
   from rlhf_jax import sharding
   from rlhf_jax.models import init_params
-  from rlhf_jax.train import optim, ppo
+  from rlhf_jax.train import optim, ppo, ppo_iteration
   cfg = model_cfg.replace(dropout_resid=0.0, dropout_attn=0.0)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  s = ppo.Settings(batch_size=num_prompts, prompt_len=prompt_len, response_len=response_len,
-                   epochs=epochs, minibatches=minibatches, eos_token_id=-1, grad_clip=1.0)
+  s = iteration_settings(batch_size=num_prompts, prompt_len=prompt_len, response_len=response_len,
+                         epochs=epochs, minibatches=minibatches, eos_token_id=-1, grad_clip=1.0)
   opt = {"lr": 1e-5, "warmup_steps": 0, "final_lr_fraction": 1.0, "weight_decay": 0.0,
          "b1": 0.9, "b2": 0.95, "eps": 1e-8}
   # As in ppo.run(): the iteration clips the policy gradient, the value's AdamW its own.
@@ -143,8 +161,8 @@ def bench_iteration(model_cfg, *, num_prompts, prompt_len, response_len, seed=0,
   rng = np.random.default_rng(seed)
   host = {"prompts": rng.integers(3, cfg.vocab_size, (num_prompts, prompt_len)).astype(np.int32),
           "prompt_segment_ids": np.ones((num_prompts, prompt_len), np.int32)}
-  step = ppo.jit_iteration(ppo.make_iteration(cfg, cfg, cfg, s, txs, mesh), shardings, frozen_sh,
-                           host, mesh)
+  step = ppo.jit_iteration(ppo_iteration.make_iteration(cfg, cfg, cfg, s, txs, mesh), shardings,
+                           frozen_sh, host, mesh)
   batch = jax.device_put(host)
   counter = [0]
 
@@ -300,7 +318,7 @@ def _median_breakdown(results):
   return {k: statistics.median(v) for k, v in per_phase.items()}
 
 
-def main():
+def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per worker run")
@@ -319,18 +337,15 @@ def main():
                            "('' leaves PyTorch's default: spinning)")
   parser.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
   args = parser.parse_args()
-
-  shape = SHAPES[args.shape]
-  if args.worker:
-    res = worker_ours(args.warmup, args.iters, shape=shape)
-    print("RESULT " + json.dumps(res))
-    return
-
   wanted = [s.strip() for s in args.only.split(",") if s.strip()]
   unknown = sorted(set(wanted) - set(SIDES))
-  if unknown:
+  if unknown and not args.worker:
     parser.error(f"--only: unknown side(s) {unknown}; expected a comma list of {list(SIDES)}")
-  python = {"ours": sys.executable, "trl": args.trl_python, "tunix": args.tunix_python}
+  return args, wanted
+
+
+def available_sides(wanted, python):
+  """The sides of `wanted` whose interpreter can run them (a note on stderr for the others)."""
   sides = []
   for side in SIDES:
     if side not in wanted:
@@ -340,8 +355,11 @@ def main():
       _note(f"{side} not available: {reason}")
     else:
       sides.append(side)
+  return sides
 
-  peak = matmul_peak(n=args.peak_n)
+
+def run_rounds(args, sides, python):
+  """{side: [worker result or None per round]}, the sides interleaved round by round."""
   results = {s: [] for s in sides}
   for r in range(args.rounds):
     for side in sides:
@@ -352,15 +370,18 @@ def main():
       busy_txt = "" if busy is None else f" (CPU {100 * busy:.0f}% busy before)"
       val = "failed" if res is None else f"{res['s_per_iter']:.3f} s/iter"
       _note(f"round {r + 1}/{args.rounds} {side}: {val}{busy_txt}")
-  peak_after = matmul_peak(n=args.peak_n)
+  return results
 
+
+def summarize(results, sides, shape, peak, peak_after):
+  """The RESULT dict (see the module docstring) from the rounds' results."""
   per_round = {s: [res and res["s_per_iter"] for res in results[s]] for s in sides}
   med = {s: (statistics.median([v for v in per_round[s] if v])
              if any(per_round[s]) else None) for s in SIDES if s in per_round}
   ours = med.get("ours")
   flops = flops_per_iteration(shape)
   best_peak = max(peak, peak_after)
-  summary = {
+  return {
       "ours_s_per_iter": ours,
       "trl_s_per_iter": med.get("trl"),
       "tunix_s_per_iter": med.get("tunix"),
@@ -374,10 +395,15 @@ def main():
       "rounds": per_round,
   }
 
+
+def print_table(summary, sides, args, peak, peak_after):
+  """The human-readable table (before the RESULT line)."""
+  per_round = summary["rounds"]
   f = lambda x: "n/a" if x is None else f"{x:.2f}"
   print(f"\nmatmul peak (float32, {args.peak_n}^2): {peak / 1e9:.0f} GFLOP/s before, "
-        f"{peak_after / 1e9:.0f} after; {flops / 1e9:.1f} model GFLOP per iteration; "
-        f"{args.rounds} rounds x {args.iters} timed iterations (after {args.warmup} warm-up)\n")
+        f"{peak_after / 1e9:.0f} after; {summary['model_gflop_per_iter']:.1f} model GFLOP per "
+        f"iteration; {args.rounds} rounds x {args.iters} timed iterations (after {args.warmup} "
+        "warm-up)\n")
   print("| side | s/iteration, median (min-max over rounds) | breakdown (median s) | "
         "ours' speedup |")
   print("|---|---|---|---|")
@@ -391,8 +417,24 @@ def main():
     bd_txt = ", ".join(f"{k} {v:.3f}" for k, v in bd.items()) or "one jitted program"
     speed = "" if side == "ours" else f(summary[f"speedup_vs_{side}"])
     print(f"| {names[side]} | {_fmt(per_round[side])} | {bd_txt} | {speed} |")
-  if ours:
+  if summary["ours_s_per_iter"]:
     print(f"\nroofline fraction (ours): {summary['roofline_fraction']:.3f}")
+
+
+def main():
+  args, wanted = parse_args()
+  shape = SHAPES[args.shape]
+  if args.worker:
+    res = worker_ours(args.warmup, args.iters, shape=shape)
+    print("RESULT " + json.dumps(res))
+    return
+  python = {"ours": sys.executable, "trl": args.trl_python, "tunix": args.tunix_python}
+  sides = available_sides(wanted, python)
+  peak = matmul_peak(n=args.peak_n)
+  results = run_rounds(args, sides, python)
+  peak_after = matmul_peak(n=args.peak_n)
+  summary = summarize(results, sides, shape, peak, peak_after)
+  print_table(summary, sides, args, peak, peak_after)
   print("RESULT " + json.dumps(summary))
 
 

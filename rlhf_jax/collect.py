@@ -26,98 +26,23 @@ comparisons instead (a `comparisons` dataset in the data dir).
 import json
 import os
 import shutil
-import sys
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from rlhf_jax import rollout
 from rlhf_jax import sharding
+from rlhf_jax.data import builders, labelers, offline_task, schema
 from rlhf_jax.errors import UserError
-from rlhf_jax.models import ModelConfig, abstract_params
+from rlhf_jax.models import ModelConfig
+from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import stage_io
 
 DONE_FILE = "collect.json"
 STAGE = "collect"
-
-
-# ----------------------------------------------------------------------------- shared with evaluate
-
-def text_of(value):
-  """TFDS text (bytes) or str -> str."""
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def place_params(params, cfg: ModelConfig, head, mesh):
-  """Host (or device) parameters placed on `mesh` by the logical-axis rule table."""
-  shardings = sharding.param_shardings(abstract_params(cfg, head, boxed=True), mesh)
-  return jax.device_put(params, shardings)
-
-
-def to_host(tree, mesh):
-  """Device arrays -> numpy; with several processes they are gathered (replicated) first."""
-  if jax.process_count() > 1:
-    tree = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))(tree)
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-
-
-def batch_size_check(batch_size, mesh, field):
-  try:
-    sharding.check_batch_size(batch_size, mesh, field)
-  except UserError as e:
-    raise UserError(f"config.{e}") from None
-
-
-def prompt_batches(records, tok, batch_size, prompt_len):
-  """Fixed-shape host batches of left-padded prompts `pad... [bos] prompt` over `records` in order.
-
-  Yields dicts tokens, segment_ids (batch_size, prompt_len) and index (batch_size,), the record
-  index (-1 on the padding rows of the last batch).
-  """
-  from rlhf_jax.data import loaders  # pylint: disable=g-import-not-at-top
-  return loaders.prompt_loader(records, tok, batch_size=batch_size, prompt_len=prompt_len,
-                               num_epochs=1, shuffle=False, drop_remainder=False, shard=(0, 1))
-
-
-def global_rows(batch, mesh, batch_size):
-  """A full host batch (every process holds all rows) -> global arrays sharded over the batch."""
-  rows = sharding.process_batch_rows(mesh, batch_size)
-  return sharding.global_batch({k: batch[k][rows] for k in ("tokens", "segment_ids")}, mesh,
-                               batch_size)
-
-
-def sample_batch(params, cfg, batch, mesh, batch_size, rng, sc, num_samples):
-  """K samples per prompt of one host prompt batch; numpy tokens, mask, lengths (B*K, ...)."""
-  from rlhf_jax.sampling import sample  # pylint: disable=g-import-not-at-top
-  prompts = global_rows(batch, mesh, batch_size)
-  with sharding.activate(mesh):
-    out = sample(params, cfg, prompts["tokens"], prompts["segment_ids"], rng, sc,
-                 num_samples=num_samples)
-  return to_host({"tokens": out.tokens, "mask": out.mask, "lengths": out.lengths}, mesh)
-
-
-def response_ids(tokens, length, eos_id):
-  """The generated ids of one row without its EOS: tokens[:length], the last dropped if EOS."""
-  ids = [int(t) for t in tokens[:length]]
-  if ids and ids[-1] == eos_id:
-    ids = ids[:-1]
-  return ids
-
-
-def decode_responses(tok, tokens, lengths):
-  """Texts of the generated rows (cut at EOS) and whether each row ended with EOS."""
-  texts, ended = [], []
-  for row, length in zip(tokens, lengths):
-    ids = response_ids(row, int(length), tok.eos_id)
-    ended.append(int(length) > 0 and int(row[int(length) - 1]) == tok.eos_id)
-    texts.append(tok.decode(ids))
-  return texts, np.asarray(ended)
-
-
-def progress(total, desc):
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, file=sys.stderr,
-              disable=jax.process_index() != 0, mininterval=1.0)
 
 
 # ----------------------------------------------------------------------------- config
@@ -133,7 +58,6 @@ def _int(config, field, minimum):
 
 def validate(config):
   """One-line UserError for the first bad field of a collect config."""
-  from rlhf_jax.data import schema  # pylint: disable=g-import-not-at-top
   if config.data.source != "offline":
     raise UserError(f"config.data.source is {config.data.source!r}: collection needs a labeler, "
                     "and the simulated one only exists for the offline task; give the reward model "
@@ -183,7 +107,6 @@ def label_prompts(prompts, samples, score_fn, *, seed, split_code, min_k, max_k,
 
   Returns (records, kept) with `kept` the indices of the prompts that gave a record.
   """
-  from rlhf_jax.data import labelers  # pylint: disable=g-import-not-at-top
   records, kept = [], []
   for i, (prompt, candidates) in enumerate(zip(prompts, samples)):
     rng = prompt_rng(seed, split_code, i)
@@ -224,24 +147,47 @@ def resolve_init(config, workdir):
   return stage_io.resolve_auto(config.init_from, workdir, "sft", "init_from", " to a model")
 
 
-def split_prompts(tfds_dir, split, field, limit):
-  """The first `limit` (0 = all) prompt records of one split, as dicts."""
-  source = stage_io.load_split(tfds_dir, "prompts", split, field)
-  n = len(source) if not limit else min(limit, len(source))
-  return [{"prompt": text_of(source[i]["prompt"])} for i in range(n)]
+class Policy(NamedTuple):
+  """The SFT policy on the mesh, and what sampling from it needs."""
+  cfg: ModelConfig
+  mesh: jax.sharding.Mesh
+  params: dict
+  tok: object
+  init_from: str
 
 
-def sample_split(params, cfg, mesh, tok, records, config, sc, rng, bar):
+def load_policy(config, workdir, cfg):
+  """(the policy of `config.init_from` placed on `config.mesh`, the TFDS dir of the prompts)."""
+  mesh = sharding.make_mesh(config.mesh)
+  rollout.batch_size_check(config.batch_size, mesh, "batch_size")
+  tfds_dir, data_tok_dir = stage_io.data_paths(config, workdir)
+  init_from = resolve_init(config, workdir)
+  lm_params, model_tok_dir = stage_io.load_init_model(init_from, cfg, "config.init_from")
+  tok, _ = stage_io.load_tokenizer_for(config, model_tok_dir, data_tok_dir, cfg)
+  params = rollout.place_params(lm_params, cfg, "lm", mesh)
+  return Policy(cfg, mesh, params, tok, init_from), tfds_dir
+
+
+def split_records(config, tfds_dir):
+  """{split: prompt records}: the train split, then the validation split."""
+  return {config.data.train_split: rollout.split_prompts(
+              tfds_dir, config.data.train_split, "train_split", config.num_train_prompts),
+          config.data.eval_split: rollout.split_prompts(
+              tfds_dir, config.data.eval_split, "eval_split", config.num_eval_prompts)}
+
+
+def sample_split(policy: Policy, records, config, sc, rng, bar):
   """max_k samples per prompt: (texts, ids, ended (N, K), token counts), texts and ids grouped
   per prompt (ids: the sampled token ids without EOS, what the reward model trains on)."""
-  bs, k = config.batch_size, config.max_k
+  bs, k, tok = config.batch_size, config.max_k, policy.tok
   texts, ids, ended, counts = [], [], [], []
-  for b, batch in enumerate(prompt_batches(records, tok, bs, config.prompt_len)):
-    out = sample_batch(params, cfg, batch, mesh, bs, jax.random.fold_in(rng, b), sc, k)
+  for b, batch in enumerate(rollout.prompt_batches(records, tok, bs, config.prompt_len)):
+    out = rollout.sample_batch(policy.params, policy.cfg, batch, policy.mesh, bs,
+                               jax.random.fold_in(rng, b), sc, k)
     rows = np.repeat(batch["index"] >= 0, k)
-    t, e = decode_responses(tok, out["tokens"][rows], out["lengths"][rows])
+    t, e = rollout.decode_responses(tok, out["tokens"][rows], out["lengths"][rows])
     texts.extend(t)
-    ids.extend(response_ids(row, int(n), tok.eos_id)
+    ids.extend(rollout.response_ids(row, int(n), tok.eos_id)
                for row, n in zip(out["tokens"][rows], out["lengths"][rows]))
     ended.append(e)
     counts.append(out["lengths"][rows] - e)
@@ -251,14 +197,104 @@ def sample_split(params, cfg, mesh, tok, records, config, sc, rng, bar):
   return group(texts), group(ids), np.concatenate(ended).reshape(n, k), np.concatenate(counts)
 
 
+def sample_splits(policy: Policy, records, config, out_dir):
+  """{split: `sample_split`} over `records` in order, split `code` (0 train, 1 validation)
+  sampled with the rng fold_in(key(config.seed), code)."""
+  cfg, tok = policy.cfg, policy.tok
+  sc = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=float(config.temperature),
+                      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+  print(f"{STAGE}: {cfg.flavour} {cfg.num_layers}x{cfg.d_model} from {policy.init_from}, "
+        f"{' + '.join(f'{len(r)} {s}' for s, r in records.items())} prompts x {config.max_k} "
+        f"samples (K in {config.min_k}..{config.max_k}), temperature {config.temperature}; "
+        f"writing {out_dir}", flush=True)
+  total = sum(-(-len(r) // config.batch_size) for r in records.values())
+  bar = rollout.progress(total, STAGE)
+  key = jax.random.key(config.seed)
+  sampled = {}
+  try:
+    for code, split in enumerate(records):
+      sampled[split] = sample_split(policy, records[split], config, sc,
+                                    jax.random.fold_in(key, code), bar)
+  finally:
+    bar.close()
+  return sampled
+
+
+def label_split(config, code, split, records, sampled, score_fn, init_from):
+  """(comparison records, collect.json's stats) of one sampled split: the labeler's rankings,
+  each record with the ids the policy sampled and whether each response ended."""
+  prompts = [r["prompt"] for r in records]
+  texts, ids, ended, counts = sampled
+  recs, kept = label_prompts(prompts, texts, score_fn, seed=config.seed, split_code=code,
+                             min_k=config.min_k, max_k=config.max_k,
+                             temperature=float(config.labeler_temperature))
+  for record, i in zip(recs, kept):   # the ids the policy sampled, and whether each ended
+    k = len(record["responses"])
+    record["response_ids"] = [list(r) for r in ids[i][:k]]
+    record["ended"] = [bool(e) for e in ended[i][:k]]
+  if not recs:
+    raise UserError(f"{STAGE}: all {len(prompts)} prompts of split {split!r} got responses the "
+                    f"labeler cannot tell apart (all ties); the policy at {init_from} is not "
+                    "ready (train SFT longer or raise config.temperature)")
+  return recs, split_stats(prompts, texts, ended.reshape(-1), recs, score_fn,
+                           config.max_new_tokens, counts)
+
+
+def label_splits(config, records, sampled, score_fn, init_from):
+  """(comparisons {split: records}, collect.json's stats) of every sampled split."""
+  stats = {"stage": STAGE, "init_from": init_from, "min_k": config.min_k, "max_k": config.max_k,
+           "temperature": float(config.temperature),
+           "labeler_temperature": float(config.labeler_temperature),
+           "max_new_tokens": config.max_new_tokens, "prompt_len": config.prompt_len,
+           "seed": config.seed, "splits": {}}
+  comparisons = {}
+  for code, split in enumerate(records):
+    comparisons[split], stats["splits"][split] = label_split(
+        config, code, split, records[split], sampled[split], score_fn, init_from)
+  all_prompts = sum(s["prompts"] for s in stats["splits"].values())
+  stats["mean_gold_score"] = float(sum(s["mean_gold_score"] * s["prompts"]
+                                       for s in stats["splits"].values()) / all_prompts)
+  stats["dropped_fraction"] = float(sum(s["dropped_all_ties"]
+                                        for s in stats["splits"].values()) / all_prompts)
+  return comparisons, stats
+
+
+def write_outputs(workdir, out_dir, comparisons, stats, sample_seconds, t0):
+  """The JSONL records, their TFDS dataset and collect.json (last, with the seconds since `t0`),
+  written in `<workdir>/.collect.partial` and renamed to `out_dir` (process 0 only)."""
+  partial = os.path.join(workdir, f".{STAGE}.partial")
+  if os.path.exists(partial):
+    shutil.rmtree(partial)
+  os.makedirs(partial)
+  files = {}
+  for split, recs in comparisons.items():
+    files[split] = os.path.join(partial, f"comparisons_{split}.jsonl")
+    schema.write_jsonl(files[split], recs, schema.COMPARISONS)
+  builders.build_dataset(schema.COMPARISONS, files, os.path.join(partial, "tfds"))
+  stats["sample_seconds"] = sample_seconds
+  stats["seconds"] = time.time() - t0
+  with open(os.path.join(partial, DONE_FILE), "w", encoding="utf-8") as f:
+    json.dump(stats, f, indent=2, sort_keys=True)
+  if os.path.exists(out_dir):   # a directory without the marker: never finished
+    shutil.rmtree(out_dir)
+  os.rename(partial, out_dir)
+
+
+def print_summary(stats, out_dir, seconds):
+  """What each split gave, and where it went."""
+  for split, s in stats["splits"].items():
+    print(f"{STAGE}: {split}: {s['records']} comparisons from {s['prompts']} prompts "
+          f"({s['dropped_fraction']:.1%} dropped as all-ties), mean K {s['mean_k']:.2f}, "
+          f"mean gold score of SFT samples {s['mean_gold_score']:.4f}", flush=True)
+  print(f"{STAGE}: written to {out_dir} in {seconds:.1f} s", flush=True)
+
+
 def run(config, workdir, score_fn=None):
   """Runs the collect stage in `<workdir>/collect`; returns that directory.
 
   Skipped (with a line) when `collect/collect.json` exists. `score_fn(prompt, response)` is the
   gold labeler (default `offline_task.gold_score`).
   """
-  from rlhf_jax.data import builders, offline_task, schema  # pylint: disable=g-import-not-at-top
-  from rlhf_jax.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
   out_dir = collect_dir(workdir)
   if os.path.exists(os.path.join(out_dir, DONE_FILE)):
@@ -267,89 +303,14 @@ def run(config, workdir, score_fn=None):
   cfg = validate(config)
   score_fn = score_fn or offline_task.gold_score
   t0 = time.time()
-  mesh = sharding.make_mesh(config.mesh)
-  batch_size_check(config.batch_size, mesh, "batch_size")
-  tfds_dir, data_tok_dir = stage_io.data_paths(config, workdir)
-  init_from = resolve_init(config, workdir)
-  lm_params, model_tok_dir = stage_io.load_init_model(init_from, cfg, "config.init_from")
-  tok, _ = stage_io.load_tokenizer_for(config, model_tok_dir, data_tok_dir, cfg)
-  params = place_params(lm_params, cfg, "lm", mesh)
-  del lm_params
-  splits = (config.data.train_split, config.data.eval_split)
-  records = {splits[0]: split_prompts(tfds_dir, splits[0], "train_split",
-                                       config.num_train_prompts),
-             splits[1]: split_prompts(tfds_dir, splits[1], "eval_split",
-                                       config.num_eval_prompts)}
-  sc = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=float(config.temperature),
-                      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-  print(f"{STAGE}: {cfg.flavour} {cfg.num_layers}x{cfg.d_model} from {init_from}, "
-        f"{' + '.join(f'{len(r)} {s}' for s, r in records.items())} prompts x {config.max_k} "
-        f"samples (K in {config.min_k}..{config.max_k}), temperature {config.temperature}; "
-        f"writing {out_dir}", flush=True)
-  total = sum(-(-len(r) // config.batch_size) for r in records.values())
-  bar = progress(total, STAGE)
-  key = jax.random.key(config.seed)
-  sampled = {}
-  try:
-    for code, split in enumerate(splits):
-      sampled[split] = sample_split(params, cfg, mesh, tok, records[split], config, sc,
-                                    jax.random.fold_in(key, code), bar)
-  finally:
-    bar.close()
+  policy, tfds_dir = load_policy(config, workdir, cfg)
+  records = split_records(config, tfds_dir)
+  sampled = sample_splits(policy, records, config, out_dir)
   sample_seconds = time.time() - t0
-
-  stats = {"stage": STAGE, "init_from": init_from, "min_k": config.min_k, "max_k": config.max_k,
-           "temperature": float(config.temperature),
-           "labeler_temperature": float(config.labeler_temperature),
-           "max_new_tokens": config.max_new_tokens, "prompt_len": config.prompt_len,
-           "seed": config.seed, "splits": {}}
-  comparisons = {}
-  for code, split in enumerate(splits):
-    prompts = [r["prompt"] for r in records[split]]
-    texts, ids, ended, counts = sampled[split]
-    recs, kept = label_prompts(prompts, texts, score_fn, seed=config.seed, split_code=code,
-                               min_k=config.min_k, max_k=config.max_k,
-                               temperature=float(config.labeler_temperature))
-    for record, i in zip(recs, kept):   # the ids the policy sampled, and whether each ended
-      k = len(record["responses"])
-      record["response_ids"] = [list(r) for r in ids[i][:k]]
-      record["ended"] = [bool(e) for e in ended[i][:k]]
-    if not recs:
-      raise UserError(f"{STAGE}: all {len(prompts)} prompts of split {split!r} got responses the "
-                      f"labeler cannot tell apart (all ties); the policy at {init_from} is not "
-                      "ready (train SFT longer or raise config.temperature)")
-    comparisons[split] = recs
-    stats["splits"][split] = split_stats(prompts, texts, ended.reshape(-1), recs, score_fn,
-                                         config.max_new_tokens, counts)
-  all_prompts = sum(s["prompts"] for s in stats["splits"].values())
-  stats["mean_gold_score"] = float(sum(s["mean_gold_score"] * s["prompts"]
-                                       for s in stats["splits"].values()) / all_prompts)
-  stats["dropped_fraction"] = float(sum(s["dropped_all_ties"]
-                                        for s in stats["splits"].values()) / all_prompts)
-
+  comparisons, stats = label_splits(config, records, sampled, score_fn, policy.init_from)
   if jax.process_index() == 0:
-    partial = os.path.join(workdir, f".{STAGE}.partial")
-    if os.path.exists(partial):
-      shutil.rmtree(partial)
-    os.makedirs(partial)
-    files = {}
-    for split, recs in comparisons.items():
-      files[split] = os.path.join(partial, f"comparisons_{split}.jsonl")
-      schema.write_jsonl(files[split], recs, schema.COMPARISONS)
-    builders.build_dataset(schema.COMPARISONS, files, os.path.join(partial, "tfds"))
-    stats["sample_seconds"] = sample_seconds
-    stats["seconds"] = time.time() - t0
-    with open(os.path.join(partial, DONE_FILE), "w", encoding="utf-8") as f:
-      json.dump(stats, f, indent=2, sort_keys=True)
-    if os.path.exists(out_dir):   # a directory without the marker: never finished
-      shutil.rmtree(out_dir)
-    os.rename(partial, out_dir)
+    write_outputs(workdir, out_dir, comparisons, stats, sample_seconds, t0)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("rlhf_jax_collect_done")
-  for split, s in stats["splits"].items():
-    print(f"{STAGE}: {split}: {s['records']} comparisons from {s['prompts']} prompts "
-          f"({s['dropped_fraction']:.1%} dropped as all-ties), mean K {s['mean_k']:.2f}, "
-          f"mean gold score of SFT samples {s['mean_gold_score']:.4f}", flush=True)
-  print(f"{STAGE}: written to {out_dir} in {time.time() - t0:.1f} s", flush=True)
+  print_summary(stats, out_dir, time.time() - t0)
   return out_dir

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import collect
+from rlhf_jax import collect, rollout
 from rlhf_jax.convert import save_model
 from rlhf_jax.data import builders, labelers, loaders, offline_task, prepare, schema
 from rlhf_jax.data.tokenizer import load_tokenizer
@@ -78,7 +78,7 @@ def collect_config(data_dir, **overrides):
 
 def prompts_of(data_dir, split, n):
   source = builders.load_source(os.path.join(data_dir, "tfds"), "prompts", split)
-  return [collect.text_of(source[i]["prompt"]) for i in range(n)]
+  return [rollout.text_of(source[i]["prompt"]) for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +90,9 @@ def collected(tmp_path_factory, data_dir):
 
 
 def test_response_ids_cut_at_eos():
-  assert collect.response_ids(np.asarray([5, 6, 2, 0, 0]), 3, eos_id=2) == [5, 6]
-  assert collect.response_ids(np.asarray([5, 6, 7]), 3, eos_id=2) == [5, 6, 7]   # no EOS: all
-  assert collect.response_ids(np.asarray([2, 0, 0]), 1, eos_id=2) == []
+  assert rollout.response_ids(np.asarray([5, 6, 2, 0, 0]), 3, eos_id=2) == [5, 6]
+  assert rollout.response_ids(np.asarray([5, 6, 7]), 3, eos_id=2) == [5, 6, 7]   # no EOS: all
+  assert rollout.response_ids(np.asarray([2, 0, 0]), 1, eos_id=2) == []
 
 
 def test_records_valid_and_ranked_by_the_labeler(collected, data_dir):
@@ -203,8 +203,7 @@ def test_bad_config_is_one_line_user_error(tmp_path, data_dir, field, value, mes
 def test_reward_model_trains_on_the_ids_ppo_scores(collected, data_dir):
   """The comparison rows hold the token ids the policy sampled (not a re-encoding of their text)
   and no EOS after a truncated response, so the reward the RM is trained on at `last_index` is
-  the reward PPO reads for the same sample (ppo.last_token_scores on a left-padded rollout)."""
-  from rlhf_jax.train import ppo  # pylint: disable=g-import-not-at-top
+  the reward PPO reads for the same sample (rollout.last_token_scores on a left-padded rollout)."""
   workdir, _, out = collected
   tok = load_tokenizer(os.path.join(data_dir, "tokenizer"))
   records = schema.read_jsonl(os.path.join(out, "comparisons_validation.jsonl"),
@@ -235,9 +234,9 @@ def test_reward_model_trains_on_the_ids_ppo_scores(collected, data_dir):
       ppo_rows["segment_ids"].append(np.concatenate(
           [prompt["segment_ids"], (np.arange(n_new) < len(response)).astype(np.int32)]))
       ppo_rows["lengths"].append(len(response))
-    scored = ppo.last_token_scores(cfg, params, np.stack(ppo_rows["tokens"]),
-                                   np.stack(ppo_rows["segment_ids"]), prompt_len,
-                                   np.asarray(ppo_rows["lengths"]))
+    scored = rollout.last_token_scores(cfg, params, np.stack(ppo_rows["tokens"]),
+                                       np.stack(ppo_rows["segment_ids"]), prompt_len,
+                                       np.asarray(ppo_rows["lengths"]))
     k = len(record["responses"])
     np.testing.assert_allclose(np.asarray(scored), trained_on[row, :k], atol=1e-5)
   # A random policy samples ids the tokenizer would never produce and rarely reaches EOS: both

@@ -17,14 +17,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from rlhf_jax import evaluate
+from rlhf_jax import eval_metrics, eval_results, eval_rm_accuracy, evaluate, rollout
 from rlhf_jax.convert import save_model
 from rlhf_jax.data import load_tokenizer, offline_task, prepare
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import Transformer, get_model_config, init_params
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-ROW_KEYS = set(evaluate.METRICS) | {"gold_by_family"}
+ROW_KEYS = set(eval_metrics.METRICS) | {"gold_by_family"}
 
 
 MARK = "apple"    # the first word of the answers of the policy known to be better
@@ -55,28 +55,28 @@ def test_win_rate_matches_brute_force():
   assert 0 < (policy[:, :, None] == base[:, None, :]).sum() < 105   # ties and non-ties
   mean = sum(per_prompt) / 7
   se = np.sqrt(sum((m - mean) ** 2 for m in per_prompt) / 6) / np.sqrt(7)
-  rate, got_se = evaluate.win_rate(policy, base)
+  rate, got_se = eval_metrics.win_rate(policy, base)
   assert rate == pytest.approx(mean) and got_se == pytest.approx(se)
-  np.testing.assert_allclose(evaluate.win_outcomes([0.1, 0.2, 0.3], [0.2, 0.2, 0.2]),
+  np.testing.assert_allclose(eval_metrics.win_outcomes([0.1, 0.2, 0.3], [0.2, 0.2, 0.2]),
                              [0.0, 0.5, 1.0])
-  assert evaluate.win_rate(policy, policy) == (pytest.approx(0.5), pytest.approx(0.0, abs=1e-12))
-  assert evaluate.win_rate(policy[:1], base[:1])[1] == 0.0
-  assert evaluate.interval95(0.9, 0.1) == [pytest.approx(0.704), 1.0]
+  assert eval_metrics.win_rate(policy, policy) == (pytest.approx(0.5), pytest.approx(0.0, abs=1e-12))
+  assert eval_metrics.win_rate(policy[:1], base[:1])[1] == 0.0
+  assert eval_metrics.interval95(0.9, 0.1) == [pytest.approx(0.704), 1.0]
 
 
 def test_win_rate_of_a_policy_known_to_be_better():
   rng = np.random.default_rng(1)
   base = rng.uniform(0.0, 0.6, size=(50, 4))
   better = rng.uniform(0.0, 0.6, size=(50, 4)) + 0.4     # mostly above every baseline sample
-  rate, se = evaluate.win_rate(better, base)
+  rate, se = eval_metrics.win_rate(better, base)
   assert rate > 0.9 and 0 < se < 0.05
-  worse, worse_se = evaluate.win_rate(base, better)
+  worse, worse_se = eval_metrics.win_rate(base, better)
   assert worse < 0.1 and worse == pytest.approx(1.0 - rate) and worse_se == pytest.approx(se)
-  assert evaluate.win_rate(base + 1.0, base) == (1.0, 0.0)
+  assert eval_metrics.win_rate(base + 1.0, base) == (1.0, 0.0)
   # Ties everywhere give exactly one half, not a win or a loss.
-  assert evaluate.win_rate(np.full((5, 3), 0.7), np.full((5, 2), 0.7)) == (0.5, 0.0)
+  assert eval_metrics.win_rate(np.full((5, 3), 0.7), np.full((5, 2), 0.7)) == (0.5, 0.0)
   # Independent draws of the same distribution: about one half.
-  same, same_se = evaluate.win_rate(rng.uniform(size=(400, 4)), rng.uniform(size=(400, 4)))
+  same, same_se = eval_metrics.win_rate(rng.uniform(size=(400, 4)), rng.uniform(size=(400, 4)))
   assert abs(same - 0.5) < 4 * same_se
 
 
@@ -84,14 +84,14 @@ def test_best_of_n_matches_brute_force():
   rng = np.random.default_rng(2)
   scores = rng.integers(0, 4, size=(30, 12)).astype(float)     # many ties
   for n in (1, 2, 3, 4, 5, 12):
-    got = evaluate.best_of_n(scores, n)
+    got = eval_metrics.best_of_n(scores, n)
     assert got.shape == (30, 12 // n)
     for p in range(30):
       for g in range(12 // n):
         group = list(scores[p, g * n:(g + 1) * n])
         assert got[p, g] == g * n + group.index(max(group))    # the first of the best
   with pytest.raises(ValueError):
-    evaluate.best_of_n(scores, 13)
+    eval_metrics.best_of_n(scores, 13)
 
 
 def _best_of_n_exact(p, n):
@@ -114,18 +114,18 @@ def test_best_of_n_kl_against_exact_enumeration():
     q = np.zeros(5)
     for draw in itertools.product(range(5), repeat=n):
       weight = np.prod(p[list(draw)])
-      pick = evaluate.best_of_n(np.asarray([draw], float), n)[0, 0]
+      pick = eval_metrics.best_of_n(np.asarray([draw], float), n)[0, 0]
       q[draw[pick]] += weight
     np.testing.assert_allclose(q, _best_of_n_exact(p, n), atol=1e-12)
     # Discrete scores tie: the analytic value is an upper bound.
-    assert _kl(q, p) <= evaluate.best_of_n_kl(n) + 1e-12
-  assert evaluate.best_of_n_kl(1) == 0.0
+    assert _kl(q, p) <= eval_metrics.best_of_n_kl(n) + 1e-12
+  assert eval_metrics.best_of_n_kl(1) == 0.0
   # Many small outcomes (a nearly continuous score): the exact KL reaches the analytic one.
   fine = rng.dirichlet(np.ones(200_000))
   for n in (2, 4, 16):
     exact = _kl(_best_of_n_exact(fine, n), fine)
-    assert exact == pytest.approx(evaluate.best_of_n_kl(n), abs=2e-3)
-  assert evaluate.best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+    assert exact == pytest.approx(eval_metrics.best_of_n_kl(n), abs=2e-3)
+  assert eval_metrics.best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
 
 
 def test_style_metrics_on_hand_made_responses():
@@ -139,8 +139,8 @@ def test_style_metrics_on_hand_made_responses():
            (count, " 2 lemon"),                 # lemon is not: hallucination
            (add, " 81 done")]                   # add: no list, filler
   analyses = [offline_task.analyze(p, r) for p, r in cases]
-  arrays = evaluate.analysis_arrays(analyses, (2, 3))
-  got = evaluate.style_metrics(arrays)
+  arrays = eval_metrics.analysis_arrays(analyses, (2, 3))
+  got = eval_metrics.style_metrics(arrays)
   content = [1.0, 1.0, 0.75, 0.5, 0.5, 1.0]
   assert [a["content"] for a in analyses] == pytest.approx(content)
   assert got["content_score"] == pytest.approx(np.mean(content))
@@ -152,12 +152,12 @@ def test_style_metrics_on_hand_made_responses():
                                    "add": pytest.approx(gold[5])}
   assert list(got["gold_by_family"]) == ["sort", "count", "add"]
   # Picking columns, and a given gold array replacing the analysis' own.
-  picked = evaluate.take_columns(arrays, np.asarray([[0], [2]]))
-  assert evaluate.style_metrics(picked, gold=np.asarray([[0.3], [0.9]])) == {
+  picked = eval_metrics.take_columns(arrays, np.asarray([[0], [2]]))
+  assert eval_metrics.style_metrics(picked, gold=np.asarray([[0.3], [0.9]])) == {
       "content_score": pytest.approx(1.0), "filler_rate": 0.5, "hallucination_rate": 0.0,
       "gold_by_family": {"sort": 0.3, "add": 0.9}}
-  only_add = evaluate.analysis_arrays([offline_task.analyze(add, " 81")], (1, 1))
-  assert evaluate.style_metrics(only_add)["hallucination_rate"] is None
+  only_add = eval_metrics.analysis_arrays([offline_task.analyze(add, " 81")], (1, 1))
+  assert eval_metrics.style_metrics(only_add)["hallucination_rate"] is None
 
 
 def test_rm_accuracy_tables_match_brute_force():
@@ -168,7 +168,7 @@ def test_rm_accuracy_tables_match_brute_force():
   ranks = rng.integers(0, 3, size=(n, k))
   valid = (np.arange(k)[None, :] < rng.integers(2, k + 1, size=(n, 1))).astype(float)
   families = [("sort", "count", "add")[i % 3] for i in range(n)]
-  got = evaluate.rm_accuracy_tables(rewards, ranks, valid, gold, families)
+  got = eval_rm_accuracy.rm_accuracy_tables(rewards, ranks, valid, gold, families)
 
   def brute(select):
     acc = {"label": [0.0, 0], "gold": [0.0, 0], "lg": [0.0, 0]}
@@ -236,9 +236,9 @@ def test_kl_to_sft_matches_numpy_on_unpadded_rows():
   pi, ref = (jax.device_get(init_params(cfg, jax.random.key(k))) for k in (0, 1))
   temperature, num_new = 0.7, 6
   prompts, seg, out, unpadded = _rows(num_new=num_new)
-  seqs = evaluate.sequences(prompts, seg, out, 1)
-  fn = jax.jit(evaluate.make_logprob_fn(cfg, num_new, temperature))
-  kl = evaluate.sequence_kl(fn(pi, seqs), fn(ref, seqs), out["mask"])
+  seqs = rollout.sequences(prompts, seg, out, 1)
+  fn = jax.jit(rollout.make_logprob_fn(cfg, num_new, temperature))
+  kl = eval_metrics.sequence_kl(fn(pi, seqs), fn(ref, seqs), out["mask"])
   # Each row unpadded, from position 0 (right padding after it changes nothing before it).
   rows = np.zeros((len(unpadded), 20), np.int32)
   for i, (ids, resp) in enumerate(unpadded):
@@ -248,15 +248,15 @@ def test_kl_to_sft_matches_numpy_on_unpadded_rows():
   for i, (ids, resp) in enumerate(unpadded):
     terms = [sum(lp[i, len(ids) - 1 + j, resp[j]] for j in range(len(resp))) for lp in logp]
     assert kl[i] == pytest.approx(terms[0] - terms[1], abs=2e-4)
-  assert np.all(evaluate.sequence_kl(fn(pi, seqs), fn(pi, seqs), out["mask"]) == 0.0)
+  assert np.all(eval_metrics.sequence_kl(fn(pi, seqs), fn(pi, seqs), out["mask"]) == 0.0)
 
 
 def test_reward_is_read_at_the_last_response_token_as_in_rm_training():
   cfg = get_model_config("tiny")
   params = jax.device_get(init_params(cfg, jax.random.key(3), head="scalar"))
   prompts, seg, out, unpadded = _rows(seed=1)
-  seqs = evaluate.sequences(prompts, seg, out, 1)
-  got = np.asarray(jax.jit(evaluate.make_reward_fn(cfg))(params, seqs))
+  seqs = rollout.sequences(prompts, seg, out, 1)
+  got = np.asarray(jax.jit(rollout.make_reward_fn(cfg))(params, seqs))
   rows = np.zeros((len(unpadded), 20), np.int32)     # right-padded like comparison_loader's
   segment = np.zeros_like(rows)
   for i, (ids, resp) in enumerate(unpadded):
@@ -357,15 +357,15 @@ def test_results_keys_exactly(run_dir):
   assert set(results) == {"base", *policies, "best_of_n", "rm", "meta"}
   for name in policies:
     assert set(results[name]) == ROW_KEYS
-    assert all(isinstance(results[name][k], float) for k in evaluate.METRICS)
-    assert set(results[name]["gold_by_family"]) <= set(evaluate.FAMILIES)
+    assert all(isinstance(results[name][k], float) for k in eval_metrics.METRICS)
+    assert set(results[name]["gold_by_family"]) <= set(offline_task.FAMILIES)
   assert {k for k, v in results["base"].items() if v is not None} == {"pretrain_loss",
                                                                       "probe_score"}
   assert set(results["best_of_n"]) == {"bo2_rm", "bo2_gold", "bo4_rm", "bo4_gold"}
   for name, row in results["best_of_n"].items():
     assert set(row) == ROW_KEYS
     assert row["pretrain_loss"] is None and row["probe_score"] is None
-    assert all(isinstance(row[k], float) for k in evaluate.METRICS[:-2])
+    assert all(isinstance(row[k], float) for k in eval_metrics.METRICS[:-2])
   rm = results["rm"]
   assert (rm["heldout_accuracy"], rm["gold_accuracy"]) == (0.7, 0.72)
   assert set(rm) == {"heldout_accuracy", "gold_accuracy", "comparisons", "overall", "by_family",
@@ -378,7 +378,7 @@ def test_results_keys_exactly(run_dir):
   assert meta["prompts"] == 32 and meta["samples_per_prompt"] == 2 and meta["seed"] == 0
   assert meta["temperature"] == 1.0 and meta["seconds"] > 0 and meta["pretrain_batches"] == 2
   assert meta["probe_prompts"] == 16 and meta["best_of"] == [2, 4]
-  assert meta["best_of_candidates"] == 4 and meta["plot"] == evaluate.PLOT
+  assert meta["best_of_candidates"] == 4 and meta["plot"] == eval_results.PLOT
   assert meta["best_of_n"]["bo2_rm"]["picks_per_prompt"] == 2
   assert meta["best_of_n"]["bo4_gold"]["picks_per_prompt"] == 1
   assert meta["machine"]["device_count"] == jax.device_count()
@@ -391,7 +391,7 @@ def test_results_keys_exactly(run_dir):
   assert "## Gold score by instruction family" in md and "| gold gap | pairs |" in md
   assert "![over-optimisation](plots/overoptimisation.png)" in md
   assert "## Capability probe (greedy)" in md
-  assert os.path.getsize(os.path.join(workdir, evaluate.PLOT)) > 1000
+  assert os.path.getsize(os.path.join(workdir, eval_results.PLOT)) > 1000
   assert not any(name.endswith(".tmp") for name in os.listdir(workdir))
 
 

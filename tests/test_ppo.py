@@ -8,9 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import losses, sharding
+from ppo_settings import tiny_settings
+from rlhf_jax import losses, rollout, sharding
 from rlhf_jax.models import ModelConfig, init_params
-from rlhf_jax.train import ppo
+from rlhf_jax.train import ppo, ppo_iteration
 
 
 def _mask(rng, b, n):
@@ -160,11 +161,11 @@ def _settings(**kw):
   base = dict(batch_size=B, prompt_len=P, response_len=N, minibatches=2, epochs=2,
               eos_token_id=2, pad_token_id=0)
   base.update(kw)
-  return ppo.Settings(**base)
+  return tiny_settings(**base)
 
 
 def _run(settings, state, frozen, batch, txs, mesh=None):
-  it = jax.jit(ppo.make_iteration(CFG, CFG, CFG, settings, txs, mesh))
+  it = jax.jit(ppo_iteration.make_iteration(CFG, CFG, CFG, settings, txs, mesh))
   return it(state, frozen, batch, jax.random.key(7))
 
 
@@ -197,7 +198,7 @@ def test_ratio_is_one_on_first_minibatch_only():
   assert (out.lengths < N).any() and (out.lengths == N).any() and np.all(sampler_logp[mask > 0] < 0)
   full = np.concatenate([batch["prompts"], np.asarray(out.tokens)], 1)
   seg = np.concatenate([batch["prompt_segment_ids"], (mask > 0).astype(np.int32)], 1)
-  logp, _ = ppo.policy_logprobs(CFG, policy, full, seg, P, temperature)
+  logp, _ = rollout.policy_logprobs(CFG, policy, full, seg, P, temperature)
   np.testing.assert_allclose(np.asarray(logp) * mask, sampler_logp, atol=2e-5)
 
   dev, akl = np.asarray(per_mb["ratio_dev"]), np.asarray(per_mb["approx_kl"])
@@ -362,7 +363,7 @@ def test_ema_moves_after_every_optimizer_step():
   state = _with_txs(state, txs)
   state["ema"] = jax.tree.map(jnp.copy, state["params"]["policy"])
   policy0 = jax.tree.map(np.asarray, state["params"]["policy"])
-  it = jax.jit(ppo.make_iteration(CFG, CFG, CFG, s, txs))
+  it = jax.jit(ppo_iteration.make_iteration(CFG, CFG, CFG, s, txs))
   new, metrics, _ = it(state, frozen, batch, jax.random.key(7))
   jax.effects_barrier()
   assert len(log) == 4 and float(metrics["nonfinite"]) == 0
@@ -402,8 +403,8 @@ def test_frozen_models_share_no_buffer_with_the_donated_state():
   frozen_sh = {"ref": shardings["params"]["policy"], "rm": shardings["params"]["value"]}
   state, frozen = ppo.place(policy, rm, rm, txs, shardings, frozen_sh, 0.1)
   _, _, batch, _, _ = _setup(s)
-  step = ppo.jit_iteration(ppo.make_iteration(CFG, CFG, CFG, s, txs, mesh), shardings, frozen_sh,
-                           batch, mesh)
+  step = ppo.jit_iteration(ppo_iteration.make_iteration(CFG, CFG, CFG, s, txs, mesh), shardings,
+                           frozen_sh, batch, mesh)
   for i in range(2):
     with sharding.activate(mesh):
       state, metrics, _ = step(state, frozen, batch, jax.random.key(i))
@@ -506,7 +507,7 @@ def test_gold_score_fn_is_the_gold_labeler_on_decoded_texts(ppo_inputs):
   root, _ = ppo_inputs
   tok = load_tokenizer(str(root / "data" / "tokenizer"))
   source = stage_io.load_split(str(root / "data" / "tfds"), "prompts", "train", "train_split")
-  prompts = [ppo._text(source[i]["prompt"]) for i in range(4)]
+  prompts = [rollout.text_of(source[i]["prompt"]) for i in range(4)]
   answers = [offline_task.answer_text(*offline_task.parse_prompt(q)) for q in prompts]
   responses = [answers[0], answers[1] + " fig" * 12, "", " 7 pear"]
   p_len, n, scale = 32, 10, 2.0
@@ -524,7 +525,7 @@ def test_gold_score_fn_is_the_gold_labeler_on_decoded_texts(ppo_inputs):
   shifted = ppo.gold_score_fn(tok, scale, shift=0.25)
   np.testing.assert_allclose(np.asarray(jax.jit(lambda t, l: shifted(t, l, p_len))(
       tokens, lengths)), [e - scale * 0.25 for e in expect], rtol=1e-6)
-  assert [q for q, _ in ppo.episode_texts(tok, tokens, lengths, p_len)] == prompts
+  assert [q for q, _ in rollout.episode_texts(tok, tokens, lengths, p_len)] == prompts
   ppo.check_gold_prompts(source, tok, p_len)
   with pytest.raises(UserError, match="config.ppo.prompt_len"):
     ppo.check_gold_prompts(source, tok, 6)

@@ -18,9 +18,10 @@ import numpy as np
 import optax
 import pytest
 
+from ppo_settings import tiny_settings
 from rlhf_jax import losses, sharding
 from rlhf_jax.models import ModelConfig, init_params
-from rlhf_jax.train import ppo
+from rlhf_jax.train import ppo, ppo_iteration
 
 CFG = ModelConfig(vocab_size=32, num_layers=1, d_model=32, num_heads=2, num_kv_heads=2,
                   head_dim=16, d_ff=64, max_len=16)
@@ -41,8 +42,8 @@ def target_share(tokens, lengths, prompt_len):
 
 def train(seed, iterations=ITERATIONS):
   """(rewards, kls) per iteration of plain PPO on `target_share`."""
-  s = ppo.Settings(batch_size=B, prompt_len=P, response_len=N, minibatches=2, epochs=2,
-                   eos_token_id=-1, pad_token_id=0, grad_clip=1.0)
+  s = tiny_settings(batch_size=B, prompt_len=P, response_len=N, minibatches=2, epochs=2,
+                    eos_token_id=-1, pad_token_id=0, grad_clip=1.0)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   txs = {"policy": optax.adam(1e-2), "value": optax.adam(1e-2)}
   keys = jax.random.split(jax.random.key(seed), 2)
@@ -53,8 +54,8 @@ def train(seed, iterations=ITERATIONS):
   rng = np.random.default_rng(seed)
   batches = [{"prompts": rng.integers(3, CFG.vocab_size, (B, P)).astype(np.int32),
               "prompt_segment_ids": np.ones((B, P), np.int32)} for _ in range(iterations)]
-  step = ppo.jit_iteration(ppo.make_iteration(CFG, CFG, None, s, txs, mesh, target_share),
-                           shardings, frozen_sh, batches[0], mesh)
+  iteration = ppo_iteration.make_iteration(CFG, CFG, None, s, txs, mesh, target_share)
+  step = ppo.jit_iteration(iteration, shardings, frozen_sh, batches[0], mesh)
   rewards, kls = [], []
   for it, batch in enumerate(batches):
     with sharding.activate(mesh):

@@ -9,59 +9,27 @@ Models: the policy and the frozen reference pi_SFT start from the SFT model; the
 starts from the reward model (same backbone + scalar head); the reward model is frozen and scores
 as stored (its bias was fitted so demonstrations score 0).
 
-One iteration, `iteration(state, frozen, batch, rng) -> (state, metrics, per_minibatch)`, is ONE
-jitted pure function:
-  1. rollout: B prompts -> B responses of at most N tokens with the jitted sampler (temperature T;
-     log-probs are taken at the same temperature everywhere);
-  2. score: old log-probs and entropy (policy), reference log-probs, old values (value function,
-     the state before each response token), the reward at the last token (reward model), minus
-     `missing_eos_penalty` for a response that never emitted EOS;
-  3. per-token reward r_t = -beta * (logp_t - logp_ref_t) (+ the score at the last token)
-     (`losses.kl_penalty_rewards`), optionally whitened; GAE with gamma 1 and lambda
-     (`losses.gae`); advantages whitened over the real tokens of the batch;
-  4. `epochs` x `minibatches` updates inside `lax.scan`: the clipped policy loss plus vf_coef x
-     the clipped value loss (the PPO term), and ptx_coef x the LM loss on this minibatch's share of
-     the pretraining rows (the ptx term). Both terms are applied in the same AdamW step (the
-     paper's gamma term is not a separate optimizer step), but the policy gradient of each term is
-     clipped to `grad_clip` by its OWN global norm before they are summed:
+Each iteration is one call of the pure jitted function of `ppo_iteration` (rollout, scoring,
+rewards and advantages, the minibatch updates with per-term gradient clipping, the KL coefficient;
+the formulas are there); this module is the stage around it.
 
-       g_policy = clip(grad_policy(PPO term)) + clip(grad_policy(ptx term)),
-       clip(g) = g * min(1, grad_clip / |g|)
-
-     One clip of the sum would let a large early ptx gradient (SFT wipes out a small model's
-     language modelling) shrink the PPO part along with it; per-term clips bound each term and
-     keep the PPO step the same size whatever the ptx term does. So the policy's AdamW does not
-     clip again (`_optimizer(..., clip=False)`); the value function's AdamW clips its own gradient
-     as usual. Without ptx this is exactly the old single clip of the policy gradient. The cost
-     is unchanged: the ptx forward/backward is on other rows anyway. Logged: `grad_norm` (the
-     whole unclipped gradient, policy and value), `grad_norm_ppo` and `grad_norm_ptx` (the policy
-     gradient of each term before clipping), per-minibatch means over the iteration.
-     The old log-probs/values of step 2 are computed on the same minibatch split as the first
-     epoch, so the first minibatch of the first epoch has ratio exactly 1 up to float rounding;
-  5. the KL coefficient: fixed, or the Ziegler et al. controller on the rollout's KL. The optional
-     EMA of the policy weights (paper 0.992), which is what the stage saves, is updated after
-     every applied optimizer step (ema <- d ema + (1 - d) policy), not once per iteration.
-
-The reward of a finished episode is pluggable (`make_iteration(score_fn=...)`): by default the
-reward model at the last token; with `config.reward_model = 'gold'` the offline task's gold
-labeler itself, called on the host through `jax.pure_callback` on the decoded prompt and response
-(`gold_score_fn`): PPO against the true objective, the upper bound of PPO on this task (stage
-`ppo_oracle`). Its reward is normalised like the reward model's (`gold_reward_norm`): with
+The reward of a finished episode is pluggable (`ppo_iteration.make_iteration(score_fn=...)`): by
+default the reward model at the last token; with `config.reward_model = 'gold'` the offline task's
+gold labeler itself, called on the host through `jax.pure_callback` on the decoded prompt and
+response (`gold_score_fn`): PPO against the true objective, the upper bound of PPO on this task
+(stage `ppo_oracle`). Its reward is normalised like the reward model's (`gold_reward_norm`): with
 `config.ppo.gold_reward_scale` 0 (the default), (gold - m) / s with m and s the mean and standard
 deviation of the gold score of the SFT samples the collect stage ranked (`collect/collect.json`),
 so the same KL coefficient weighs the same against it; a scale > 0 gives scale x gold instead.
 
-The policy and value function are separate networks with their own AdamW (own learning rates),
-one state pytree: {'params': {'policy', 'value'}, 'opt_state': {'policy', 'value'}, 'step',
-'kl_coef'[, 'ema']}. A minibatch whose loss or gradient is not finite is not applied (counted in
-`nonfinite`; nor is the EMA moved). Dropout is off in every forward pass.
-
-Reading order: `_Iteration` (the five phases above, one method each) and `make_iteration`; `run`
-loads the models and data and runs the same loop as every other stage (`loop.run_loop`: resume,
-checkpoints, metrics, non-finite counter) with `IterationStep` as its step: one iteration per
-loop step, metrics brought to the host with the gold score of the samples added, the log
-interval averaged over every iteration (`loop.mean_over_steps`), an iteration counted as
-skipped when none of its updates was applied (`skipped_iteration`).
+Reading order: the config (`settings_from_config`: `ppo_iteration.Settings` from `config.ppo`,
+their one source), the state (policy and value networks with their own AdamW, one pytree), the
+data, the loop's step, then `run`: it loads the models and data and runs the same loop as every
+other stage (`loop.run_loop`: resume, checkpoints, metrics, non-finite counter) with
+`IterationStep` as its step: one iteration per loop step, metrics brought to the host with the
+gold score of the samples added, the log interval averaged over every iteration
+(`loop.mean_over_steps`), an iteration counted as skipped when none of its updates was applied
+(`skipped_iteration`).
 """
 import dataclasses
 import functools
@@ -71,310 +39,18 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from ml_collections import ConfigDict
 
 from rlhf_jax import collect
-from rlhf_jax import losses
+from rlhf_jax import rollout
 from rlhf_jax import sharding
 from rlhf_jax.data import encoding, loaders, offline_task
 from rlhf_jax.errors import UserError, check_positive, config_field
 from rlhf_jax.models import ModelConfig, abstract_params
-from rlhf_jax.sampling import SamplingConfig, sample
 from rlhf_jax.train import loop
 from rlhf_jax.train import optim
+from rlhf_jax.train import ppo_iteration
 from rlhf_jax.train import stage_io
-from rlhf_jax.train.step import forward, guard_nonfinite, split_micro_batches
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """The static hyperparameters of one iteration (from `config.ppo`; see configs/ppo_ptx.py)."""
-  batch_size: int = 16            # episodes (prompts) per iteration
-  prompt_len: int = 32
-  response_len: int = 32
-  temperature: float = 1.0
-  epochs: int = 1
-  minibatches: int = 1
-  clip_eps: float = 0.2
-  value_clip_eps: float = 0.2
-  vf_coef: float = 1.0
-  gamma: float = 1.0
-  lam: float = 0.95
-  whiten_rewards: bool = False
-  missing_eos_penalty: float = 0.0
-  adaptive_kl: bool = False
-  kl_target: float = 6.0
-  kl_horizon: float = 10000.0
-  ptx_coef: float = 0.0
-  ptx_rows: int = 0               # pretraining rows per iteration (split over the minibatches)
-  ema_decay: float = 0.0          # 0: off
-  grad_clip: float = 0.0          # per-term global-norm clip of the policy gradient (0: none)
-  eos_token_id: int = 2
-  pad_token_id: int = 0
-
-  @property
-  def use_ptx(self):
-    return self.ptx_coef != 0.0 and self.ptx_rows > 0
-
-
-def response_outputs(cfg: ModelConfig, head, params, tokens, segment_ids, prompt_len):
-  """The model's outputs at the N positions that predict the response tokens.
-
-  tokens (B, P + N) = left-padded prompt then response; the output at column P - 1 + t belongs to
-  response token t: the logits that predict it (head 'lm'), or the value of the state before it
-  (head 'scalar'). Returns (B, N, V) or (B, N).
-  """
-  out = forward(cfg, head, params, {"tokens": tokens, "segment_ids": segment_ids},
-                head_from=prompt_len - 1)   # the head where it is needed (the LM head is
-  return out[:, :-1]                        # a third of a small model's FLOPs)
-
-
-def policy_logprobs(cfg, params, tokens, segment_ids, prompt_len, temperature):
-  """(log pi(y_t), entropy_t), each (B, N), at the sampling temperature."""
-  logits = response_outputs(cfg, "lm", params, tokens, segment_ids, prompt_len)
-  return losses.token_logprobs(logits, tokens[:, prompt_len:], temperature)
-
-
-def last_token_scores(rm_cfg, rm_params, tokens, segment_ids, prompt_len, lengths):
-  """The reward model's score of each (prompt, response) at the response's last token."""
-  values = forward(rm_cfg, "scalar", rm_params, {"tokens": tokens, "segment_ids": segment_ids})
-  return losses.gather_last(values, prompt_len + jnp.maximum(lengths, 1) - 1)
-
-
-def _unsplit(x):
-  """Inverse of `step.split_micro_batches`: (M, B/M, ...) -> (B, ...)."""
-  return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
-
-
-def clip_by_global_norm(grads, norm, max_norm):
-  """grads * min(1, max_norm / norm), `norm` = |grads| (global L2 norm over the leaves); as
-  `optax.clip_by_global_norm` computes it (a select, so a norm below max_norm is bit-exact).
-  max_norm 0: no clip."""
-  if not max_norm:
-    return grads
-  return jax.tree.map(lambda g: jax.lax.select(norm < max_norm, g,
-                                               (g / norm.astype(g.dtype)) * max_norm), grads)
-
-
-class _Iteration:
-  """The phases of one PPO-ptx iteration (see the module docstring and `make_iteration`), each a
-  traceable function of its inputs; `__call__` runs them in order."""
-
-  def __init__(self, policy_cfg, value_cfg, rm_cfg, s: Settings, txs, mesh, score_fn):
-    self.policy_cfg, self.value_cfg, self.rm_cfg, self.s = policy_cfg, value_cfg, rm_cfg, s
-    self.txs, self.mesh, self.score_fn = txs, mesh, score_fn
-    self.sc = SamplingConfig(max_new_tokens=s.response_len, temperature=s.temperature,
-                             eos_token_id=s.eos_token_id, pad_token_id=s.pad_token_id)
-
-  def __call__(self, state, frozen, batch, rng):
-    params = state["params"]
-    sample_rng, shuffle_rng = jax.random.split(rng)
-    out, tokens, seg, has_eos = self.rollout(params["policy"], batch, sample_rng)
-    mask = out.mask
-    logp, entropy, ref_logp, values, scores = self.score(params, frozen, tokens, seg,
-                                                         out.lengths, mask)
-    penalised, seq_kl, advantages, returns = self.advantages(
-        logp, ref_logp, values, scores, has_eos, mask, state["kl_coef"])
-    data = {"tokens": tokens, "segment_ids": seg, "mask": mask, "old_logp": logp,
-            "old_values": values, "advantages": advantages, "returns": returns}
-    updated, per_mb = self.optimize(params, state, data, batch, shuffle_rng)
-    new_state, kl = self.next_state(state, updated, seq_kl, batch["prompts"].shape[0])
-    metrics = self.metrics(state, out, has_eos, mask, entropy, values, returns, scores,
-                           penalised, seq_kl, kl, per_mb)
-    per_minibatch = {k: per_mb[k] for k in ("approx_kl", "ratio_dev", "loss", "nonfinite",
-                                            "tokens")}
-    return new_state, metrics, (per_minibatch, out.tokens, out.lengths)
-
-  # 1. rollout
-  def rollout(self, policy_params, batch, sample_rng):
-    """(sampler output, prompt ++ response tokens, their segment ids, whether each has EOS)."""
-    prompts, prompt_seg = batch["prompts"], batch["prompt_segment_ids"]
-    out = sample(policy_params, self.policy_cfg, prompts, prompt_seg, sample_rng, self.sc)
-    mask = out.mask
-    tokens = jnp.concatenate([prompts, out.tokens], axis=1)
-    seg = jnp.concatenate([prompt_seg, (mask > 0).astype(jnp.int32)], axis=1)
-    has_eos = jnp.any((out.tokens == self.s.eos_token_id) & (mask > 0), axis=1)
-    return out, tokens, seg, has_eos
-
-  # 2. score, on the minibatch split of the first epoch (so ratios start at exactly 1)
-  def score(self, params, frozen, tokens, seg, lengths, mask):
-    """(old log-probs, entropy, reference log-probs, old values (masked), scores) of the
-    rollout, computed minibatch by minibatch."""
-    s, p_len = self.s, self.s.prompt_len
-
-    def one(mb):
-      logp, entropy = policy_logprobs(self.policy_cfg, params["policy"], mb["tokens"],
-                                      mb["segment_ids"], p_len, s.temperature)
-      ref_logp, _ = policy_logprobs(self.policy_cfg, frozen["ref"], mb["tokens"],
-                                    mb["segment_ids"], p_len, s.temperature)
-      values = response_outputs(self.value_cfg, "scalar", params["value"], mb["tokens"],
-                                mb["segment_ids"], p_len)
-      if self.score_fn is None:
-        scores = last_token_scores(self.rm_cfg, frozen["rm"], mb["tokens"], mb["segment_ids"],
-                                   p_len, mb["lengths"])
-      else:
-        scores = self.score_fn(mb["tokens"], mb["lengths"], p_len).astype(jnp.float32)
-      return logp, entropy, ref_logp, values, scores
-    rollout = {"tokens": tokens, "segment_ids": seg, "lengths": lengths}
-    split = split_micro_batches(rollout, s.minibatches, self.mesh)
-    logp, entropy, ref_logp, values, scores = jax.tree.map(_unsplit, jax.lax.map(one, split))
-    return logp, entropy, ref_logp, values * mask, scores
-
-  # 3. rewards, advantages
-  def advantages(self, logp, ref_logp, values, scores, has_eos, mask, kl_coef):
-    """(penalised scores, per-sequence KL, whitened advantages, returns)."""
-    s = self.s
-    penalised = scores - s.missing_eos_penalty * (~has_eos).astype(jnp.float32)
-    rewards, seq_kl = losses.kl_penalty_rewards(logp, ref_logp, penalised, mask, kl_coef)
-    if s.whiten_rewards:
-      rewards = losses.whiten(rewards, mask, shift_mean=False)
-    advantages, returns = losses.gae(rewards, values, mask, s.gamma, s.lam)
-    advantages = losses.whiten(advantages, mask)
-    return penalised, seq_kl, advantages, returns
-
-  # 4. epochs x minibatches
-  def optimize(self, params, state, data, batch, shuffle_rng):
-    """((params, opt_state, ema) after every minibatch update, per-minibatch aux (E*M, ...))."""
-    s, m, b = self.s, self.s.minibatches, data["tokens"].shape[0]
-    if s.use_ptx:
-      ptx = {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")}
-      ptx = split_micro_batches(ptx, m, self.mesh)
-    else:
-      ptx = jnp.zeros((m,), jnp.float32)   # an unused scan input
-
-    def epoch(carry, e):
-      perm = jnp.where(e == 0, jnp.arange(b),
-                       jax.random.permutation(jax.random.fold_in(shuffle_rng, e), b))
-      mbs = split_micro_batches(jax.tree.map(lambda x: x[perm], data), m, self.mesh)
-      return jax.lax.scan(self.update, carry, (mbs, ptx))
-    updated, per_mb = jax.lax.scan(
-        epoch, (params, state["opt_state"], state.get("ema")), jnp.arange(s.epochs))
-    per_mb = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), per_mb)
-    return updated, per_mb
-
-  def ppo_term(self, params, mb):
-    """policy loss + vf_coef x value loss on one minibatch of episodes."""
-    s, p_len = self.s, self.s.prompt_len
-    logp, _ = policy_logprobs(self.policy_cfg, params["policy"], mb["tokens"], mb["segment_ids"],
-                              p_len, s.temperature)   # (the unused entropy is compiled away)
-    pg_sum, count, stats = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"],
-                                                  mb["mask"], s.clip_eps)
-    values = response_outputs(self.value_cfg, "scalar", params["value"], mb["tokens"],
-                              mb["segment_ids"], p_len)
-    vf_sum, _ = losses.ppo_value_loss(values, mb["old_values"], mb["returns"], mb["mask"],
-                                      s.value_clip_eps)
-    denom = jnp.maximum(count, 1.0)
-    policy_loss, value_loss = pg_sum / denom, vf_sum / denom
-    mask = mb["mask"]
-    aux = {"policy_loss": policy_loss, "value_loss": value_loss,
-           "tokens": count, "clipped": stats["clipped_sum"], "approx_kl": stats["approx_kl_sum"],
-           "ratio_sum": stats["ratio_sum"], "ratio_max": stats["ratio_max"],
-           "ratio_dev": jnp.max(jnp.abs(jnp.exp(losses.clamped_log_ratio(
-               logp, mb["old_logp"])) - 1.0) * mask)}
-    return policy_loss + s.vf_coef * value_loss, aux
-
-  def ptx_term(self, policy_params, ptx):
-    """ptx_coef x the LM loss on this minibatch's pretraining rows (the policy only)."""
-    logits = forward(self.policy_cfg, "lm", policy_params, ptx)
-    ptx_sum, ptx_count = losses.lm_loss(logits, ptx["tokens"], ptx["loss_mask"])
-    ptx_loss = ptx_sum / jnp.maximum(ptx_count, 1.0)
-    return self.s.ptx_coef * ptx_loss, ptx_loss
-
-  def update(self, carry, xs):
-    """One minibatch: both terms' gradients, each policy term clipped by its own norm, both
-    AdamW steps and the EMA, all kept only when the loss and gradient are finite."""
-    s, txs = self.s, self.txs
-    params, opt_state, ema = carry
-    mb, ptx = xs
-    (loss, aux), grads = jax.value_and_grad(self.ppo_term, has_aux=True)(params, mb)
-    g_ppo = grads["policy"]
-    aux["grad_norm_ppo"] = optax.tree.norm(g_ppo)
-    g_policy = clip_by_global_norm(g_ppo, aux["grad_norm_ppo"], s.grad_clip)
-    if s.use_ptx:
-      (ptx_value, aux["ptx_loss"]), g_ptx = jax.value_and_grad(self.ptx_term, has_aux=True)(
-          params["policy"], ptx)
-      aux["grad_norm_ptx"] = optax.tree.norm(g_ptx)
-      g_policy = jax.tree.map(jnp.add, g_policy,
-                              clip_by_global_norm(g_ptx, aux["grad_norm_ptx"], s.grad_clip))
-      loss = loss + ptx_value
-      grad_norm = optax.tree.norm({"policy": jax.tree.map(jnp.add, g_ppo, g_ptx),
-                                   "value": grads["value"]})
-    else:
-      grad_norm = optax.tree.norm(grads)
-    new_params, new_opt = {}, {}
-    for name, g in (("policy", g_policy), ("value", grads["value"])):
-      upd, new_opt[name] = txs[name].update(g, opt_state[name], params[name])
-      new_params[name] = optax.apply_updates(params[name], upd)
-    new_ema = None if ema is None else jax.tree.map(
-        lambda e_, p: s.ema_decay * e_ + (1 - s.ema_decay) * p, ema, new_params["policy"])
-    (params, opt_state, ema), finite = guard_nonfinite(
-        (params, opt_state, ema), (new_params, new_opt, new_ema), loss, grad_norm)
-    aux = dict(aux, loss=loss, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
-    return (params, opt_state, ema), aux
-
-  # 5. KL coefficient (the EMA moved with every applied update in step 4)
-  def next_state(self, state, updated, seq_kl, b):
-    """(the new state, the rollout's mean KL)."""
-    s = self.s
-    new_params, new_opt, new_ema = updated
-    kl = jnp.mean(seq_kl)
-    kl_coef = state["kl_coef"]
-    if s.adaptive_kl:
-      kl_coef = losses.adaptive_kl_coef(kl_coef, kl, s.kl_target, s.kl_horizon, b)
-    new_state = {"params": new_params, "opt_state": new_opt, "step": state["step"] + 1,
-                 "kl_coef": kl_coef}
-    if "ema" in state:
-      new_state["ema"] = new_ema
-    return new_state, kl
-
-  def metrics(self, state, out, has_eos, mask, entropy, values, returns, scores, penalised,
-              seq_kl, kl, per_mb):
-    """The iteration's metrics (means over the rollout and over the minibatch updates)."""
-    tok = jnp.maximum(per_mb["tokens"].sum(), 1.0)
-    metrics = {
-        "reward": jnp.mean(scores), "kl": kl, "kl_coef": state["kl_coef"],
-        "objective": jnp.mean(penalised - state["kl_coef"] * seq_kl),
-        "entropy": losses.masked_mean(entropy, mask),
-        "eos_rate": jnp.mean(has_eos.astype(jnp.float32)),
-        "response_length": jnp.mean(out.lengths.astype(jnp.float32)),
-        "value_mean": losses.masked_mean(values, mask),
-        "return_mean": losses.masked_mean(returns, mask),
-        "approx_kl": per_mb["approx_kl"].sum() / tok,
-        "clip_frac": per_mb["clipped"].sum() / tok,
-        "ratio_mean": per_mb["ratio_sum"].sum() / tok,
-        "ratio_max": jnp.max(per_mb["ratio_max"]),
-        "policy_loss": jnp.mean(per_mb["policy_loss"]),
-        "value_loss": jnp.mean(per_mb["value_loss"]),
-        "grad_norm": jnp.mean(per_mb["grad_norm"]),
-        "grad_norm_ppo": jnp.mean(per_mb["grad_norm_ppo"]),
-        "nonfinite": jnp.sum(per_mb["nonfinite"]),
-    }
-    if self.s.use_ptx:   # (plain PPO computes no pretraining loss: no metric rather than a 0)
-      metrics["ptx_loss"] = jnp.mean(per_mb["ptx_loss"])
-      metrics["grad_norm_ptx"] = jnp.mean(per_mb["grad_norm_ptx"])
-    return metrics
-
-
-def make_iteration(policy_cfg: ModelConfig, value_cfg: ModelConfig, rm_cfg: ModelConfig,
-                   s: Settings, txs, mesh=None, score_fn=None):
-  """The pure PPO-ptx iteration `iteration(state, frozen, batch, rng) -> (state, metrics,
-  (per_minibatch, response tokens, lengths))` (see the module docstring; the phases are the
-  methods of `_Iteration`). txs = {'policy': tx, 'value': tx}; the policy tx must not clip (the
-  iteration clips each term to `s.grad_clip`).
-
-  batch: {'prompts', 'prompt_segment_ids'} (B, P) left-padded, and with ptx the pretraining rows
-  {'ptx_tokens', 'ptx_segment_ids', 'ptx_positions', 'ptx_loss_mask'} (ptx_rows, S).
-  score_fn(tokens (B, P + N) int32, lengths (B,), prompt_len) -> (B,) float32, traceable: the
-  reward of each finished episode (prompt then response, `lengths` real response tokens, EOS
-  included). None: the reward model `frozen['rm']` (config `rm_cfg`) at the last token. With a
-  score_fn, `frozen` needs no 'rm' and rm_cfg is unused.
-  """
-  phases = _Iteration(policy_cfg, value_cfg, rm_cfg, s, txs, mesh, score_fn)
-
-  def iteration(state, frozen, batch, rng):
-    return phases(state, frozen, batch, rng)
-  return iteration
 
 
 # ----------------------------------------------------------------------------- config
@@ -384,7 +60,7 @@ def settings_from_config(config, tok=None):
   validate_ppo_config(config)
   p = config.ppo
   ptx_rows = p.ptx_per_episode * p.batch_size if p.ptx_coef else 0
-  return Settings(
+  return ppo_iteration.Settings(
       batch_size=p.batch_size, prompt_len=p.prompt_len, response_len=p.response_len,
       temperature=float(p.temperature), epochs=p.epochs, minibatches=p.minibatches,
       clip_eps=float(p.clip_eps), value_clip_eps=float(p.value_clip_eps),
@@ -484,7 +160,7 @@ def stage_name(config):
   return "ppo_ptx" if config.ppo.ptx_coef else "ppo"
 
 
-def _optimizer(config, lr, num_iterations, s: Settings, clip=True):
+def _optimizer(config, lr, num_iterations, s: ppo_iteration.Settings, clip=True):
   """AdamW as in `optim.make_optimizer`, the schedule counted in minibatch updates; clip=False
   leaves out the global-norm clip (the policy's: the iteration clips each term itself)."""
   opt = config.optimizer.to_dict()
@@ -577,31 +253,15 @@ class _Batches:
         it.close()
 
 
-def _decode(tok, ids, length):
-  return tok.decode([int(t) for t in ids[:length] if int(t) != tok.eos_id])
-
-
-def _prompt_text(tok, ids):
-  """The text of a left-padded prompt row `[pad.. bos] prompt` (pad and bos ids dropped)."""
-  return tok.decode([int(t) for t in ids if int(t) not in (tok.pad_id, tok.bos_id)])
-
-
-def episode_texts(tok, tokens, lengths, prompt_len):
-  """[(prompt text, response text)] of (B, P + N) rows: the prompt without pad/bos, the response
-  up to (excluding) EOS."""
-  tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-  return [(_prompt_text(tok, row[:prompt_len]), _decode(tok, row[prompt_len:], int(n)))
-          for row, n in zip(tokens, lengths)]
-
-
 def gold_score_fn(tok, scale=1.0, shift=0.0):
   """A `make_iteration` score_fn: scale x (`offline_task.gold_score(prompt, response)` - shift) of
   the decoded texts, computed on the host by `jax.pure_callback` (one process; the callback sees
   the whole batch)."""
 
   def host(tokens, lengths, prompt_len):
-    return np.asarray([scale * (offline_task.gold_score(q, a) - shift)
-                       for q, a in episode_texts(tok, tokens, lengths, prompt_len)], np.float32)
+    episodes = rollout.episode_texts(tok, tokens, lengths, prompt_len)
+    return np.asarray([scale * (offline_task.gold_score(q, a) - shift) for q, a in episodes],
+                      np.float32)
 
   def score_fn(tokens, lengths, prompt_len):
     return jax.pure_callback(functools.partial(host, prompt_len=prompt_len),
@@ -615,10 +275,11 @@ def check_gold_prompts(prompt_source, tok, prompt_len):
   be the same offline-task instruction, else the gold labeler cannot score it: a one-line
   UserError now instead of an error inside the jitted iteration."""
   for i in range(len(prompt_source)):
-    text = _text(prompt_source[i]["prompt"])
+    text = rollout.text_of(prompt_source[i]["prompt"])
     row = encoding.prompt_row(tok.encode(text), tok.bos_id, tok.pad_id, prompt_len)
     parsed = offline_task.parse_prompt(text)
-    if parsed is None or offline_task.parse_prompt(_prompt_text(tok, row["tokens"])) != parsed:
+    seen = offline_task.parse_prompt(rollout.prompt_text(tok, row["tokens"]))
+    if parsed is None or seen != parsed:
       raise UserError(f"config.reward_model 'gold': prompt {i} ({text[:50]!r}) is not an "
                       f"offline-task instruction once encoded into config.ppo.prompt_len "
                       f"({prompt_len}) tokens")
@@ -636,8 +297,8 @@ class IterationStep:
   the last iteration are saved with the final model).
   """
 
-  def __init__(self, iteration, shardings, frozen, frozen_sh, mesh, s: Settings, gold=None,
-               prompt_source=None, tok=None):
+  def __init__(self, iteration, shardings, frozen, frozen_sh, mesh, s: ppo_iteration.Settings,
+               gold=None, prompt_source=None, tok=None):
     self.iteration, self.shardings = iteration, shardings
     self.frozen, self.frozen_sh = frozen, frozen_sh
     self.mesh, self.s, self.gold, self.prompt_source, self.tok = mesh, s, gold, prompt_source, tok
@@ -661,15 +322,16 @@ class IterationStep:
 
   def _gold_score(self, index, resp, lengths):
     resp, lengths = np.asarray(resp)[self.rows], np.asarray(lengths)[self.rows]
-    texts = [_text(self.prompt_source[int(i)]["prompt"]) for i in index]
-    answers = [_decode(self.tok, resp[i], int(lengths[i])) for i in range(len(texts))]
+    texts = [rollout.text_of(self.prompt_source[int(i)]["prompt"]) for i in index]
+    answers = [rollout.decode_response(self.tok, resp[i], int(lengths[i]))
+               for i in range(len(texts))]
     scores = [self.gold(t, a) for t, a in zip(texts, answers)]
     self.samples = [{"prompt": t, "response": a, "gold": g}
                     for t, a, g in list(zip(texts, answers, scores))[:4]]
     return float(np.mean(scores))
 
 
-def skipped_iteration(s: Settings):
+def skipped_iteration(s: ppo_iteration.Settings):
   """The loop's `skipped` hook: an iteration none of whose updates was finite counts as skipped
   (too many in a row stop the run before anything of the bad stretch is saved)."""
   return lambda metrics: metrics["nonfinite"] >= s.epochs * s.minibatches
@@ -690,7 +352,7 @@ def _model_paths(config, workdir):
   return init_from, rm_path, value_path
 
 
-def _check_ptx_rows(s: Settings, mesh):
+def _check_ptx_rows(s: ppo_iteration.Settings, mesh):
   if s.use_ptx:
     sharding.check_batch_size(s.ptx_rows // s.minibatches, mesh,
                               "config.ppo.ptx_per_episode x batch_size / minibatches")
@@ -708,7 +370,7 @@ def _gold_reward(config, workdir, prompt_source, tok):
   return gold_score_fn(tok, scale, shift), {"scale": scale, "shift": shift}
 
 
-def _batches(config, tfds_dir, prompt_source, tok, s: Settings, mesh):
+def _batches(config, tfds_dir, prompt_source, tok, s: ppo_iteration.Settings, mesh):
   """This process's prompt batches (and pretraining rows with ptx), resumable."""
   p = config.ppo
   local = lambda n: stage_io.local_batch_size(mesh, n)
@@ -763,8 +425,8 @@ def run(config, workdir):
   prompt_source = stage_io.load_split(tfds_dir, "prompts", config.data.train_split, "train_split")
   score_fn, gold_norm = _gold_reward(config, workdir, prompt_source, tok)
   batches = _batches(config, tfds_dir, prompt_source, tok, s, mesh)
-  step = IterationStep(make_iteration(cfg, value_cfg, rm_cfg, s, txs, mesh, score_fn),
-                       shardings, frozen, frozen_sh, mesh, s,
+  iteration = ppo_iteration.make_iteration(cfg, value_cfg, rm_cfg, s, txs, mesh, score_fn)
+  step = IterationStep(iteration, shardings, frozen, frozen_sh, mesh, s,
                        gold=offline_task.gold_score if config.data.source == "offline" else None,
                        prompt_source=prompt_source, tok=tok)
   task = loop.Task(name=name, step=step, train_batches=lambda: batches,
@@ -793,6 +455,3 @@ def run(config, workdir):
   print(f"{name}: final model written to {path}", flush=True)
   return path
 
-
-def _text(value):
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses
+from rlhf_jax import rollout
 from rlhf_jax import sharding
 from rlhf_jax.data import builders, loaders, offline_task
 from rlhf_jax.errors import UserError
@@ -34,7 +35,7 @@ from rlhf_jax.models import ModelConfig, with_scalar_head
 from rlhf_jax.train import loop
 from rlhf_jax.train import optim
 from rlhf_jax.train import stage_io
-from rlhf_jax.train.step import TrainStep, forward, jit_eval_step
+from rlhf_jax.train.step import TrainStep, jit_eval_step
 
 TRAIN_KEYS = ("tokens", "segment_ids", "positions", "last_index", "ranks", "response_valid")
 
@@ -44,8 +45,8 @@ def response_rewards(cfg: ModelConfig, params, batch, *, rng=None, train=False):
   b, k, t = batch["tokens"].shape
   flat = {name: batch[name].reshape(b * k, t) for name in ("tokens", "segment_ids", "positions")
           if name in batch}
-  values = forward(cfg, "scalar", params, flat, rng=rng, train=train)   # (B*K, T)
-  return losses.gather_last(values, batch["last_index"].reshape(b * k)).reshape(b, k)
+  return rollout.scores_at(cfg, params, flat, batch["last_index"].reshape(b * k), rng=rng,
+                           train=train).reshape(b, k)
 
 
 def make_loss_fn(cfg: ModelConfig):
@@ -95,10 +96,6 @@ def check_comparisons(batch):
                     "response(s); the ranking loss needs K >= 2 per prompt")
 
 
-def _text(v):
-  return v.decode("utf-8") if isinstance(v, bytes) else str(v)
-
-
 def gold_matrix(source, index, k_max):
   """(N, K_max) gold scores of the offline task for the records `index` (NaN on padding)."""
   out = np.full((len(index), k_max), np.nan)
@@ -106,9 +103,9 @@ def gold_matrix(source, index, k_max):
     if i < 0:
       continue
     record = source[int(i)]
-    prompt = _text(record["prompt"])
+    prompt = rollout.text_of(record["prompt"])
     for j, response in enumerate(record["responses"]):
-      out[row, j] = offline_task.gold_score(prompt, _text(response))
+      out[row, j] = offline_task.gold_score(prompt, rollout.text_of(response))
   return out
 
 
@@ -193,8 +190,7 @@ def demonstration_reward_mean(cfg, params, source, tok, mesh, config):
                               drop_remainder=False)
 
   def score(params, batch):
-    values = forward(cfg, "scalar", params, batch)
-    return losses.gather_last(values, batch["last_index"])
+    return rollout.scores_at(cfg, params, batch, batch["last_index"])
 
   total, n = 0.0, 0
   for batch, r in _scored(loader, score, params, mesh, bs):

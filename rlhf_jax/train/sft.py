@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses
+from rlhf_jax import rollout
 from rlhf_jax import sharding
 from rlhf_jax.data import encoding, loaders
 from rlhf_jax.errors import UserError, check_positive
@@ -220,12 +221,10 @@ class RewardSelector:
                         pad_token_id=self.tok.pad_id)
     out = sample(params, self.cfg, self.prompts["tokens"], self.prompts["segment_ids"],
                  jax.random.key(0), sc)
-    tokens = jnp.concatenate([self.prompts["tokens"], out.tokens], axis=1)
-    seg = jnp.concatenate([self.prompts["segment_ids"], (out.mask > 0).astype(jnp.int32)], axis=1)
-    last = self.prompts["tokens"].shape[1] + jnp.maximum(out.lengths, 1) - 1
-    values = forward(self.rm_cfg, "scalar", self.rm_params,
-                            {"tokens": tokens, "segment_ids": seg})
-    rewards = np.asarray(losses.gather_last(values, last))
+    tokens, seg = rollout.append_responses(self.prompts["tokens"], self.prompts["segment_ids"],
+                                           out.tokens, out.mask)
+    rewards = np.asarray(rollout.last_token_scores(self.rm_cfg, self.rm_params, tokens, seg,
+                                                   self.prompts["tokens"].shape[1], out.lengths))
     return {"rm_reward": float(rewards[self.valid].mean()),
             "response_length": float(np.asarray(out.lengths)[self.valid].mean())}
 
