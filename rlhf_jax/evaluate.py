@@ -67,7 +67,6 @@ import time
 import zlib
 
 import jax
-import ml_collections
 import numpy as np
 
 from rlhf_jax import eval_metrics
@@ -87,45 +86,10 @@ BASELINE = "sft_baseline"    # the rng stream of the SFT samples every policy is
 CANDIDATES = "best_of_n"     # the rng stream of the best-of-N candidates
 
 
-def default_config(preset="tiny"):
-  """The `eval` ConfigDict (embedded as `config.eval` next to the usual `data` and `mesh`)."""
-  c = ml_collections.ConfigDict()
-  c.num_prompts = 0            # held-out prompts (data.eval_split of `prompts`); 0 = all (offline: 400)
-  c.samples_per_prompt = 4     # responses per prompt and policy
-  c.temperature = 1.0          # sampling temperature (1 = the policies' own distribution)
-  c.max_new_tokens = 256
-  c.prompt_len = 256           # prompts left-padded (or cut on the left) to this many tokens
-  c.batch_size = 32            # prompts per sampler call (x samples_per_prompt rows)
-  c.seed = 0
-  c.rm_path = "auto"           # the reward model; 'auto' = <workdir>/rm/model
-  c.pretrain_batches = 8       # packed batches of held-out pretraining text (0 = no pretrain_loss)
-  c.pretrain_batch_size = 16
-  c.pretrain_seq_len = 1024
-  c.num_examples = 3           # prompts whose completions results.md shows
-  # Best-of-N baselines: max(best_of) SFT candidates per prompt, reranked by the RM and by gold.
-  c.best_of = (4, 16)          # () = off
-  c.probe_prompts = 0          # capability-probe prompts (offline task); 0 = all
-  c.probe_new_tokens = 4       # greedy tokens decoded per probe prompt
-  # Sequence length of the held-out comparisons (RM accuracy tables); 0 = config.rm.seq_len when
-  # the config has an `rm` section (the pipeline's), else prompt_len + max_new_tokens.
-  c.rm_seq_len = 0
-  if preset == "tiny":
-    c.max_new_tokens, c.prompt_len, c.batch_size = 24, 24, 40   # max_new_tokens: PPO response_len
-    c.pretrain_seq_len = 128
-  elif preset == "smollm2":
-    c.max_new_tokens, c.prompt_len, c.batch_size = 32, 48, 32
-    c.pretrain_seq_len = 256
-  return c
-
-
-
-# ----------------------------------------------------------------------------- evaluation
-
 def validate(config):
   """One-line UserError for the first bad field of `config.eval`."""
   if "eval" not in config:
-    raise UserError("config.eval is missing (expected the ConfigDict of "
-                    "rlhf_jax.evaluate.default_config)")
+    raise UserError("config.eval is missing (expected the ConfigDict of configs/eval.py)")
   e = config.eval
   for field, minimum in (("num_prompts", 0), ("samples_per_prompt", 1), ("max_new_tokens", 1),
                          ("prompt_len", 1), ("batch_size", 1), ("seed", 0),
@@ -133,14 +97,14 @@ def validate(config):
                          ("pretrain_seq_len", 2), ("num_examples", 0), ("probe_prompts", 0),
                          ("probe_new_tokens", 1), ("rm_seq_len", 0)):
     if field not in e:
-      raise UserError(f"config.eval.{field} is missing (see rlhf_jax.evaluate.default_config)")
+      raise UserError(f"config.eval.{field} is missing (see configs/eval.py)")
     value = e[field]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
       raise UserError(f"config.eval.{field} must be an integer >= {minimum}, got {value!r}")
   if not (isinstance(e.temperature, (int, float)) and e.temperature > 0):
     raise UserError(f"config.eval.temperature must be a number > 0, got {e.temperature!r}")
   if "best_of" not in e:
-    raise UserError("config.eval.best_of is missing (see rlhf_jax.evaluate.default_config)")
+    raise UserError("config.eval.best_of is missing (see configs/eval.py)")
   best_of = e.best_of
   if (not isinstance(best_of, (tuple, list))
       or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in best_of)

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from rlhf_jax import eval_metrics, eval_results, eval_rm_accuracy, evaluate, rollout
+from rlhf_jax import config_files, eval_metrics, eval_results, eval_rm_accuracy, evaluate, rollout
 from rlhf_jax.convert import save_model
 from rlhf_jax.data import load_tokenizer, offline_task, prepare
 from rlhf_jax.errors import UserError
@@ -290,7 +290,7 @@ def eval_config(data_dir):
   c = ml_collections.ConfigDict()
   c.data, c.mesh = base.data, base.mesh
   c.data.dir = data_dir
-  c.eval = evaluate.default_config("tiny")
+  c.eval = config_files.get_config(os.path.join(ROOT, "configs", "eval.py"), "tiny")
   c.eval.num_prompts, c.eval.samples_per_prompt, c.eval.batch_size = 32, 2, 8
   c.eval.max_new_tokens, c.eval.pretrain_batches, c.eval.pretrain_batch_size = 8, 2, 8
   c.eval.pretrain_seq_len, c.eval.num_examples = 64, 2
