@@ -134,24 +134,15 @@ def rm_table(entries, header):
   return "\n".join(lines)
 
 
-def format_markdown(results, rows, examples, probe_examples=()):
-  """results.md: the tables, how to read them, the RM's accuracy, the plot, sample completions."""
-  meta, rm = results["meta"], results["rm"]
-  best = ", ".join(str(n) for n in meta.get("best_of", ())) or "off"
-  lines = ["# Evaluation", "",
-           f"{meta['prompts']} held-out prompts (`{meta['split']}` split) x "
-           f"{meta['samples_per_prompt']} samples per policy, temperature {meta['temperature']}, "
-           f"at most {meta['max_new_tokens']} new tokens, seed {meta['seed']}; best-of-N for N = "
-           f"{best} from {meta.get('best_of_candidates', 0)} SFT candidates per prompt.", "",
-           full_table(rows), "",
-           "How to read this:", ""]
+def _how_to_read(meta):
+  """results.md's reading guide, one bullet per kind of column."""
   if meta["gold_labeler"]:
-    lines.append("* **gold win rate vs SFT**: each sample against every independent SFT baseline "
-                 "sample of the same prompt under the gold labeler (win 1, tie 0.5, loss 0); the "
-                 "95% interval is +-1.96 standard errors over prompts. SFT itself is about 0.5.")
+    lines = ["* **gold win rate vs SFT**: each sample against every independent SFT baseline "
+             "sample of the same prompt under the gold labeler (win 1, tie 0.5, loss 0); the "
+             "95% interval is +-1.96 standard errors over prompts. SFT itself is about 0.5."]
   else:
-    lines.append("* No gold labeler for this data (only the offline task has one): no win rate.")
-  lines += [
+    lines = ["* No gold labeler for this data (only the offline task has one): no win rate."]
+  return lines + [
       "* **bo{N}_rm / bo{N}_gold**: the best of N SFT samples by the reward model / by the gold "
       "labeler (disjoint groups of N of the candidates, ties to the first). bo{N}_rm is what the "
       "RM can buy without training the policy; bo{N}_gold is the ceiling of reranking; PPO "
@@ -170,12 +161,13 @@ def format_markdown(results, rows, examples, probe_examples=()):
       f"greedy, {meta.get('probe_new_tokens', 0)} tokens) continued with the right count, a "
       "skill only the pretraining text teaches. Both measure the alignment tax; `base` is the "
       "pretrained model before SFT (no policy: probe and pretrain loss only).", ""]
-  fam = family_table(rows)
-  if fam:
-    lines += ["## Gold score by instruction family", "", fam, ""]
-  lines += ["## Reward model", "",
-            f"{meta['rm_path']}: held-out accuracy {_num(rm['heldout_accuracy'])}, against the "
-            f"gold labeler {_num(rm['gold_accuracy'])} (from its training run).", ""]
+
+
+def _reward_model_section(meta, rm):
+  """results.md's reward-model section: its own accuracy and the tables on the comparisons."""
+  lines = ["## Reward model", "",
+           f"{meta['rm_path']}: held-out accuracy {_num(rm['heldout_accuracy'])}, against the "
+           f"gold labeler {_num(rm['gold_accuracy'])} (from its training run).", ""]
   if rm.get("by_family"):
     o = rm["overall"]
     lines += [f"On the held-out comparisons of SFT samples ({rm['comparisons']}, "
@@ -189,14 +181,12 @@ def format_markdown(results, rows, examples, probe_examples=()):
               "Accuracy that grows with the gap is a reward model that sees quality; a family "
               "near 0.5 is one it cannot judge (RL against it cannot improve that family); "
               "labels vs gold is the simulated labeler's own agreement, the ceiling.", ""]
-  if meta.get("plot"):
-    lines += ["## Over-optimisation", "", f"![over-optimisation]({meta['plot']})", "",
-              "Gold and RM score against sqrt(KL to SFT): PPO runs over their iterations (their "
-              "rollout KL and scores, running mean of 8 iterations), best-of-N by RM and by gold (N = 1 is SFT), and the "
-              "evaluated policies as markers (Gao et al. 2022, figure 1).", ""]
-  lines += [f"Machine: {meta['machine']['host']}, {meta['machine']['backend']} "
-            f"({meta['machine']['device_kind']} x{meta['machine']['device_count']}), "
-            f"{meta['seconds']:.1f} s.", ""]
+  return lines
+
+
+def _completion_sections(examples, probe_examples):
+  """results.md's sample completions and greedy probe continuations."""
+  lines = []
   if examples:
     lines += ["## Sample completions", ""]
     for i, (prompt, ex_rows) in enumerate(examples, start=1):
@@ -210,4 +200,33 @@ def format_markdown(results, rows, examples, probe_examples=()):
       lines += [f"**`{json.dumps(prompt)}`**", ""]
       lines += [f"* {name}: `{json.dumps(text)}`" for name, text in ex_rows]
       lines.append("")
+  return lines
+
+
+def format_markdown(results, rows, examples, probe_examples=()):
+  """results.md: the tables, how to read them, the RM's accuracy, the plot, sample completions."""
+  meta, rm = results["meta"], results["rm"]
+  best = ", ".join(str(n) for n in meta.get("best_of", ())) or "off"
+  lines = ["# Evaluation", "",
+           f"{meta['prompts']} held-out prompts (`{meta['split']}` split) x "
+           f"{meta['samples_per_prompt']} samples per policy, temperature {meta['temperature']}, "
+           f"at most {meta['max_new_tokens']} new tokens, seed {meta['seed']}; best-of-N for N = "
+           f"{best} from {meta.get('best_of_candidates', 0)} SFT candidates per prompt.", "",
+           full_table(rows), "",
+           "How to read this:", ""]
+  lines += _how_to_read(meta)
+  fam = family_table(rows)
+  if fam:
+    lines += ["## Gold score by instruction family", "", fam, ""]
+  lines += _reward_model_section(meta, rm)
+  if meta.get("plot"):
+    lines += ["## Over-optimisation", "", f"![over-optimisation]({meta['plot']})", "",
+              "Gold and RM score against sqrt(KL to SFT): PPO runs over their iterations (their "
+              "rollout KL and scores, running mean of 8 iterations), best-of-N by RM and by gold "
+              "(N = 1 is SFT), and the evaluated policies as markers (Gao et al. 2022, figure 1).",
+              ""]
+  lines += [f"Machine: {meta['machine']['host']}, {meta['machine']['backend']} "
+            f"({meta['machine']['device_kind']} x{meta['machine']['device_count']}), "
+            f"{meta['seconds']:.1f} s.", ""]
+  lines += _completion_sections(examples, probe_examples)
   return "\n".join(lines)
