@@ -65,8 +65,8 @@ per-phase breakdowns each side exposes), shape, and rounds (the raw s/iter per s
 """
 import argparse
 import dataclasses
-import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -101,6 +101,8 @@ PEER_SCRIPTS = {"trl": "trl_ppo.py", "tunix": "tunix_ppo.py"}
 
 
 # ----------------------------------------------------------------------------- our worker
+# (jax and rlhf_jax are imported inside these functions: the driver, which times the peers in
+# their own processes, never loads them.)
 
 def model_config(shape=SHAPE):
   """The GPT-2 flavoured ModelConfig at the benchmark shape (as benchmarks/generate.py builds it)."""
@@ -114,12 +116,9 @@ def model_config(shape=SHAPE):
 def iteration_settings(**fields):
   """`ppo_iteration.Settings` from configs/ppo_ptx.py's tiny config (their one source, through
   `ppo.settings_from_config`) with ptx and the missing-EOS penalty off and `fields` replaced."""
+  from rlhf_jax import config_files
   from rlhf_jax.train import ppo
-  spec = importlib.util.spec_from_file_location(
-      "ppo_ptx_config", os.path.join(HERE, "..", "configs", "ppo_ptx.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = config_files.get_config(os.path.join(HERE, "..", "configs", "ppo_ptx.py"), "tiny")
   config.ppo.ptx_coef = 0.0
   config.ppo.missing_eos_penalty = 0.0
   return dataclasses.replace(ppo.settings_from_config(config), **fields)
@@ -178,7 +177,6 @@ def bench_iteration(model_cfg, *, num_prompts, prompt_len, response_len, seed=0,
 
 def worker_ours(warmup, iters, seed=0, shape=SHAPE):
   """Times `bench_iteration(...)()`: `warmup` untimed calls, then `iters` timed ones."""
-  import math
   run = bench_iteration(model_config(shape), num_prompts=shape["num_prompts"],
                         prompt_len=shape["prompt_len"], response_len=shape["response_len"],
                         seed=seed)

@@ -2,20 +2,16 @@
 of the settings, through `ppo.settings_from_config`) with ptx, the missing-EOS penalty and the
 gradient clip off, and the given fields replaced."""
 import dataclasses
-import importlib.util
 import os
 
+from rlhf_jax import config_files
 from rlhf_jax.train import ppo
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def tiny_settings(**fields):
-  spec = importlib.util.spec_from_file_location("ppo_ptx_config",
-                                                os.path.join(ROOT, "configs", "ppo_ptx.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = config_files.get_config(os.path.join(ROOT, "configs", "ppo_ptx.py"), "tiny")
   config.ppo.ptx_coef = 0.0
   config.ppo.missing_eos_penalty = 0.0
   config.optimizer.grad_clip = 0.0
