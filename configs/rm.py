@@ -26,7 +26,9 @@ def get_config(preset="tiny"):
     c.batch_size = 16
     c.eval_batch_size = 32
     c.seq_len = 32         # the longest [bos] prompt response [eos] of the offline task: 28 tokens
-    c.num_steps = 1000
+    # 2000 steps (2 passes over 10000 ranked prompts): at 1000 the 2 x 64 reward model had not
+    # yet learnt to judge `add` on task seed 1 (held-out accuracy 0.73 -> 0.76).
+    c.num_steps = 2000
     c.eval_every = 250
     c.log_every = 50
   elif preset == "smollm2":

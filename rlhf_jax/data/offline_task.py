@@ -409,7 +409,7 @@ def ptx_document(config, rng):
 class OfflineSizes:
   """How many records of each kind to generate, and how the comparisons are made."""
   ptx: int = 4000
-  sft: int = 2000
+  sft: int = 8000              # demonstrations (at 2000, 1000 SFT steps overfit them: 8 epochs)
   comparisons: int = 1000
   prompts: int = 10000         # RL prompts: the collect stage ranks SFT samples of each
   validation: int = 400        # records in each validation split
