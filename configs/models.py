@@ -11,7 +11,7 @@ Config presets:
 """
 import ml_collections
 
-from rlhf_jax.data import offline_task
+from rlhf_jax.data import offline_dataset
 from rlhf_jax.models import preset as model_preset
 
 # config preset -> model preset, model overrides
@@ -53,8 +53,9 @@ def data_config():
   c.eval_split = "validation"
   c.task_seed = 0             # seed of the offline task's generation
   # The offline task's knobs (families, words, lengths, operands, demonstration flaw rates)
-  # and sizes (records per kind, K, labeler temperature): rlhf_jax/data/offline_task.py.
-  c.task = ml_collections.ConfigDict(offline_task.config_fields())
+  # and sizes (records per kind, K, labeler temperature): rlhf_jax/data/offline_task.py and
+  # offline_dataset.py.
+  c.task = ml_collections.ConfigDict(offline_dataset.config_fields())
   c.prefetch = 2              # batches built ahead in a background thread
   return c
 

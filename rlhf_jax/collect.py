@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 
 from rlhf_jax import rollout
 from rlhf_jax import sharding
-from rlhf_jax.data import builders, labelers, offline_task, schema
+from rlhf_jax.data import builders, gold_labeler, labelers, schema
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.sampling import SamplingConfig
@@ -293,7 +293,7 @@ def run(config, workdir, score_fn=None):
   """Runs the collect stage in `<workdir>/collect`; returns that directory.
 
   Skipped (with a line) when `collect/collect.json` exists. `score_fn(prompt, response)` is the
-  gold labeler (default `offline_task.gold_score`).
+  gold labeler (default `gold_labeler.gold_score`).
   """
   workdir = os.path.abspath(workdir)
   out_dir = collect_dir(workdir)
@@ -301,7 +301,7 @@ def run(config, workdir, score_fn=None):
     print(f"{STAGE}: comparisons exist at {out_dir}; skipping the stage", flush=True)
     return out_dir
   cfg = validate(config)
-  score_fn = score_fn or offline_task.gold_score
+  score_fn = score_fn or gold_labeler.gold_score
   t0 = time.time()
   policy, tfds_dir = load_policy(config, workdir, cfg)
   records = split_records(config, tfds_dir)

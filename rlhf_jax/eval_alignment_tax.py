@@ -1,7 +1,7 @@
 """The alignment tax of a model: its loss on held-out pretraining text and the capability probe.
 
 The probe (offline task): greedy continuations of the probe prompts "the list fig pear kiwi has"
-(`probe_new_tokens` tokens) scored by `offline_task.probe_score`; only the pretraining text teaches
+(`probe_new_tokens` tokens) scored by `gold_labeler.probe_score`; only the pretraining text teaches
 this skill, so a drop from the base model is what RLHF costs and what the ptx term restores.
 """
 import os
@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from rlhf_jax import rollout
-from rlhf_jax.data import builders, loaders, offline_task
+from rlhf_jax.data import builders, gold_labeler, loaders, offline_dataset
 from rlhf_jax.errors import UserError
 from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import sft
@@ -42,7 +42,7 @@ def probe_prompts(config, tfds_dir):
   None with other data."""
   if config.data.source != "offline":
     return None
-  prompts = offline_task.read_probe(os.path.dirname(tfds_dir))
+  prompts = offline_dataset.read_probe(os.path.dirname(tfds_dir))
   if prompts is not None and config.eval.probe_prompts:
     prompts = prompts[:config.eval.probe_prompts]
   return prompts
@@ -88,5 +88,5 @@ class AlignmentTax:
         texts[int(i)] = text
       bar.update(1)
     self.texts[name] = texts
-    return float(np.mean([offline_task.probe_score(p, t)
+    return float(np.mean([gold_labeler.probe_score(p, t)
                           for p, t in zip(self.prompts, texts)]))

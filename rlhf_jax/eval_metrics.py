@@ -79,7 +79,7 @@ def best_of_n_kl(n):
 
 
 def analysis_arrays(analyses, shape):
-  """`offline_task.analyze` dicts (row-major, `shape` of them) -> arrays of that shape: family
+  """`gold_labeler.analyze` dicts (row-major, `shape` of them) -> arrays of that shape: family
   (object), gold, content, filler (float), hallucinated (float; NaN where it is None: add)."""
   get = lambda key: [a[key] for a in analyses]
   hal = [np.nan if h is None else float(h) for h in get("hallucinated")]

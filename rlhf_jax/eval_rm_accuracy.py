@@ -123,7 +123,7 @@ def comparison_tables(config, comparisons_dir, tok, rm_cfg, rm_params, mesh):
     ranks.append(batch["ranks"][rows])
     valid.append(batch["response_valid"][rows])
     gold.append(rm.gold_matrix(source, batch["index"][rows], k_max))
-    families += [offline_task.parse_prompt(rollout.text_of(source[int(i)]["prompt"]))[0]
+    families += [offline_task.parse_prompt(loaders.text_of(source[int(i)]["prompt"]))[0]
                  for i in batch["index"][rows]]
   out = rm_accuracy_tables(np.concatenate(rewards), np.concatenate(ranks),
                            np.concatenate(valid), np.concatenate(gold), families)

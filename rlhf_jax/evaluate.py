@@ -12,7 +12,7 @@ split) are sampled at `temperature` (default 1: the policy's own distribution), 
                         against itself is computed (about 0.5), not assumed.
   gold_score            mean gold score of the samples.
   content_score         mean gold score with the filler words removed (correctness alone;
-                        `offline_task.analyze`), so a gain in gold_score can be split into style
+                        `gold_labeler.analyze`), so a gain in gold_score can be split into style
                         (dropping the filler) and substance.
   rm_score              mean reward-model score (`<workdir>/rm/model`, read at the last token).
   kl_to_sft             mean over samples of sum_t (log pi(y_t) - log pi_SFT(y_t)) over the response
@@ -26,7 +26,7 @@ split) are sampled at `temperature` (default 1: the policy's own distribution), 
                         the first `pretrain_batches` packed batches): the alignment tax.
   probe_score           the capability probe (offline task): greedy continuation of the probe
                         prompts "the list fig pear kiwi has" (`probe_new_tokens` tokens), scored by
-                        `offline_task.probe_score`; only the pretraining text teaches this, so a
+                        `gold_labeler.probe_score`; only the pretraining text teaches this, so a
                         drop from the base model is what RLHF costs and what the ptx term restores.
 
 The base model (`<workdir>/pretrain/model` when it exists, row `base`) gets only pretrain_loss and
@@ -75,7 +75,7 @@ from rlhf_jax import eval_rm_accuracy
 from rlhf_jax import rollout
 from rlhf_jax import sharding
 from rlhf_jax.convert import load_model
-from rlhf_jax.data import offline_task
+from rlhf_jax.data import gold_labeler
 from rlhf_jax.errors import UserError
 from rlhf_jax.eval_alignment_tax import AlignmentTax
 from rlhf_jax.sampling import SamplingConfig
@@ -152,8 +152,8 @@ class _Evaluation:
     rollout.batch_size_check(e.batch_size, self.mesh, "eval.batch_size")
     self.tfds_dir, data_tok_dir = stage_io.data_paths(config, workdir)
     self.offline = config.data.source == "offline"
-    self.gold_fn = score_fn or (offline_task.gold_score if self.offline else None)
-    self.analyze_fn = analyze_fn or (offline_task.analyze if self.offline else None)
+    self.gold_fn = score_fn or (gold_labeler.gold_score if self.offline else None)
+    self.analyze_fn = analyze_fn or (gold_labeler.analyze if self.offline else None)
     self._load_models(workdir, sft_path, data_tok_dir)
     self._load_prompts()
     self.s = e.samples_per_prompt
@@ -360,7 +360,7 @@ def evaluate(config, workdir, policies, score_fn=None, base_path=None, analyze_f
 
   `score_fn(prompt, response)` is the gold labeler: default the offline task's `gold_score` when
   `config.data.source` is 'offline', else none (the gold metrics are then None). `analyze_fn`
-  (default `offline_task.analyze` on the offline task, else none) gives the style columns.
+  (default `gold_labeler.analyze` on the offline task, else none) gives the style columns.
   `base_path`: the pretrained base model (row `base`: pretrain loss and capability probe only).
   The RM accuracy tables are computed when `<workdir>/collect/tfds` exists (offline task).
   """

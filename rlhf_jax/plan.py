@@ -41,6 +41,10 @@ logits). ppo = max(rollout, update): the rollout holds the policy's KV cache,
 (reference, reward, value: inference only); the update holds the policy's and the value model's
 training activations for one minibatch (--minibatch_size) at once. The pretraining (ptx) term is
 accumulated over minibatches of the same size and adds nothing to the peak.
+
+With --config, a PPO config (one with `ppo`) gives batch = ppo.batch_size episodes, seq_len =
+ppo.prompt_len + ppo.response_len and minibatch = batch / ppo.minibatches; the other stage configs
+give their top-level batch_size and seq_len. Flags override the config.
 """
 import dataclasses
 import math
@@ -277,8 +281,9 @@ def define_flags() -> dict:
           "num_devices", None, "Devices a -1 in --mesh divides (default: local devices)."),
       "batch_size": flags.DEFINE_integer("batch_size", None,
                                          "Global batch (sequences; ppo: episodes)."),
-      "minibatch_size": flags.DEFINE_integer("minibatch_size", None,
-                                             "ppo update minibatch (default batch/8)."),
+      "minibatch_size": flags.DEFINE_integer(
+          "minibatch_size", None,
+          "ppo update minibatch (default: batch / the config's ppo.minibatches, else batch/8)."),
       "seq_len": flags.DEFINE_integer("seq_len", None,
                                       "Tokens per sequence (ppo: prompt + response)."),
       "optimizer_dtype": flags.DEFINE_enum("optimizer_dtype", "float32", list(_DTYPE_BYTES),
@@ -306,8 +311,22 @@ def _runs_from_flags(f: dict):
   return requests({k: v.value for k, v in f.items()})
 
 
+def _config_shape(config, batch: int, seq: int):
+  """(batch, seq_len, minibatches) a stage config asks for, `batch`/`seq` where it says nothing.
+
+  The PPO stage (a config with `ppo`): ppo.batch_size episodes of ppo.prompt_len +
+  ppo.response_len tokens, updated in ppo.minibatches minibatches. The other stages: the top-level
+  batch_size and seq_len; minibatches None.
+  """
+  if _config_value(config, "ppo") is None:
+    return _config_value(config, "batch_size", batch), _config_value(config, "seq_len", seq), None
+  p = config.ppo
+  return p.batch_size, p.prompt_len + p.response_len, p.minibatches
+
+
 def requests(opts: dict):
-  """(name, ModelConfig, stages, mesh, batch, seq, remat) for every table row group requested.
+  """(name, ModelConfig, stages, mesh, batch, seq, remat, minibatch) for every table row group
+  requested; minibatch None = `plan`'s default.
 
   opts: the flag values by flag name (None = not given); opts['config'] a stage ConfigDict or None.
   """
@@ -336,11 +355,12 @@ def requests(opts: dict):
       import jax
       devices = jax.device_count()
     shape = sharding.resolve_mesh_shape(shape, devices, field)
-    batch = opts.get("batch_size") or _config_value(config, "batch_size", batch)
-    seq = opts.get("seq_len") or _config_value(config, "seq_len", min(seq, cfg.max_len))
+    batch, seq, minibatches = _config_shape(config, batch, min(seq, cfg.max_len))
+    batch, seq = opts.get("batch_size") or batch, opts.get("seq_len") or seq
+    minibatch = opts.get("minibatch_size") or (int(batch) // minibatches if minibatches else None)
     remat = opts.get("remat") if opts.get("remat") is not None else (
         remat if opts.get("model") is None and config is None else None)
-    runs.append((name, cfg, stages, shape, int(batch), int(seq), remat))
+    runs.append((name, cfg, stages, shape, int(batch), int(seq), remat, minibatch))
   return runs
 
 
@@ -349,10 +369,10 @@ def main(argv, f: dict):
     raise UserError(f"unexpected arguments {argv[1:]}; use --model/--config and flags")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   plans = []
-  for name, cfg, stages, shape, batch, seq, remat in _runs_from_flags(f):
+  for name, cfg, stages, shape, batch, seq, remat, minibatch in _runs_from_flags(f):
     for stage in stages:
       plans.append(plan(cfg, stage, shape, batch, seq, f["optimizer_dtype"].value, remat,
-                        f["minibatch_size"].value, name))
+                        minibatch, name))
   print(format_table(plans))
 
 

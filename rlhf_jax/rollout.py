@@ -22,11 +22,6 @@ from rlhf_jax.train.step import forward, jit_eval_step
 
 # ----------------------------------------------------------------------------- text
 
-def text_of(value):
-  """TFDS text (bytes) or str -> str."""
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def response_ids(tokens, length, eos_id):
   """The generated ids of one row without its EOS: tokens[:length], the last dropped if EOS."""
   ids = [int(t) for t in tokens[:length]]
@@ -98,7 +93,7 @@ def split_prompts(tfds_dir, split, field, limit):
   """The first `limit` (0 = all) prompt records of one split, as dicts."""
   source = stage_io.load_split(tfds_dir, "prompts", split, field)
   n = len(source) if not limit else min(limit, len(source))
-  return [{"prompt": text_of(source[i]["prompt"])} for i in range(n)]
+  return [{"prompt": loaders.text_of(source[i]["prompt"])} for i in range(n)]
 
 
 def prompt_batches(records, tok, batch_size, prompt_len):

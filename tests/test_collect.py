@@ -78,7 +78,7 @@ def collect_config(data_dir, **overrides):
 
 def prompts_of(data_dir, split, n):
   source = builders.load_source(os.path.join(data_dir, "tfds"), "prompts", split)
-  return [rollout.text_of(source[i]["prompt"]) for i in range(n)]
+  return [loaders.text_of(source[i]["prompt"]) for i in range(n)]
 
 
 @pytest.fixture(scope="module")

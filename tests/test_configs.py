@@ -89,8 +89,6 @@ def test_a_ppo_config_with_a_field_of_another_stage_is_refused():
 def test_eval_config_is_the_pipelines(preset):
   config = config_files.get_config(os.path.join(CONFIGS, "eval.py"), preset)
   assert config.to_dict() == _config("ppo_ptx", preset).eval.to_dict()
-  if hasattr(evaluate, "default_config"):    # the old home of these fields, while it exists
-    assert config.to_dict() == evaluate.default_config(preset).to_dict()
 
 
 def test_unknown_preset_is_a_value_error():

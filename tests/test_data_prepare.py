@@ -6,13 +6,13 @@ import sys
 import pytest
 
 from rlhf_jax.data import builders
-from rlhf_jax.data import offline_task
+from rlhf_jax.data import offline_dataset
 from rlhf_jax.data import prepare
 from rlhf_jax.errors import UserError
 
 
 def test_prepare_offline_builds_four_kinds(tmp_path):
-  sizes = offline_task.OfflineSizes(ptx=20, sft=20, comparisons=10, prompts=10, validation=5)
+  sizes = offline_dataset.OfflineSizes(ptx=20, sft=20, comparisons=10, prompts=10, validation=5)
   paths = prepare.prepare_offline(tmp_path, sizes=sizes)
   for kind in ("ptx", "sft", "comparisons", "prompts"):
     assert len(builders.load_source(paths["tfds"], kind, "validation")) == 5

@@ -19,7 +19,7 @@ import pytest
 
 from rlhf_jax import config_files, eval_metrics, eval_results, eval_rm_accuracy, evaluate, rollout
 from rlhf_jax.convert import save_model
-from rlhf_jax.data import load_tokenizer, offline_task, prepare
+from rlhf_jax.data import gold_labeler, load_tokenizer, offline_task, prepare
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import Transformer, get_model_config, init_params
 
@@ -138,7 +138,7 @@ def test_style_metrics_on_hand_made_responses():
            (count, " 2 kiwi sure"),              # kiwi IS in the list: no hallucination; filler
            (count, " 2 lemon"),                 # lemon is not: hallucination
            (add, " 81 done")]                   # add: no list, filler
-  analyses = [offline_task.analyze(p, r) for p, r in cases]
+  analyses = [gold_labeler.analyze(p, r) for p, r in cases]
   arrays = eval_metrics.analysis_arrays(analyses, (2, 3))
   got = eval_metrics.style_metrics(arrays)
   content = [1.0, 1.0, 0.75, 0.5, 0.5, 1.0]
@@ -156,7 +156,7 @@ def test_style_metrics_on_hand_made_responses():
   assert eval_metrics.style_metrics(picked, gold=np.asarray([[0.3], [0.9]])) == {
       "content_score": pytest.approx(1.0), "filler_rate": 0.5, "hallucination_rate": 0.0,
       "gold_by_family": {"sort": 0.3, "add": 0.9}}
-  only_add = eval_metrics.analysis_arrays([offline_task.analyze(add, " 81")], (1, 1))
+  only_add = eval_metrics.analysis_arrays([gold_labeler.analyze(add, " 81")], (1, 1))
   assert eval_metrics.style_metrics(only_add)["hallucination_rate"] is None
 
 
@@ -314,7 +314,7 @@ def probe_prefers_mark(prompt, response):
   return 1.0 if response.split()[:1] == [MARK] else REAL_PROBE_SCORE(prompt, response)
 
 
-REAL_PROBE_SCORE = offline_task.probe_score
+REAL_PROBE_SCORE = gold_labeler.probe_score
 PPO_CURVE = [{"kind": "train", "step": s, "kl": 0.5 * s, "reward": 0.1 * s,
               "gold_score": 0.2 + 0.05 * s - 0.01 * s * s} for s in range(1, 6)]
 
@@ -345,7 +345,7 @@ def run_dir(tmp_path_factory):
   policies = {n: os.path.join(workdir, n, "model") for n in ("sft", "ppo", "ppo_ptx",
                                                               "ppo_oracle")}
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(offline_task, "probe_score", probe_prefers_mark)
+    mp.setattr(gold_labeler, "probe_score", probe_prefers_mark)
     results = evaluate.evaluate(config, workdir, policies, score_fn=hash_score,
                                 base_path=os.path.join(workdir, "pretrain", "model"))
   return workdir, config, results

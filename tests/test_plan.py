@@ -1,4 +1,5 @@
 """The memory planner: exact parameter bytes, fallbacks, the CLI, and a cross-check against XLA."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 import multihost_worker as w
-from rlhf_jax import plan, sharding
+from rlhf_jax import config_files, plan, sharding
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import PRESET_NAMES, count_params, get_model_config
 
@@ -89,6 +90,32 @@ def test_cli_reads_a_stage_config(tmp_path):
   assert out.returncode == 0, out.stderr
   row = [line.split() for line in out.stdout.splitlines()][2]
   assert row[1:5] == ["ppo", "2,4,2", "16", "16"]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "6.7b"])
+def test_a_ppo_config_plans_its_episodes_and_minibatches(preset):
+  """configs/ppo_ptx.py has no top-level batch_size/seq_len: the plan reads ppo.batch_size
+  episodes of ppo.prompt_len + ppo.response_len tokens, minibatch ppo.batch_size / minibatches."""
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "ppo_ptx.py")
+  config = config_files.get_config(path, preset)
+  p = config.ppo
+  assert "batch_size" not in config and "seq_len" not in config
+  [(_, _, stages, shape, batch, seq, _, minibatch)] = plan.requests(
+      {"config": config, "num_devices": 8})
+  assert stages == ("ppo",) and shape == (1, 8, 1)
+  assert (batch, seq, minibatch) == (p.batch_size, p.prompt_len + p.response_len,
+                                     p.batch_size // p.minibatches)
+  # Flags win; the config's number of minibatches splits the batch the flags give.
+  [run] = plan.requests({"config": config, "num_devices": 8, "batch_size": 128, "seq_len": 32})
+  assert run[4:6] == (128, 32) and run[7] == 128 // p.minibatches
+  [run] = plan.requests({"config": config, "num_devices": 8, "minibatch_size": 16})
+  assert run[7] == 16
+  if preset == "tiny":     # the command line: 64 episodes x (24 + 16) tokens, minibatch 64 / 4
+    out = _cli(f"--config={path}:tiny", "--num_devices=8")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[2].split()[1:7] == ["ppo", "1,8,1", "8", "64", "x", "40"]
+    out = _cli(f"--config={path}:tiny", "--num_devices=8", "--config.ppo.minibatches=16")
+    assert out.stderr.startswith("error: minibatch_size: 4 must be a multiple of data x fsdp = 8")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -422,7 +422,7 @@ def ppo_inputs(tmp_path_factory):
   """Offline data, a random 'SFT' model, a matching reward model and a mismatched one."""
   from rlhf_jax.convert import save_model
   from rlhf_jax.data import prepare
-  from rlhf_jax.data.offline_task import OfflineSizes
+  from rlhf_jax.data.offline_dataset import OfflineSizes
   root = tmp_path_factory.mktemp("ppo_inputs")
   data = root / "data"
   sizes = OfflineSizes(**SIZES)
@@ -501,19 +501,19 @@ def _episodes(tok, prompts, responses, prompt_len, n):
 
 
 def test_gold_score_fn_is_the_gold_labeler_on_decoded_texts(ppo_inputs):
-  from rlhf_jax.data import load_tokenizer, offline_task
+  from rlhf_jax.data import gold_labeler, load_tokenizer, loaders, offline_task
   from rlhf_jax.errors import UserError
   from rlhf_jax.train import stage_io
   root, _ = ppo_inputs
   tok = load_tokenizer(str(root / "data" / "tokenizer"))
   source = stage_io.load_split(str(root / "data" / "tfds"), "prompts", "train", "train_split")
-  prompts = [rollout.text_of(source[i]["prompt"]) for i in range(4)]
+  prompts = [loaders.text_of(source[i]["prompt"]) for i in range(4)]
   answers = [offline_task.answer_text(*offline_task.parse_prompt(q)) for q in prompts]
   responses = [answers[0], answers[1] + " fig" * 12, "", " 7 pear"]
   p_len, n, scale = 32, 10, 2.0
   tokens, lengths, texts = _episodes(tok, prompts, responses, p_len, n)
   assert lengths[1] == n and tokens[1, -1] != tok.eos_id     # a response cut without EOS
-  expect = [scale * offline_task.gold_score(q, a) for q, a in zip(prompts, texts)]
+  expect = [scale * gold_labeler.gold_score(q, a) for q, a in zip(prompts, texts)]
   assert expect[0] == scale and expect[2] == 0.0
   fn = ppo.gold_score_fn(tok, scale)
   got = jax.jit(lambda t, l: fn(t, l, p_len))(tokens, lengths)

@@ -11,8 +11,10 @@ Typical use (`from rlhf_jax.data import prepare`, or `python -m rlhf_jax.data.pr
 from rlhf_jax.data import builders
 from rlhf_jax.data import encoding
 from rlhf_jax.data import formats
+from rlhf_jax.data import gold_labeler
 from rlhf_jax.data import labelers
 from rlhf_jax.data import loaders
+from rlhf_jax.data import offline_dataset
 from rlhf_jax.data import offline_task
 from rlhf_jax.data import packing
 from rlhf_jax.data import schema

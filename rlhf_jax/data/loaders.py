@@ -51,8 +51,8 @@ def _check_positive(name, value):
     raise UserError(f"{name} must be a positive integer (got {value!r})")
 
 
-def _text(value):
-  """TFDS data sources return text as bytes; lists of dicts hold str."""
+def text_of(value):
+  """Text of a record field: TFDS data sources return bytes, lists of dicts hold str."""
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
@@ -117,7 +117,7 @@ def _prefetch(ds, prefetch):
 
 def _encode_ptx(item, tokenizer):
   _, record = item
-  return tokenizer.encode(_text(record["text"]))
+  return tokenizer.encode(text_of(record["text"]))
 
 
 class _PtxChunks(grain.experimental.FlatMapTransform):
@@ -151,8 +151,8 @@ def ptx_loader(source, tokenizer, *, batch_size, seq_len, seed=0, num_epochs=Non
 
 def _encode_sft(item, tokenizer, seq_len):
   index, record = item
-  doc = encoding.sft_document(tokenizer.encode(_text(record["prompt"])),
-                              tokenizer.encode(_text(record["response"])),
+  doc = encoding.sft_document(tokenizer.encode(text_of(record["prompt"])),
+                              tokenizer.encode(text_of(record["response"])),
                               tokenizer.bos_id, tokenizer.eos_id, seq_len)
   if doc is not None:
     doc["index"] = np.int32(index)
@@ -208,14 +208,14 @@ def sampled_ids(record):
 
 def _encode_comparison(item, tokenizer, seq_len, k_max):
   index, record = item
-  responses = [_text(r) for r in record["responses"]]
+  responses = [text_of(r) for r in record["responses"]]
   if len(responses) > k_max:
     raise UserError(f"comparisons record {index} has {len(responses)} responses but k_max is "
                     f"{k_max} (expected k_max >= the largest K in the data)")
   ids, ended = sampled_ids(record)
   if ids is None:    # text comparisons (human data): encode the text, every response ends
     ids = [tokenizer.encode(r) for r in responses]
-  rows = encoding.comparison_rows(tokenizer.encode(_text(record["prompt"])), ids,
+  rows = encoding.comparison_rows(tokenizer.encode(text_of(record["prompt"])), ids,
                                   np.asarray(record["ranks"], np.int32), tokenizer.bos_id,
                                   tokenizer.eos_id, tokenizer.pad_id, seq_len, k_max, ended)
   rows["index"] = np.int32(index)
@@ -241,7 +241,7 @@ def comparison_loader(source, tokenizer, *, batch_size, seq_len, k_max, seed=0, 
 
 def _encode_prompt(item, tokenizer, prompt_len):
   index, record = item
-  row = encoding.prompt_row(tokenizer.encode(_text(record["prompt"])), tokenizer.bos_id,
+  row = encoding.prompt_row(tokenizer.encode(text_of(record["prompt"])), tokenizer.bos_id,
                             tokenizer.pad_id, prompt_len)
   row["index"] = np.int32(index)
   return row

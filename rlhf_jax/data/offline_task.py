@@ -1,4 +1,4 @@
-"""The offline task: instructions a program can grade, pretraining text, and a gold labeler.
+"""The offline task: instructions a program can grade, flawed demonstrations, pretraining text.
 
 It stands in for human data on a machine with no internet. Every prompt is one line
 `Q: <instruction>\\nA:` and the ideal response is `" " + answer`. Four instruction families:
@@ -8,8 +8,8 @@ It stands in for human data on a machine with no internet. Every prompt is one l
   count    "How many times does fig appear in: fig kiwi fig" -> " 2"
   add      "What is 23 plus 58?"                            -> " 81"
 
-each with two phrasings. The gold labeler `gold_score(prompt, response)` is a pure function in
-[0, 1]: the correctness of the answer times a penalty for each flaw,
+each with two phrasings. The gold labeler `gold_labeler.gold_score(prompt, response)` is a pure
+function in [0, 1]: the correctness of the answer times a penalty for each flaw,
 
   gold = correctness x FLAW_PENALTY ** (filler words + hallucinated words),   FLAW_PENALTY = 1/2
 
@@ -41,28 +41,29 @@ the answers gets more right, not only their style. The evaluation reports both: 
 (the gold score with filler words removed: correctness alone), the number of filler words and
 `hallucinated_words` per response.
 
-A capability probe that only the pretraining text teaches (`probe_records`, `probe_score`): the
-pretraining sentences "the list fig pear kiwi has 3 words." give rise to prompts "the list fig
-pear kiwi has" whose continuation must start with the right count. No demonstration has this form,
-so it measures what RLHF costs in capabilities (the paper's "alignment tax") and what the ptx term
-restores.
+A capability probe that only the pretraining text teaches (`probe_prompt`,
+`gold_labeler.probe_score`): the pretraining sentences "the list fig pear kiwi has 3 words." give
+rise to prompts "the list fig pear kiwi has" whose continuation must start with the right count.
+No demonstration has this form, so it measures what RLHF costs in capabilities (the paper's
+"alignment tax") and what the ptx term restores.
 
 Difficulty knobs (`TaskConfig`): which families, how many distinct words, list lengths, operand
 range, and the three flaw rates. Pretraining text uses the same words and numbers (sums,
 alphabetical order, list lengths). Everything is generated from a seed with numpy's Generator: the
 same seed gives the same files.
+
+The task lives in three modules, read in this order:
+  offline_task     this one: the task's knobs, prompts and answers, demonstrations and their
+                   flaws, pretraining documents and probe prompts
+  gold_labeler     the gold labeler: `gold_score`, `analyze` (content, filler, hallucinated words),
+                   `probe_score`
+  offline_dataset  the data set: `OfflineSizes`, the `config.data.task` fields, the held-out split
+                   of the prompt space, the seeded records of every kind and split, and the files
+                   `write_offline_task` writes
 """
 import dataclasses
-import json
-import os
 import re
-import zlib
 
-import numpy as np
-
-from rlhf_jax.data import labelers
-from rlhf_jax.data import schema
-from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.errors import UserError
 
 FAMILIES = ("sort", "reverse", "count", "add")
@@ -190,93 +191,6 @@ def sample_instruction(config, rng):
   return family, {"items": items}, phrasing
 
 
-# ---------------------------------------------------------------- gold labeler
-
-
-def _edit_distance(a, b):
-  """Levenshtein distance between two sequences."""
-  previous = list(range(len(b) + 1))
-  for i, x in enumerate(a, start=1):
-    current = [i]
-    for j, y in enumerate(b, start=1):
-      current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
-    previous = current
-  return previous[-1]
-
-
-def _digit_credit(target, guess):
-  """Fraction of digits right, aligned from the right, over the longer of the two numbers."""
-  hits = sum(t == g for t, g in zip(reversed(target), reversed(guess)))
-  return hits / max(len(target), len(guess))
-
-
-def score_answer(family, args, response):
-  """Gold score in [0, 1] of `response` to the parsed instruction (see the module docstring)."""
-  words = response.split()
-  target = answer_words(family, args)
-  if not words:
-    return 0.0
-  if family in ("sort", "reverse"):
-    return 1.0 - _edit_distance(words, target) / max(len(words), len(target))
-  if not words[0].isdigit():
-    return 0.0
-  if family == "count":
-    credit = 1.0 / (1.0 + abs(int(words[0]) - int(target[0])))
-  else:
-    credit = _digit_credit(target[0], words[0])
-  return credit / len(words)
-
-
-FLAW_PENALTY = 0.5   # the gold score's factor per filler or hallucinated word
-
-
-def _parse(prompt):
-  parsed = parse_prompt(prompt)
-  if parsed is None:
-    raise UserError(f"gold labeler: not an offline-task prompt: {prompt[:60]!r}")
-  return parsed
-
-
-def analyze(prompt, response):
-  """The gold labeler's view of one response: {'family', 'gold', 'content' (correctness: the
-  partial credit with filler words removed), 'filler' (number of filler words), 'hallucinated'
-  (words of a sort/reverse/count answer, fillers and numbers aside, that are not in the prompt's
-  list; None for add)}; gold = content x FLAW_PENALTY ** (filler + hallucinated)."""
-  family, args = _parse(prompt)
-  words = response.split()
-  fillers = sum(w in FILLERS for w in words)
-  content = score_answer(family, args, " ".join(w for w in words if w not in FILLERS))
-  hallucinated = None
-  if family != "add":
-    allowed = set(args["items"])
-    hallucinated = sum(1 for w in words if w not in allowed and w not in FILLERS
-                       and not w.isdigit())
-  gold = content * FLAW_PENALTY ** (fillers + (hallucinated or 0))
-  return {"family": family, "gold": gold, "content": content, "filler": fillers,
-          "hallucinated": hallucinated}
-
-
-def gold_score(prompt, response):
-  """Gold score in [0, 1] of `response` to an offline-task `prompt`; deterministic and pure."""
-  return analyze(prompt, response)["gold"]
-
-
-def gold_scores(prompts, responses):
-  """Gold scores of paired lists, as float32."""
-  return np.asarray([gold_score(p, r) for p, r in zip(prompts, responses)], np.float32)
-
-
-def content_score(prompt, response):
-  """Correctness alone: the partial credit of the response with its filler words removed."""
-  return analyze(prompt, response)["content"]
-
-
-def hallucinated_words(prompt, response):
-  """Closed-domain hallucinations: words of a sort/reverse/count answer (filler words and numbers
-  aside) that do not occur in the prompt's list; None for the families without a list (add)."""
-  return analyze(prompt, response)["hallucinated"]
-
-
 # ---------------------------------------------------------------- mistakes
 
 
@@ -377,6 +291,14 @@ def _ptx_sentence(config, rng):
   return f"the {w1} and the {w2} are {ADJECTIVES[int(rng.integers(len(ADJECTIVES)))]}."
 
 
+def ptx_document(config, rng):
+  """A short pretraining document: 2 to 6 sentences over the task's words and numbers."""
+  return " ".join(_ptx_sentence(config, rng) for _ in range(int(rng.integers(2, 7))))
+
+
+# ---------------------------------------------------------------- capability probe
+
+
 PROBE_REGEX = re.compile(r"^the list (?P<items>[a-z]+(?: [a-z]+)*) has$")
 
 
@@ -386,245 +308,3 @@ def probe_prompt(config, rng):
   words = WORDS[:config.num_words]
   n = int(rng.integers(config.min_items, config.max_items + 1))
   return "the list " + " ".join(words[i] for i in rng.integers(len(words), size=n)) + " has"
-
-
-def probe_score(prompt, response):
-  """1.0 when the first word of the continuation is the list's length, else 0.0."""
-  match = PROBE_REGEX.match(prompt)
-  if match is None:
-    raise UserError(f"capability probe: not a probe prompt: {prompt[:60]!r}")
-  words = response.split()
-  return float(bool(words) and words[0] == str(len(match.group("items").split(" "))))
-
-
-def ptx_document(config, rng):
-  """A short pretraining document: 2 to 6 sentences over the task's words and numbers."""
-  return " ".join(_ptx_sentence(config, rng) for _ in range(int(rng.integers(2, 7))))
-
-
-# ---------------------------------------------------------------- the generated data set
-
-
-@dataclasses.dataclass(frozen=True)
-class OfflineSizes:
-  """How many records of each kind to generate, and how the comparisons are made."""
-  ptx: int = 4000
-  sft: int = 8000              # demonstrations (at 2000, 1000 SFT steps overfit them: 8 epochs)
-  comparisons: int = 1000
-  prompts: int = 10000         # RL prompts: the collect stage ranks SFT samples of each
-  validation: int = 400        # records in each validation split
-  held_out_fraction: float = 0.1  # share of the prompt space (by a hash) kept for validation
-  probe: int = 200             # capability-probe prompts (probe_validation.jsonl)
-  min_k: int = 4               # responses per comparison, drawn in min_k..max_k
-  max_k: int = 6
-  max_edits: int = 3           # candidate responses carry 0..max_edits mistakes
-  labeler_temperature: float = 0.1
-
-  def validate(self):
-    """Raises a UserError naming the first bad size."""
-    for field in ("ptx", "sft", "comparisons", "prompts", "validation", "probe"):
-      if getattr(self, field) < 1:
-        raise UserError(f"offline task: {field} size must be >= 1 (got {getattr(self, field)})")
-    if not 0 < self.held_out_fraction < 1:
-      raise UserError(f"offline task: held_out_fraction must be in (0, 1) "
-                      f"(got {self.held_out_fraction})")
-    if not schema.MIN_K <= self.min_k <= self.max_k <= schema.MAX_K:
-      raise UserError(f"offline task: need {schema.MIN_K} <= min_k <= max_k <= {schema.MAX_K} "
-                      f"(got {self.min_k}, {self.max_k})")
-    return self
-
-
-def config_fields():
-  """{field: default} of every knob of the task and its sizes: `config.data.task.*`."""
-  return {**dataclasses.asdict(TaskConfig()), **dataclasses.asdict(OfflineSizes())}
-
-
-def from_config(task):
-  """(TaskConfig, OfflineSizes) from `config.data.task` (a mapping of `config_fields()`), checked
-  field by field: a UserError names `config.data.task.<field>` and what was expected."""
-  defaults = config_fields()
-  task = dict(task)
-  for field in task:
-    if field not in defaults:
-      raise UserError(f"config.data.task.{field}: unknown field (expected some of "
-                      f"{', '.join(defaults)})")
-  values = {**defaults, **task}
-  for field, default in defaults.items():
-    value = values[field]
-    if field == "families":
-      if isinstance(value, str):
-        value = (value,)
-      if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
-        raise UserError(f"config.data.task.families must be a list of family names, got "
-                        f"{value!r}")
-      # --config.data.task.families=sort,count arrives as ('sort,count',)
-      values[field] = tuple(f.strip() for v in value for f in v.split(",") if f.strip())
-    elif isinstance(default, float):
-      if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"config.data.task.{field} must be a number, got {value!r}")
-      values[field] = float(value)
-    elif isinstance(value, bool) or not isinstance(value, int):
-      raise UserError(f"config.data.task.{field} must be an integer, got {value!r}")
-  config = TaskConfig(**{k: values[k] for k in dataclasses.asdict(TaskConfig())})
-  sizes = OfflineSizes(**{k: values[k] for k in dataclasses.asdict(OfflineSizes())})
-  try:
-    config.validate()
-    sizes.validate()
-  except UserError as e:
-    raise UserError(f"config.data.task: {e}".replace("offline task: ", "")) from None
-  return config, sizes
-
-
-_STREAMS = {"sft": 2, "comparisons": 3, "prompts": 4, "ptx": 5, "labeler": 6,
-            "probe": 7}
-
-
-def _rng(seed, stream, split):
-  return np.random.default_rng([seed, _STREAMS[stream], 0 if split == "train" else 1])
-
-
-def held_out(prompt, seed, fraction):
-  """Whether `prompt` belongs to the validation side of the prompt space: a hash of (seed, prompt)
-  below `fraction`. Splitting the space (not the draws) keeps every family's share the same in
-  both splits, however few distinct prompts a family has (add: 2 x 11 x 11)."""
-  return zlib.crc32(f"{seed}\x00{prompt}".encode()) < fraction * 2 ** 32
-
-
-def _draw_prompts(config, rng, count, seed, fraction, validation):
-  """`count` instructions from one side of the held-out split (repeats allowed)."""
-  drawn = []
-  for _ in range(100 * count + 1000):
-    family, args, phrasing = sample_instruction(config, rng)
-    prompt = make_prompt(family, args, phrasing)
-    if held_out(prompt, seed, fraction) == validation:
-      drawn.append((prompt, family, args))
-      if len(drawn) == count:
-        return drawn
-  raise UserError(f"offline task: the task config is too small to draw {count} "
-                  f"{'validation' if validation else 'training'} prompts (raise num_words, "
-                  "max_items or max_operand)")
-
-
-def _comparison_records(config, sizes, instructions, rng):
-  records = []
-  while len(records) < len(instructions):
-    prompt, family, args = instructions[len(records)]
-    k = int(rng.integers(sizes.min_k, sizes.max_k + 1))
-    candidates = [candidate_response(family, args, config, rng,
-                                     int(rng.integers(sizes.max_edits + 1))) for _ in range(k)]
-    records.extend(labelers.label_comparisons([prompt], [candidates], gold_score, rng,
-                                              sizes.labeler_temperature))
-  return records
-
-
-def make_records(config=TaskConfig(), sizes=OfflineSizes(), seed=0):
-  """All records of the offline task: {kind: {split: records}}, splits 'train' and 'validation'.
-
-  Validation prompts never occur in any training split (`held_out` splits the prompt space, so
-  both splits have the same mix of families). Validation demonstrations are correct;
-  training ones carry the flaws of `demonstration`.
-  """
-  config.validate()
-  sizes.validate()
-  draw = lambda kind, split, count: _draw_prompts(
-      config, _rng(seed, kind, split), count, seed, sizes.held_out_fraction, split != "train")
-  kinds = ("sft", "comparisons", "prompts")
-  validation = {kind: draw(kind, "validation", sizes.validation) for kind in kinds}
-  train = {kind: draw(kind, "train", getattr(sizes, kind)) for kind in kinds}
-  records = {schema.PTX: {}, schema.SFT: {}, schema.COMPARISONS: {}, schema.PROMPTS: {}}
-  for split, drawn, ptx_count in (("train", train, sizes.ptx),
-                                  ("validation", validation, sizes.validation)):
-    rng = _rng(seed, "sft", split)
-    records[schema.SFT][split] = [
-        {"prompt": p, "response": demonstration(f, a, config, rng, flawed=split == "train")}
-        for p, f, a in drawn["sft"]]
-    records[schema.COMPARISONS][split] = _comparison_records(
-        config, sizes, drawn["comparisons"], _rng(seed, "labeler", split))
-    records[schema.PROMPTS][split] = [{"prompt": p} for p, _, _ in drawn["prompts"]]
-    rng = _rng(seed, "ptx", split)
-    records[schema.PTX][split] = [{"text": ptx_document(config, rng)} for _ in range(ptx_count)]
-  return records
-
-
-def probe_records(config=TaskConfig(), sizes=OfflineSizes(), seed=0):
-  """The capability probe: [{'prompt': 'the list ... has'}] (`sizes.probe` of them)."""
-  rng = _rng(seed, "probe", "validation")
-  return [{"prompt": probe_prompt(config, rng)} for _ in range(sizes.probe)]
-
-
-PROBE_FILE = "probe_validation.jsonl"
-
-
-def read_probe(data_dir):
-  """The probe prompts written next to the task's files, or None when there are none."""
-  path = os.path.join(os.fspath(data_dir), PROBE_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line)["prompt"] for line in f if line.strip()]
-
-
-def tokenizer_corpus(records):
-  """The training texts of every kind, in a fixed order (what the offline tokenizer learns)."""
-  texts = [r["text"] for r in records[schema.PTX]["train"]]
-  texts += [r["prompt"] + r["response"] for r in records[schema.SFT]["train"]]
-  for r in records[schema.COMPARISONS]["train"]:
-    texts += [r["prompt"] + response for response in r["responses"]]
-  texts += [r["prompt"] for r in records[schema.PROMPTS]["train"]]
-  return texts
-
-
-def check_prepared(out_dir, config, sizes, seed):
-  """UserError when the task in `out_dir` was generated with other knobs, sizes or seed than
-  asked for (a run must not silently train on another task than its config says)."""
-  path = os.path.join(os.fspath(out_dir), "offline_task.json")
-  if not os.path.exists(path):
-    return
-  with open(path, encoding="utf-8") as f:
-    found = json.load(f)
-  wanted = {"config": dataclasses.asdict(config), "sizes": dataclasses.asdict(sizes),
-            "seed": seed}
-  for part in ("config", "sizes"):
-    for field, value in wanted[part].items():
-      old = found.get(part, {}).get(field)
-      if (list(value) if isinstance(value, tuple) else value) != old:
-        raise UserError(f"config.data.task.{field}: the offline task in {out_dir} was generated "
-                        f"with {old!r}, not {value!r}; use another --workdir (or data.dir)")
-  if found.get("seed") != seed:
-    raise UserError(f"config.data.task_seed: the offline task in {out_dir} was generated with "
-                    f"seed {found.get('seed')!r}, not {seed!r}; use another --workdir")
-
-
-def write_offline_task(out_dir, config=TaskConfig(), sizes=OfflineSizes(), seed=0,
-                       vocab_size=512):
-  """Writes the offline task's JSONL files and its tokenizer under `out_dir`.
-
-  Layout: `{kind}_{split}.jsonl` for the four kinds and splits train/validation,
-  `probe_validation.jsonl` (the capability probe's prompts), `tokenizer/`
-  (a Hugging Face tokenizer directory, byte-level BPE with <pad>=0, <bos>=1, <eos>=2) and
-  `offline_task.json` (the config, sizes and seed). The same arguments give bit-for-bit the same
-  files.
-
-  Returns:
-    {'tokenizer': path, kind: {split: path}} for the four kinds.
-  """
-  out_dir = os.fspath(out_dir)
-  records = make_records(config, sizes, seed)
-  paths = {}
-  for kind, splits in records.items():
-    paths[kind] = {}
-    for split, split_records in splits.items():
-      path = os.path.join(out_dir, f"{kind}_{split}.jsonl")
-      schema.write_jsonl(path, split_records, kind)
-      paths[kind][split] = path
-  paths["probe"] = os.path.join(out_dir, PROBE_FILE)
-  with open(paths["probe"], "w", encoding="utf-8") as f:
-    for record in probe_records(config, sizes, seed):
-      f.write(json.dumps(record) + "\n")
-  paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
-  tokenizer_lib.train_byte_bpe(tokenizer_corpus(records), paths["tokenizer"], vocab_size)
-  description = {"config": dataclasses.asdict(config), "sizes": dataclasses.asdict(sizes),
-                 "seed": seed, "vocab_size": vocab_size}
-  with open(os.path.join(out_dir, "offline_task.json"), "w", encoding="utf-8") as f:
-    json.dump(description, f, indent=2, sort_keys=True)
-  return paths

@@ -14,6 +14,7 @@ import os
 
 from rlhf_jax.data import builders
 from rlhf_jax.data import formats
+from rlhf_jax.data import offline_dataset
 from rlhf_jax.data import offline_task
 from rlhf_jax.data import schema
 from rlhf_jax.errors import UserError
@@ -26,13 +27,13 @@ def tfds_dir(out_dir):
   return os.path.join(os.fspath(out_dir), "tfds")
 
 
-def prepare_offline(out_dir, config=offline_task.TaskConfig(), sizes=offline_task.OfflineSizes(),
-                    seed=0, vocab_size=512, overwrite=False):
+def prepare_offline(out_dir, config=offline_task.TaskConfig(),
+                    sizes=offline_dataset.OfflineSizes(), seed=0, vocab_size=512, overwrite=False):
   """Writes the offline task (JSONL + tokenizer) and builds its four TFDS datasets.
 
-  Returns the paths of `offline_task.write_offline_task`, plus 'tfds': the TFDS data_dir.
+  Returns the paths of `offline_dataset.write_offline_task`, plus 'tfds': the TFDS data_dir.
   """
-  paths = offline_task.write_offline_task(out_dir, config, sizes, seed, vocab_size)
+  paths = offline_dataset.write_offline_task(out_dir, config, sizes, seed, vocab_size)
   builders.build_datasets({kind: paths[kind] for kind in schema.KINDS}, tfds_dir(out_dir),
                           overwrite)
   return dict(paths, tfds=tfds_dir(out_dir))

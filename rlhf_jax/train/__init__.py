@@ -3,7 +3,8 @@
   pretrain  `sft.run` with plain LM loss on pretraining text (the offline base model)
   sft       `sft.run`: supervised fine-tuning on demonstrations (prompt masked)
   rm        `rm.run`: reward model on K-way rankings (the C(K, 2) loss), normalised bias
-  ppo       `ppo.run`: PPO / PPO-ptx / PPO against the gold labeler (one jitted iteration)
+  ppo       `ppo.run`: PPO / PPO-ptx / PPO against the gold labeler; each iteration is one call
+            of the pure jitted function of `ppo_iteration.py` (rollout, scoring, updates)
 
 What they share:
   step.py      the pure train step (forward, micro-batches, non-finite guard, jit)

@@ -44,7 +44,7 @@ from ml_collections import ConfigDict
 from rlhf_jax import collect
 from rlhf_jax import rollout
 from rlhf_jax import sharding
-from rlhf_jax.data import encoding, loaders, offline_task
+from rlhf_jax.data import encoding, gold_labeler, loaders, offline_task
 from rlhf_jax.errors import UserError, check_positive, config_field
 from rlhf_jax.models import ModelConfig, abstract_params
 from rlhf_jax.train import loop
@@ -254,13 +254,13 @@ class _Batches:
 
 
 def gold_score_fn(tok, scale=1.0, shift=0.0):
-  """A `make_iteration` score_fn: scale x (`offline_task.gold_score(prompt, response)` - shift) of
+  """A `make_iteration` score_fn: scale x (`gold_labeler.gold_score(prompt, response)` - shift) of
   the decoded texts, computed on the host by `jax.pure_callback` (one process; the callback sees
   the whole batch)."""
 
   def host(tokens, lengths, prompt_len):
     episodes = rollout.episode_texts(tok, tokens, lengths, prompt_len)
-    return np.asarray([scale * (offline_task.gold_score(q, a) - shift) for q, a in episodes],
+    return np.asarray([scale * (gold_labeler.gold_score(q, a) - shift) for q, a in episodes],
                       np.float32)
 
   def score_fn(tokens, lengths, prompt_len):
@@ -275,7 +275,7 @@ def check_gold_prompts(prompt_source, tok, prompt_len):
   be the same offline-task instruction, else the gold labeler cannot score it: a one-line
   UserError now instead of an error inside the jitted iteration."""
   for i in range(len(prompt_source)):
-    text = rollout.text_of(prompt_source[i]["prompt"])
+    text = loaders.text_of(prompt_source[i]["prompt"])
     row = encoding.prompt_row(tok.encode(text), tok.bos_id, tok.pad_id, prompt_len)
     parsed = offline_task.parse_prompt(text)
     seen = offline_task.parse_prompt(rollout.prompt_text(tok, row["tokens"]))
@@ -322,7 +322,7 @@ class IterationStep:
 
   def _gold_score(self, index, resp, lengths):
     resp, lengths = np.asarray(resp)[self.rows], np.asarray(lengths)[self.rows]
-    texts = [rollout.text_of(self.prompt_source[int(i)]["prompt"]) for i in index]
+    texts = [loaders.text_of(self.prompt_source[int(i)]["prompt"]) for i in index]
     answers = [rollout.decode_response(self.tok, resp[i], int(lengths[i]))
                for i in range(len(texts))]
     scores = [self.gold(t, a) for t, a in zip(texts, answers)]
@@ -427,7 +427,7 @@ def run(config, workdir):
   batches = _batches(config, tfds_dir, prompt_source, tok, s, mesh)
   iteration = ppo_iteration.make_iteration(cfg, value_cfg, rm_cfg, s, txs, mesh, score_fn)
   step = IterationStep(iteration, shardings, frozen, frozen_sh, mesh, s,
-                       gold=offline_task.gold_score if config.data.source == "offline" else None,
+                       gold=gold_labeler.gold_score if config.data.source == "offline" else None,
                        prompt_source=prompt_source, tok=tok)
   task = loop.Task(name=name, step=step, train_batches=lambda: batches,
                    rng=jax.random.key(config.seed + 2), record=resume_record(config),

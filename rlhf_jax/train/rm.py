@@ -29,7 +29,7 @@ import numpy as np
 from rlhf_jax import losses
 from rlhf_jax import rollout
 from rlhf_jax import sharding
-from rlhf_jax.data import builders, loaders, offline_task
+from rlhf_jax.data import builders, gold_labeler, loaders
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import ModelConfig, with_scalar_head
 from rlhf_jax.train import loop
@@ -103,9 +103,9 @@ def gold_matrix(source, index, k_max):
     if i < 0:
       continue
     record = source[int(i)]
-    prompt = rollout.text_of(record["prompt"])
+    prompt = loaders.text_of(record["prompt"])
     for j, response in enumerate(record["responses"]):
-      out[row, j] = offline_task.gold_score(prompt, rollout.text_of(response))
+      out[row, j] = gold_labeler.gold_score(prompt, loaders.text_of(response))
   return out
 
 

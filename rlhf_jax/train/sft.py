@@ -77,11 +77,11 @@ def estimate_steps(config, source, tok, kind):
   total = 0
   for i in sample:
     r = source[i]
-    text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
     if kind == "ptx":
-      total += min(len(tok.encode(text(r["text"]))) + 2, 64 * config.seq_len)
+      total += min(len(tok.encode(loaders.text_of(r["text"]))) + 2, 64 * config.seq_len)
     else:
-      doc = encoding.sft_document(tok.encode(text(r["prompt"])), tok.encode(text(r["response"])),
+      doc = encoding.sft_document(tok.encode(loaders.text_of(r["prompt"])),
+                                  tok.encode(loaders.text_of(r["response"])),
                                   tok.bos_id, tok.eos_id, config.seq_len)
       total += 0 if doc is None else len(doc["tokens"])
   rows = total * n / len(sample) / config.seq_len

@@ -17,7 +17,7 @@ import numpy as np
 from rlhf_jax import sharding
 from rlhf_jax.checkpoint import CheckpointManager, check_matches, quiet_aborted_reads
 from rlhf_jax.convert import load_model, save_model
-from rlhf_jax.data import builders, load_tokenizer, offline_task, prepare
+from rlhf_jax.data import builders, load_tokenizer, offline_dataset, prepare
 from rlhf_jax.errors import UserError, check_int, check_positive
 from rlhf_jax.models import ModelConfig, abstract_params
 from rlhf_jax.train import STAGE_NAMES
@@ -67,7 +67,7 @@ def validate_config(config):
   if config.data.source == "dir" and not config.data.dir:
     raise UserError("config.data.dir is required when config.data.source is 'dir'")
   if config.data.source == "offline":
-    offline_task.from_config(config.data.get("task", {}))
+    offline_dataset.from_config(config.data.get("task", {}))
 
 
 def check_unread(config, fields, why):
@@ -181,12 +181,12 @@ def data_paths(config, workdir):
   if config.data.source == "offline":
     out = config.data.dir or os.path.join(workdir, "data")
     tfds_dir = os.path.join(out, "tfds")
-    task, sizes = offline_task.from_config(config.data.get("task", {}))
+    task, sizes = offline_dataset.from_config(config.data.get("task", {}))
     if not os.path.isdir(tfds_dir):
       print(f"preparing the offline task in {out}", flush=True)
       prepare.prepare_offline(out, task, sizes, seed=config.data.task_seed)
     else:
-      offline_task.check_prepared(out, task, sizes, config.data.task_seed)
+      offline_dataset.check_prepared(out, task, sizes, config.data.task_seed)
     return tfds_dir, os.path.join(out, "tokenizer")
   tfds_dir = os.path.join(config.data.dir, "tfds")
   if not os.path.isdir(tfds_dir):
