@@ -408,14 +408,6 @@ def markdown_table(rows: Iterable[Mapping], columns: Sequence[Column], missing: 
   return "\n".join(lines) + "\n"
 
 
-def last_record(records: Sequence[Mapping], kind: str) -> dict:
-  """The last record of `kind` (e.g. the final 'eval'), or {} if there is none."""
-  for r in reversed(records):
-    if r.get("kind") == kind:
-      return dict(r)
-  return {}
-
-
 # ----------------------------------------------------------------------------- export
 
 def export_tensorboard(metrics_path: str, logdir: str) -> int:

@@ -214,20 +214,10 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def shard_params(params: Any, shardings: Any):
-  """Places a params pytree (host or device arrays) onto the mesh with `shardings`."""
-  return jax.device_put(params, shardings)
-
-
-def shard_opt_state(opt_state: Any, shardings: Any):
-  """Places an optimizer state pytree onto the mesh with `shardings` (from opt_state_shardings)."""
-  return jax.device_put(opt_state, shardings)
-
-
 def init_sharded(init_fn, shardings: Any, *args):
   """Runs `init_fn(*args)` under jit straight into `shardings`: no host or single-device copy.
 
-  Works across processes (each process computes only its own shards), unlike `shard_params` on
+  Works across processes (each process computes only its own shards), unlike `jax.device_put` of
   host arrays, and is how a large model should be initialised.
   """
   return jax.jit(init_fn, out_shardings=shardings)(*args)

@@ -131,7 +131,7 @@ def test_tokenizer_fits_the_tiny_model_and_round_trips(task_dir, tmp_path):
   _, paths = task_dir
   tok = tokenizer_lib.load_tokenizer(paths["tokenizer"])
   assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
-  tokenizer_lib.check_vocab_size(tok, 512)
+  assert tok.vocab_size <= 512
   for record in schema.read_jsonl(paths["sft"]["validation"], "sft"):
     text = record["prompt"] + record["response"]
     assert tok.decode(tok.encode(text)) == text

@@ -361,9 +361,7 @@ def test_markdown_table_exact_text():
     report.markdown_table(rows, ["a"])
 
 
-def test_last_record_and_scalar_tags():
+def test_scalar_tags():
   records = [{"kind": "eval", "step": 0, "loss": 3.0}, {"kind": "train", "step": 1, "loss": 2.0},
              {"kind": "eval", "step": 2, "loss": 1.0, "ok": True}]
-  assert report.last_record(records, "eval") == records[2]
-  assert report.last_record(records, "test") == {}
   assert report.scalar_tags(records[2]) == {"eval/loss": 1.0}

@@ -94,8 +94,8 @@ def _train_on(mesh_shape, host_state):
   devices = jax.devices()[:1] if mesh_shape == (1, 1, 1) else None
   mesh = sharding.make_mesh(mesh_shape, devices=devices)
   shardings = w.state_shardings(cfg, tx, mesh)
-  state = dict(host_state, params=sharding.shard_params(host_state["params"], shardings["params"]),
-               opt_state=sharding.shard_opt_state(host_state["opt_state"], shardings["opt_state"]),
+  state = dict(host_state, params=jax.device_put(host_state["params"], shardings["params"]),
+               opt_state=jax.device_put(host_state["opt_state"], shardings["opt_state"]),
                step=jax.device_put(host_state["step"], shardings["step"]),
                rng=jax.device_put(jax.random.wrap_key_data(host_state["rng"]), shardings["rng"]))
   step_fn = w.jit_step(cfg, tx, mesh, shardings)

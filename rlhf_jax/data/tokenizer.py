@@ -93,13 +93,6 @@ def load_tokenizer(path):
   return from_hf(hf, path)
 
 
-def check_vocab_size(tokenizer, vocab_size):
-  """Raises a UserError when the tokenizer produces ids the model's embedding cannot hold."""
-  if tokenizer.vocab_size > vocab_size:
-    raise UserError(f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} tokens but the "
-                    f"model's vocab_size is {vocab_size} (expected at most {vocab_size})")
-
-
 def train_byte_bpe(texts, out_dir, vocab_size=512):
   """Trains a byte-level BPE tokenizer on `texts` and saves it to `out_dir`; returns it loaded.
 
