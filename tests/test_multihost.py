@@ -69,8 +69,8 @@ def test_two_processes_match_one_process(tmp_path):
   try:        # the 1-process reference runs while the workers start up
     state, losses = w.run(sharding.make_mesh((1, 8, 1)), STEPS)
     checksum = w.param_checksum(state["params"])
-  finally:
-    results = _finish(procs, out, timeout=100.0 - (time.monotonic() - start))
+  finally:   # (a hang guard: 100 s killed healthy workers on 2 cores shared at load 15, cold cache)
+    results = _finish(procs, out, timeout=300.0 - (time.monotonic() - start))
   for pid, r in enumerate(results):
     assert r["process_count"] == 2 and r["device_count"] == 8
     # Each host read only its half of the global batch.
