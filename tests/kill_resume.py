@@ -227,14 +227,6 @@ def save_random_model(path: str, tokenizer_dir: str, head: str = "lm", seed: int
   return path
 
 
-def offline_data(path: str) -> str:
-  """The offline task prepared under `path` (JSONL, tokenizer, TFDS); pass it to runs as
-  --config.data.dir so each run does not prepare its own."""
-  from rlhf_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  prepare.prepare_offline(path, seed=0)
-  return path
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--stage", required=True)

@@ -17,7 +17,7 @@ import pytest
 
 from rlhf_jax import collect, rollout
 from rlhf_jax.convert import save_model
-from rlhf_jax.data import builders, labelers, loaders, offline_task, prepare, schema
+from rlhf_jax.data import builders, labelers, loaders, offline_task, schema
 from rlhf_jax.data.tokenizer import load_tokenizer
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import get_model_config, init_params
@@ -50,10 +50,8 @@ def tie_add_prompts(prompt, response):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("data"))
-  prepare.prepare_offline(out)
-  return out
+def data_dir(offline_data_dir):
+  return offline_data_dir
 
 
 def make_workdir(root, data_dir):

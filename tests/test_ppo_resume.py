@@ -17,8 +17,8 @@ def _ppo_cmd(data, lm, rm):
           "--config.ppo.ema_decay=0.9", "--config.ppo.ptx_seq_len=32"]
 
 
-def test_ppo_ptx_killed_at_a_random_point_resumes_bit_identically(tmp_path):
-  data = kr.offline_data(str(tmp_path / "data"))
+def test_ppo_ptx_killed_at_a_random_point_resumes_bit_identically(tmp_path, offline_data_dir):
+  data = offline_data_dir
   tok = os.path.join(data, "tokenizer")
   lm = kr.save_random_model(str(tmp_path / "lm"), tok, num_layers=1)
   rm = kr.save_random_model(str(tmp_path / "rm"), tok, head="scalar", seed=1, num_layers=1)

@@ -301,7 +301,7 @@ def run(config, workdir):
                    gold=config.data.source == "offline")
 
   def train_batches():
-    return stage_io.KeyedBatches(iter(loaders.comparison_loader(
+    return loop.KeyedBatches(iter(loaders.comparison_loader(
         train_source, tok, batch_size=stage_io.local_batch_size(mesh, config.batch_size),
         seq_len=config.seq_len, k_max=k_max, seed=config.data_seed,
         prefetch=config.data.prefetch)), TRAIN_KEYS, check=check_comparisons)

@@ -164,7 +164,7 @@ def run(config, workdir):
       name=stage,
       step=TrainStep(make_loss_fn(cfg), tx, schedule, config.grad_accum_steps, mesh,
                      config.batch_size),
-      train_batches=lambda: stage_io.KeyedBatches(iter(_loader(
+      train_batches=lambda: loop.KeyedBatches(iter(_loader(
           kind, train_source, tok, local_bs, config.seq_len, seed=config.data_seed, train=True,
           prefetch=config.data.prefetch)), TRAIN_KEYS),
       rng=jax.random.key(config.seed + 1), record=loop.config_record(config),

@@ -227,33 +227,6 @@ def load_split(tfds_dir, kind, split, field):
     raise UserError(f"config.data.{field}: {e}") from None
 
 
-class KeyedBatches:
-  """A resumable training iterator that keeps only the keys the step needs.
-
-  check(batch) runs on every host batch before it is trimmed (e.g. the RM's K >= 2 check);
-  get_state/set_state pass through to the loader's iterator.
-  """
-
-  def __init__(self, it, keys, check=None):
-    self._it, self._keys, self._check = it, keys, check
-
-  def __next__(self):
-    batch = next(self._it)
-    if self._check is not None:
-      self._check(batch)
-    return {k: batch[k] for k in self._keys}
-
-  def get_state(self):
-    return self._it.get_state()
-
-  def set_state(self, state):
-    self._it.set_state(state)
-
-  def close(self):
-    if hasattr(self._it, "close"):
-      self._it.close()
-
-
 # ----------------------------------------------------------------------------- models
 
 def check_same_shapes(loaded, expected, where):
