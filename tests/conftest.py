@@ -26,7 +26,23 @@ jax.config.update("jax_enable_x64", False)
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: long checks (real models, end to end); CI runs them too")
+  config.addinivalue_line("markers", "slow: long checks (real models, end to end, multi-process, "
+                          "kill and resume); skipped unless --slow or -m slow; CI runs them too")
+
+
+def pytest_addoption(parser):
+  parser.addoption("--slow", action="store_true", help="also run the tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+  """The default suite (`pytest tests`) skips the tests marked slow, so that it stays under 10
+  minutes on a 2-core machine; `--slow` runs everything, `-m slow` only them (CI runs both)."""
+  if config.getoption("--slow") or "slow" in (config.getoption("markexpr") or ""):
+    return
+  skip = pytest.mark.skip(reason="slow: run with --slow or -m slow (CI runs them)")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
 
 
 # ----------------------------------------------------------------------------- shared fixtures

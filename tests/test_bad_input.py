@@ -258,6 +258,7 @@ def test_at_least_twenty_distinct_cases():
   assert len({c.name for c in CASES}) == len(CASES) >= 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, results):
   result, before, after = results[case.name]

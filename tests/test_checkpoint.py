@@ -29,6 +29,7 @@ def _target(mesh):
   return sharding.abstract_with_sharding(abstract, shardings)
 
 
+@pytest.mark.slow
 def test_save_222_restore_181_and_resume(tmp_path):
   mesh_a = sharding.make_mesh((2, 2, 2))
   mesh_b = sharding.make_mesh((1, 8, 1))

@@ -62,6 +62,7 @@ def _finish(procs: list, out: str, timeout: float) -> list:
   return results
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   out = str(tmp_path / "result")
   start = time.monotonic()

@@ -216,6 +216,7 @@ def test_ratio_is_one_on_first_minibatch_only():
   assert float(metrics["kl"]) == pytest.approx(kl, rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_ptx_coef_zero_is_bit_identical_to_no_pretraining_batch():
   s0 = _settings(ptx_coef=0.0, ptx_rows=B)
   state, frozen, batch, ptx, txs = _setup(s0)
@@ -254,6 +255,7 @@ def test_ptx_gradient_is_summed_into_the_same_update():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sharded_iteration_equals_one_device():
   s = _settings(ptx_coef=0.5, ptx_rows=B)
   state, frozen, batch, ptx, txs = _setup(s)
@@ -297,6 +299,7 @@ def _norm(tree):
   return float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree))))
 
 
+@pytest.mark.slow
 def test_each_term_is_clipped_by_its_own_norm():
   """Plain PPO: the iteration's clip == the old clip inside the policy optimizer. With ptx (coef
   large), the policy step is -lr (clip(g_ppo) + clip(g_ptx)), the ptx part computed by hand: the

@@ -3,6 +3,8 @@ uninterrupted run: params, both optimizer states, the adaptive KL coefficient, t
 prompt and pretraining iterators and the per-iteration RNG all resume."""
 import os
 
+import pytest
+
 import kill_resume as kr
 
 
@@ -17,6 +19,7 @@ def _ppo_cmd(data, lm, rm):
           "--config.ppo.ema_decay=0.9", "--config.ppo.ptx_seq_len=32"]
 
 
+@pytest.mark.slow
 def test_ppo_ptx_killed_at_a_random_point_resumes_bit_identically(tmp_path, offline_data_dir):
   data = offline_data_dir
   tok = os.path.join(data, "tokenizer")

@@ -88,11 +88,13 @@ def _kill_resume_matches(tmp_path, cmd, stage, seed, during_save, reference=None
   return report
 
 
+@pytest.mark.slow
 def test_sft_killed_at_a_random_point_resumes_bit_identically(shared, sft_reference, tmp_path):
   _kill_resume_matches(tmp_path, sft_cmd(*shared), "sft", seed=0, during_save=False,
                        reference=sft_reference)
 
 
+@pytest.mark.slow
 def test_rm_killed_during_an_async_save_resumes_bit_identically(shared, tmp_path):
   _kill_resume_matches(tmp_path, rm_cmd(*shared), "rm", seed=0, during_save=True)
 

@@ -108,6 +108,7 @@ def _train_on(mesh_shape, host_state):
   return state, losses, grad_norms
 
 
+@pytest.mark.slow
 def test_train_step_on_meshes_matches_one_device():
   """Per step the same loss and gradient norm on every mesh, and the same SGD updates of every
   weight (to 2e-5 of the leaf's largest update, plus float32 rounding of the weight)."""
