@@ -63,6 +63,14 @@ def ppo_fields():
       "ptx_per_episode": 8,
       "ptx_seq_len": 2048,
       "ema_decay": 0.992,         # 0 = off
+      # Memory, not the algorithm (same update, exactly accumulated): the rollout is sampled and
+      # scored in rollout_micro_batches chunks, each minibatch's pretraining rows go through the
+      # forward/backward in ptx_micro_batches chunks.
+      "rollout_micro_batches": 1,
+      "ptx_micro_batches": 1,
+      # The frozen reference policy and reward model stored in 'bfloat16' (half the memory; the
+      # compute dtype is config.model.dtype) or 'float32'.
+      "frozen_dtype": "float32",
       "log_every": 1,
       "checkpoint_every": 10,
       "keep_checkpoints": 2,
@@ -120,7 +128,7 @@ def get_config(preset="tiny"):
     p.ema_decay = 0.0
     p.checkpoint_every = 10
   elif preset == "smollm2":
-    c.model.remat = True
+    c.model.remat = "full"
     p.num_iterations = 20
     p.batch_size = 16
     p.minibatches = 2
@@ -134,4 +142,5 @@ def get_config(preset="tiny"):
   else:  # the paper's sizes
     c.optimizer.weight_decay = 0.0
     p.num_iterations = 500      # 256k episodes / 512
+    p.frozen_dtype = "bfloat16"
   return c

@@ -41,7 +41,7 @@ def get_config(preset="tiny"):
     c.num_epochs = 1.0
     # 16 prompts x 6 responses x 128 tokens through 30 layers: without rematerialisation and
     # micro-batches the backward pass wants ~28 GB on a CPU machine.
-    c.model.remat = True
+    c.model.remat = "full"
     c.grad_accum_steps = 4
   else:
     c.optimizer.lr = 9e-6

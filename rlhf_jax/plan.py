@@ -215,7 +215,7 @@ def plan(cfg, stage: str, mesh_shape: tuple, batch_size: int, seq_len: int,
     raise UserError(f"stage: expected one of {STAGES}, got {stage!r}")
   if seq_len < 1 or seq_len > cfg.max_len:
     raise UserError(f"seq_len: must be in [1, max_len={cfg.max_len}] of the model, got {seq_len}")
-  remat = cfg.remat if remat is None else remat
+  remat = cfg.remat != "none" if remat is None else remat   # (any remat policy counts as remat)
   sizes = sharding.mesh_sizes(mesh_shape)
   dp, tensor = sizes["data"] * sizes["fsdp"], sizes["tensor"]
   sharding.check_batch_size(batch_size, mesh_shape)

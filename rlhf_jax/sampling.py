@@ -12,6 +12,11 @@ the smallest set of tokens whose probability mass reaches p (the sort is skipped
 the token is drawn from softmax(z) over what is kept, by inverse CDF (argmax when greedy). A row stops after its EOS;
 the loop exits early once every row has stopped.
 
+A batch can be sampled in chunks (`batch_rows`, `total_batch`: these prompts are rows
+`batch_rows` of a batch of `total_batch`): every row then draws the uniform numbers it would draw
+in one call on the whole batch, so the samples do not depend on how the batch is chunked (PPO's
+`rollout_micro_batches`).
+
 Returned log-probs are log softmax(l / temperature)[token], with no top-k/top-p mask: exactly what a
 fresh forward pass at the same temperature gives, which is what the PPO ratio needs.
 """
@@ -71,12 +76,21 @@ def filter_logits(z: jax.Array, top_k: int, top_p: float) -> jax.Array:
   return z
 
 
-def choose_token(logits: jax.Array, rng, sc: SamplingConfig):
+def _uniforms(rng, rows: int, draw_rows=None):
+  """(rows, 1) uniform numbers in [0, 1): jax.random.uniform(rng, (rows, 1)), or with draw_rows =
+  (row indices (rows,), total) those rows of jax.random.uniform(rng, (total, 1))."""
+  if draw_rows is None:
+    return jax.random.uniform(rng, (rows, 1), jnp.float32)
+  index, total = draw_rows
+  return jax.random.uniform(rng, (total, 1), jnp.float32)[index]
+
+
+def choose_token(logits: jax.Array, rng, sc: SamplingConfig, draw_rows=None):
   """(token, logprob at the sampling temperature) for each row of logits (B, V).
 
   Sampling is by inverse CDF: one uniform u per row, token = first index whose cumulative
   (filtered) probability exceeds u * total. Exact for the categorical distribution, and it needs
-  B random numbers per step instead of B x V Gumbel draws.
+  B random numbers per step instead of B x V Gumbel draws. draw_rows: see `_uniforms`.
   """
   z = logits.astype(jnp.float32) / sc.temperature
   logp = jax.nn.log_softmax(z, axis=-1)
@@ -86,7 +100,7 @@ def choose_token(logits: jax.Array, rng, sc: SamplingConfig):
     filtered = filter_logits(z, sc.top_k, sc.top_p) if (sc.top_k or sc.top_p < 1.0) else z
     probs = jnp.exp(filtered - jnp.max(filtered, axis=-1, keepdims=True))
     cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.random.uniform(rng, (z.shape[0], 1), jnp.float32) * cdf[:, -1:]
+    u = _uniforms(rng, z.shape[0], draw_rows) * cdf[:, -1:]
     token = jnp.minimum(jnp.sum(cdf <= u, axis=-1), z.shape[-1] - 1)
     # Never land on a zero-probability (filtered) token through rounding at a flat CDF step.
     token = jnp.where(probs[jnp.arange(z.shape[0]), token] > 0, token, jnp.argmax(filtered, -1))
@@ -103,10 +117,13 @@ def _repeat_rows(cache, k: int):
           for name, x in cache.items()}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sc", "num_samples"))
+@functools.partial(jax.jit, static_argnames=("cfg", "sc", "num_samples", "total_batch"))
 def sample(params, cfg: ModelConfig, prompts: jax.Array, prompt_segment_ids: jax.Array, rng,
-           sc: SamplingConfig, num_samples: int = 1) -> Samples:
-  """Samples `sc.max_new_tokens` tokens after left-padded `prompts` (B, P); see the module doc."""
+           sc: SamplingConfig, num_samples: int = 1, batch_rows: Optional[jax.Array] = None,
+           total_batch: int = 0) -> Samples:
+  """Samples `sc.max_new_tokens` tokens after left-padded `prompts` (B, P); see the module doc.
+  batch_rows (B,) int32 and total_batch: these prompts are rows `batch_rows` of a batch of
+  `total_batch` prompts sampled in chunks (the samples are those of the whole batch's rows)."""
   # Decode layer by layer with per-layer weights and cache buffers: split the stacked parameters
   # once here, so the loop never slices (copies) weights or caches.
   if cfg.scan_layers:
@@ -120,9 +137,16 @@ def sample(params, cfg: ModelConfig, prompts: jax.Array, prompt_segment_ids: jax
   cache = _repeat_rows(cache, num_samples)
   last = jnp.repeat(logits[:, -1], num_samples, axis=0)
   rows = b * num_samples
+  draw_rows = None
+  if batch_rows is not None:   # row r of prompt q: q * K + r in the whole batch
+    if total_batch < b:
+      raise UserError(f"sample: total_batch ({total_batch}) must be at least the {b} prompts "
+                      "of batch_rows")
+    index = (batch_rows[:, None] * num_samples + jnp.arange(num_samples)).reshape(-1)
+    draw_rows = (index, total_batch * num_samples)
 
   rng, first = jax.random.split(rng)
-  token, logprob = choose_token(last, first, sc)
+  token, logprob = choose_token(last, first, sc, draw_rows)
   done = (token == sc.eos_token_id) if sc.eos_token_id is not None else jnp.zeros(rows, bool)
   tokens = jnp.full((rows, n), sc.pad_token_id, jnp.int32).at[:, 0].set(token)
   logprobs = jnp.zeros((rows, n), jnp.float32).at[:, 0].set(logprob)
@@ -136,7 +160,7 @@ def sample(params, cfg: ModelConfig, prompts: jax.Array, prompt_segment_ids: jax
     i, cache, token, tokens, logprobs, done, lengths, rng = state
     rng, step_rng = jax.random.split(rng)
     logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
-    new, logprob = choose_token(logits[:, 0], step_rng, sc)
+    new, logprob = choose_token(logits[:, 0], step_rng, sc, draw_rows)
     new = jnp.where(done, sc.pad_token_id, new)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new[:, None], i, axis=1)
     logprobs = jax.lax.dynamic_update_slice_in_dim(

@@ -138,7 +138,11 @@ def test_dropout_switches():
   assert not np.allclose(r1, det1) and not np.allclose(r1, r2)
 
 
-def test_remat_and_unscanned_layers_do_not_change_the_function():
+@pytest.mark.parametrize("remat", ["full", "dots_saveable", "offload", True])
+def test_remat_policies_and_unscanned_layers_do_not_change_the_function(remat):
+  """Every remat policy (and the old boolean True = 'full') gives the loss and gradients of no
+  remat: measured bit-identical on CPU, checked to 1e-6. 'offload' moves the saved matmul outputs
+  to pinned host memory, which the CPU backend has too."""
   cfg, params = _model("tiny")
   tokens = jnp.arange(3, 19, dtype=jnp.int32).reshape(2, 8)
 
@@ -147,12 +151,80 @@ def test_remat_and_unscanned_layers_do_not_change_the_function():
     return jax.nn.log_softmax(logits).mean()
 
   base_l, base_g = jax.value_and_grad(loss)(params, cfg)
-  l, g = jax.value_and_grad(loss)(params, cfg.replace(remat=True))
+  l, g = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, cfg.replace(remat=remat))
   np.testing.assert_allclose(l, base_l, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g, base_g)
   l, g = jax.value_and_grad(loss)(unstack_layers(params), cfg.replace(scan_layers=False))
   np.testing.assert_allclose(l, base_l, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), unstack_layers(base_g), g)
+
+
+def test_remat_names_and_old_booleans():
+  from rlhf_jax.errors import UserError
+  from rlhf_jax.models import ModelConfig
+  assert ModelConfig(remat=True).remat == "full" and ModelConfig(remat=False).remat == "none"
+  assert ModelConfig(remat="True").remat == "full"        # a command line's --config.model.remat
+  assert ModelConfig.from_dict({"remat": False}).remat == "none"   # an old checkpoint's config
+  assert ModelConfig(remat="dots_saveable").remat == "dots_saveable"
+  with pytest.raises(UserError, match="remat must be one of"):
+    ModelConfig(remat="some")
+
+
+def test_bfloat16_forward_agrees_with_float32():
+  """dtype bfloat16 (matmuls and activations; float32 parameters, norms, softmax and logits) on
+  the same float32 parameters. Measured (llama / gpt2 flavour): logits 0.0034 / 0.0044 from
+  float32 (largest logit 1.4 / 1.1), checked to 0.015; a random scalar head 0.0089 / 0.0175
+  (largest value 3.1 / 2.3), checked to 0.05."""
+  for name in FLAVOURS:
+    cfg, params = _model(name)
+    tokens = np.random.RandomState(4).randint(3, cfg.vocab_size, (2, 24)).astype(np.int32)
+    ref, _ = Transformer(cfg).apply({"params": params}, tokens)
+    got, _ = Transformer(cfg.replace(dtype="bfloat16")).apply({"params": params}, tokens)
+    assert got.dtype == jnp.float32
+    assert float(jnp.abs(got - ref).max()) < 0.015
+    rm = with_scalar_head(params, cfg, jax.random.key(1))
+    ref, _ = Transformer(cfg, head="scalar").apply({"params": rm}, tokens)
+    got, _ = Transformer(cfg.replace(dtype="bfloat16"), head="scalar").apply({"params": rm}, tokens)
+    assert got.dtype == jnp.float32 and float(jnp.abs(got - ref).max()) < 0.05
+
+
+def test_bfloat16_train_step_keeps_float32_master_weights():
+  """The one train step (train/step.py, AdamW with clipping) with bfloat16 compute: parameters,
+  optimizer moments, loss and gradient norm stay float32; the loss and the gradient agree with
+  float32 (measured: loss 9e-6 of 6.29, gradient 0.55% of its norm; checked to 1e-3 and 2%)."""
+  import ml_collections
+  import optax
+  from rlhf_jax import losses
+  from rlhf_jax.train import optim, step as step_lib
+  cfg, params = _model("tiny")
+  opt = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=0, final_lr_fraction=1.0,
+                                       weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0))
+  tx, schedule = optim.make_optimizer(opt, 10)
+  tokens = np.random.RandomState(5).randint(3, cfg.vocab_size, (4, 16)).astype(np.int32)
+  batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens),
+           "loss_mask": np.ones(tokens.shape, np.float32)}
+
+  def loss_fn(p, b, rng, c):
+    s, n = losses.lm_loss(step_lib.forward(c, "lm", p, b), b["tokens"], b["loss_mask"])
+    return s, n, {}
+  bf16 = cfg.replace(dtype="bfloat16")
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  train_step = jax.jit(step_lib.make_train_step(lambda p, b, r: loss_fn(p, b, r, bf16), tx,
+                                                schedule, 1, None))
+  new, metrics = train_step(state, batch, jax.random.key(0))
+  for leaf in jax.tree.leaves((new["params"], new["opt_state"])):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32, leaf.dtype
+  assert metrics["loss"].dtype == jnp.float32 and metrics["grad_norm"].dtype == jnp.float32
+  assert float(optax.tree.norm(jax.tree.map(jnp.subtract, new["params"], params))) > 0
+
+  def mean_loss(p, c):
+    s, n, _ = loss_fn(p, batch, None, c)
+    return s / n
+  (l32, g32), (l16, g16) = (jax.value_and_grad(mean_loss)(params, c) for c in (cfg, bf16))
+  assert abs(float(l16 - l32)) < 1e-3
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))
+  assert float(optax.tree.norm(jax.tree.map(jnp.subtract, g16, g32)) / optax.tree.norm(g32)) < 0.02
 
 
 # Published parameter counts. The GPT-3 paper (Table 2.1) rounds its labels; for 350M and 1.3B the

@@ -5,6 +5,26 @@ from typing import Any, Mapping
 from rlhf_jax.errors import UserError
 
 FLAVOURS = ("gpt2", "llama")
+# What each layer keeps for the backward pass (transformer.REMAT_POLICIES): 'none' keeps every
+# activation; 'full' recomputes the whole layer; 'dots_saveable' keeps the outputs of the weight
+# matmuls (projections, MLP) and recomputes the rest (norms, attention, activations); 'offload'
+# keeps the same matmul outputs in host memory (pinned_host: TPU, GPU; also runs on CPU).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "offload")
+# How attention is computed (transformer.attention_impl): 'einsum' (float32 scores, the
+# reference), 'xla' / 'cudnn' (jax.nn.dot_product_attention's implementations; cuDNN flash
+# attention needs a GPU and bfloat16/float16), 'splash' (the Pallas splash-attention kernel, TPU),
+# 'auto' (per backend: splash on TPU, cuDNN on GPU where it applies, else xla; einsum on CPU).
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "splash", "auto")
+
+
+def remat_policy_name(value) -> str:
+  """The remat policy name of a `remat` value: a name, or the old booleans (True = 'full',
+  False = 'none', also as the strings 'true'/'false' of a command line)."""
+  if isinstance(value, bool):
+    return "full" if value else "none"
+  if isinstance(value, str) and value.lower() in ("true", "false"):
+    return "full" if value.lower() == "true" else "none"
+  return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,14 +55,23 @@ class ModelConfig:
   dropout_attn: float = 0.0
   dtype: str = "float32"        # activations / matmul inputs
   param_dtype: str = "float32"
-  remat: bool = False           # recompute each layer in the backward pass (saves activation memory)
+  # Rematerialisation policy (REMAT_POLICIES; the old booleans still read: True = 'full').
+  remat: str = "none"
+  attention_impl: str = "einsum"   # ATTENTION_IMPLS
   scan_layers: bool = True      # False: layers one by one with per-layer params (the decode path)
   bos_token_id: int = 1
   eos_token_id: int = 2
   pad_token_id: int = 0
 
   def __post_init__(self):
+    object.__setattr__(self, "remat", remat_policy_name(self.remat))
     problems = []
+    if self.remat not in REMAT_POLICIES:
+      problems.append(f"remat must be one of {REMAT_POLICIES} (or true/false), got "
+                      f"{self.remat!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      problems.append(f"attention_impl must be one of {ATTENTION_IMPLS}, got "
+                      f"{self.attention_impl!r}")
     if self.flavour not in FLAVOURS:
       problems.append(f"flavour must be one of {FLAVOURS}, got {self.flavour!r}")
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",

@@ -19,7 +19,21 @@ last_only=True). new_cache is None without a cache.
 Parameters are stacked over layers (one `nn.scan`), so their leading axis is 'layers'. Every parameter
 carries logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp, layers); `rlhf_jax.sharding`
 maps them to mesh axes. No mesh axis is named here.
+
+Precision: matmul inputs and activations in `cfg.dtype`, parameters in `cfg.param_dtype`
+(float32 master weights under bfloat16 compute); norms, RoPE, attention softmax, logits and the
+scalar head in float32 whatever the dtype.
+
+Attention (`cfg.attention_impl`, resolved per call by `attention_impl`): 'einsum' is the
+reference (float32 scores, the default); 'xla' and 'cudnn' go through
+`jax.nn.dot_product_attention` with the same mask (cuDNN flash attention: causal in the kernel,
+segments as a bias); 'splash' is the Pallas splash-attention kernel (TPU; causal and segment masks
+in the kernel, no scores in HBM); 'auto' picks per backend. Where a fused kernel cannot take a call
+it falls back (see `attention_impl`).
+
+Rematerialisation (`cfg.remat`): a policy name of `REMAT_POLICIES` (config.py describes them).
 """
+import contextlib
 import functools
 import math
 from typing import Optional
@@ -30,8 +44,28 @@ import jax.numpy as jnp
 
 from rlhf_jax.models.config import ModelConfig
 
+try:   # the Pallas TPU splash-attention kernel (attention_impl 'splash')
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as splash_kernels, splash_attention_mask as splash_masks)
+except ImportError:   # a jax without Pallas' TPU ops: 'splash' falls back to 'xla'
+  splash_kernels = splash_masks = None
+try:   # jax's cuDNN attention module (private): its version check says whether cuDNN is there
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+except ImportError:
+  cudnn_attention = None
+
 HEADS = ("lm", "scalar", "none")
 _MASKED = -1e30  # finite, so a fully masked (padding) query row gives uniform weights, not NaN
+
+# cfg.remat -> what a layer saves for the backward pass (None: nothing, nn.remat's default).
+# 'dots_saveable' keeps the weight matmuls' outputs (dots without batch dimensions: the q/k/v/o
+# projections and the MLP), so the backward pass recomputes norms, attention and activations only.
+REMAT_POLICIES = {
+    "full": lambda: None,
+    "dots_saveable": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": lambda: jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        "device", "pinned_host"),
+}
 
 
 def _dense_init(std):
@@ -127,6 +161,148 @@ class Projection(nn.Module):
     return y
 
 
+# ----------------------------------------------------------------------------- attention
+
+_TARGET_PLATFORM = None   # set by `target_platform`
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+  """Resolve 'auto' and the kernels' fallbacks for `platform` ('cpu', 'gpu', 'tpu') while tracing
+  inside, instead of for `jax.default_backend()`: to compile for a TPU topology from a CPU host."""
+  global _TARGET_PLATFORM
+  old, _TARGET_PLATFORM = _TARGET_PLATFORM, platform
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM = old
+
+
+def _platform():
+  return _TARGET_PLATFORM or jax.default_backend()
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_available() -> bool:
+  try:   # jax's own check (it raises without cuDNN); private, so any failure means "no"
+    cudnn_attention.check_cudnn_version()
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def _splash_block(t: int) -> int:
+  """The splash kernel's block size for sequence length t (a multiple of 128): the largest of 512,
+  256, 128 dividing t."""
+  return next(block for block in (512, 256, 128) if t % block == 0)
+
+
+def attention_impl(cfg: ModelConfig, length: int, cached: bool, dropout: bool,
+                   platform: Optional[str] = None) -> str:
+  """The implementation one attention call uses: `cfg.attention_impl` with 'auto' resolved for
+  `platform` (default: `target_platform` or `jax.default_backend()`) and these fallbacks:
+
+    attention dropout in training          -> 'einsum' (the only one that drops probabilities)
+    'auto' on CPU                          -> 'einsum'; on TPU 'splash'; on a CUDA GPU 'cudnn'
+    'cudnn', 'splash' with the KV cache    -> 'xla' (the cache's (B, K, S, D) layout and moving
+                                              causal offset are not theirs; one decode query reads
+                                              the cache once either way)
+    'cudnn' outside float16/bfloat16, head_dim % 8 or > 128, odd length           -> 'xla'
+    'splash' when the length is not a multiple of 128 (its smallest block), or
+    without jax's Pallas TPU ops                                                     -> 'xla'
+  'splash' off TPU runs through the Pallas interpreter (slow; what the CPU tests run).
+  """
+  impl = cfg.attention_impl
+  if impl == "einsum" or dropout:
+    return "einsum"
+  platform = platform or _platform()
+  if impl == "auto":
+    if platform == "cpu":
+      return "einsum"
+    impl = "splash" if platform == "tpu" else "cudnn" if _cudnn_available() else "xla"
+  if impl in ("cudnn", "splash") and cached:
+    return "xla"
+  if impl == "cudnn" and (cfg.dtype not in ("bfloat16", "float16") or cfg.head_dim % 8
+                          or cfg.head_dim > 128 or length % 2):
+    return "xla"
+  if impl == "splash" and (length % 128 or splash_kernels is None):
+    return "xla"
+  return impl
+
+
+def _einsum_attention(q, keys, values, mask, layout, cfg, dropout):
+  """The reference: float32 scores, masked, softmax, weighted sum. q (B, T, H, D) and keys/values
+  in `layout` ('bskd' or the cache's 'bksd'); returns (B, T, kv_heads, groups, D)."""
+  b, t = q.shape[:2]
+  hd = cfg.head_dim
+  q = q.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, hd) * (hd ** -0.5)
+  scores = jnp.einsum(f"btkgd,{layout}->bkgts", q, keys.astype(q.dtype),
+                      preferred_element_type=jnp.float32)
+  scores = jnp.where(mask[:, None, None], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if dropout is not None:
+    probs = dropout(probs)
+  return jnp.einsum(f"bkgts,{layout}->btkgd", probs.astype(values.dtype), values)
+
+
+def _splash_attention(q, k, v, q_seg, kv_seg, interpret):
+  """Causal attention within segments through the Pallas splash kernel: q (B, T, H, D), already
+  scaled; k, v (B, S, K, D); segment ids (B, T), (B, S). A token attends to earlier tokens of
+  the same segment id (padding, id 0, to earlier padding: its output is never used).
+
+  Under a mesh (`jax.set_mesh`, as `sharding.activate` sets it) the kernel runs per shard in a
+  `shard_map`: batch over the logical 'batch' axis, heads over 'heads' when the mesh axes divide
+  both head counts, the sequence whole."""
+  kernels, masks = splash_kernels, splash_masks
+  t, s = q.shape[1], k.shape[1]
+
+  def local(q, k, v, q_seg, kv_seg):
+    mask = masks.MultiHeadMask([masks.CausalMask((t, s))] * q.shape[2])
+    bq, bkv = _splash_block(t), _splash_block(s)
+    blocks = kernels.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                                block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
+                                block_kv_dq=bkv)
+    kernel = kernels.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                     interpret=interpret)
+    out = jax.vmap(kernel)(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2),
+                           segment_ids=kernels.SegmentIds(q_seg, kv_seg))
+    return out.swapaxes(1, 2)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q, k, v, q_seg, kv_seg)
+  batch = "batch" if _divides("batch", q.shape[0], mesh) else None
+  heads = ("heads" if _divides("heads", q.shape[2], mesh) and _divides("kv_heads", k.shape[2], mesh)
+           else None)
+  spec4 = nn.logical_to_mesh_axes((batch, None, heads, None))
+  spec2 = nn.logical_to_mesh_axes((batch, None))
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec4, spec4, spec4, spec2, spec2),
+                       out_specs=spec4, check_vma=False)(q, k, v, q_seg, kv_seg)
+
+
+def _divides(logical: str, size: int, mesh) -> bool:
+  """Whether the mesh axes that the active logical-axis rules give `logical` divide `size`."""
+  axes = nn.logical_to_mesh_axes((logical,))[0]
+  names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return size % math.prod(mesh.shape[a] for a in names) == 0
+
+
+def _fused_attention(impl, q, keys, values, ctx, layout, cfg, cached):
+  """`impl` ('xla', 'cudnn', 'splash') attention: q (B, T, H, D) unscaled, keys/values in `layout`;
+  returns (B, T, H, D)."""
+  if layout == "bksd":   # the cache: (B, K, S, D) -> (B, S, K, D)
+    keys, values = keys.swapaxes(1, 2), values.swapaxes(1, 2)
+  keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+  scale = cfg.head_dim ** -0.5
+  if impl == "splash":
+    seg = ctx["segment_ids"]
+    return _splash_attention(q * jnp.asarray(scale, q.dtype), keys, values, seg, seg,
+                             interpret=_platform() != "tpu")
+  return jax.nn.dot_product_attention(q, keys, values, mask=ctx["mask"][:, None], scale=scale,
+                                      is_causal=impl == "cudnn" and not cached,
+                                      implementation=impl)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -148,7 +324,6 @@ class Attention(nn.Module):
       k = apply_rope(k, ctx["positions"], ctx["inv_freq"])
 
     b, t = x.shape[:2]
-    q = q.reshape(b, t, kv, cfg.num_groups, hd) * (hd ** -0.5)
     if layer_cache is None:
       keys, values, new_kv, layout = k, v, None, "bskd"
     else:
@@ -159,13 +334,15 @@ class Attention(nn.Module):
           buf, new.astype(buf.dtype).transpose(0, 2, 1, 3), ctx["index"], axis=2)
       keys, values = write(layer_cache["k"], k), write(layer_cache["v"], v)
       new_kv, layout = {"k": keys, "v": values}, "bksd"
-    scores = jnp.einsum(f"btkgd,{layout}->bkgts", q, keys.astype(q.dtype),
-                        preferred_element_type=jnp.float32)
-    scores = jnp.where(ctx["mask"][:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)
-    if cfg.dropout_attn and not deterministic:
-      probs = nn.Dropout(cfg.dropout_attn)(probs, deterministic=False)
-    out = jnp.einsum(f"bkgts,{layout}->btkgd", probs.astype(v.dtype), values.astype(v.dtype))
+    dropout = bool(cfg.dropout_attn) and not deterministic
+    impl = attention_impl(cfg, t, cached=layer_cache is not None, dropout=dropout)
+    if impl == "einsum":
+      drop = nn.Dropout(cfg.dropout_attn) if dropout else None
+      out = _einsum_attention(q, keys, values.astype(v.dtype), ctx["mask"], layout, cfg,
+                              None if drop is None else functools.partial(drop,
+                                                                          deterministic=False))
+    else:
+      out = _fused_attention(impl, q, keys, values, ctx, layout, cfg, layer_cache is not None)
     out = out.reshape(b, t, h, hd)
     out = self._proj("o", (h, hd), (d,), ("heads", "head_dim"), ("embed",),
                      std / math.sqrt(2 * cfg.num_layers))(out)
@@ -263,7 +440,7 @@ def _attention_context(cfg, segment_ids, positions, cache):
   t = segment_ids.shape[1]
   if cache is None:
     q_slot, k_slot, k_seg = jnp.arange(t), jnp.arange(t), segment_ids
-    ctx = {}
+    ctx = {"segment_ids": segment_ids} if cfg.attention_impl in ("splash", "auto") else {}
   else:   # keys are the cache's slots, this call's tokens written at index .. index + t - 1
     index = cache["index"]
     q_slot, k_slot = index + jnp.arange(t), jnp.arange(cache["segment_ids"].shape[1])
@@ -310,8 +487,8 @@ class Transformer(nn.Module):
       x = nn.Dropout(cfg.dropout_resid)(x, deterministic=False)
 
     block = Block
-    if cfg.remat:
-      block = nn.remat(block, prevent_cse=False)
+    if cfg.remat != "none":
+      block = nn.remat(block, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat]())
     layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
     if cfg.scan_layers:
       layers = nn.scan(block, variable_axes={"params": 0},

@@ -302,10 +302,11 @@ class KeyedBatches:
 
 # Config fields that may differ between a run and its resumption (they do not change the
 # trained parameters): logging, evaluation, checkpointing, prefetch, the mesh (checkpoints
-# restore onto another mesh), where the data folder lives, rematerialisation.
+# restore onto another mesh), where the data folder lives, rematerialisation, the attention
+# implementation (same function, another kernel).
 RESUME_MAY_DIFFER = ("log_every", "eval_every", "eval_batches", "checkpoint_every",
                      "keep_checkpoints", "max_nonfinite_steps", "data.prefetch", "data.dir",
-                     "mesh", "model.remat")
+                     "mesh", "model.remat", "model.attention_impl")
 
 
 def config_record(config) -> dict:

@@ -8,10 +8,13 @@ Objective (Ouyang et al. 2022, eq. 2), maximised over the policy pi_RL:
 One iteration, `iteration(state, frozen, batch, rng) -> (state, metrics, per_minibatch)`, is ONE
 jitted pure function:
   1. rollout: B prompts -> B responses of at most N tokens with the jitted sampler (temperature T;
-     log-probs are taken at the same temperature everywhere);
+     log-probs are taken at the same temperature everywhere), in `rollout_micro_batches` chunks
+     one after the other (`lax.map`); each row draws the random numbers it would draw in one
+     call on the whole batch, so the samples do not depend on the chunking;
   2. score: old log-probs and entropy (policy), reference log-probs, old values (value function,
      the state before each response token), the reward at the last token (reward model), minus
-     `missing_eos_penalty` for a response that never emitted EOS;
+     `missing_eos_penalty` for a response that never emitted EOS; in max(minibatches,
+     rollout_micro_batches) chunks;
   3. per-token reward r_t = -beta * (logp_t - logp_ref_t) (+ the score at the last token)
      (`losses.kl_penalty_rewards`), optionally whitened; GAE with gamma 1 and lambda
      (`losses.gae`); advantages whitened over the real tokens of the batch;
@@ -29,7 +32,11 @@ jitted pure function:
      keep the PPO step the same size whatever the ptx term does. So the policy's AdamW does not
      clip again (`ppo._optimizer(..., clip=False)`); the value function's AdamW clips its own
      gradient as usual. Without ptx this is exactly the old single clip of the policy gradient.
-     The cost is unchanged: the ptx forward/backward is on other rows anyway. Logged: `grad_norm`
+     The cost is unchanged: the ptx forward/backward is on other rows anyway. With
+     `ptx_micro_batches` > 1 a minibatch's pretraining rows go through the forward/backward in
+     that many chunks (`lax.scan`), the gradient of the chunks' loss sums and their token counts
+     accumulated and divided once: the same gradient as one pass over the rows (as SFT's
+     `grad_accum_steps`), in a fraction of the activation memory. Logged: `grad_norm`
      (the whole unclipped gradient, policy and value), `grad_norm_ppo` and `grad_norm_ptx` (the
      policy gradient of each term before clipping), per-minibatch means over the iteration.
      The old log-probs/values of step 2 are computed on the same minibatch split as the first
@@ -88,6 +95,10 @@ class Settings:
   grad_clip: float  # per-term global-norm clip of the policy gradient (0: none)
   eos_token_id: int
   pad_token_id: int
+  # Memory, not the algorithm: the rollout (sampling and scoring) and each minibatch's pretraining
+  # rows in this many chunks (1: all at once).
+  rollout_micro_batches: int = 1
+  ptx_micro_batches: int = 1
 
   @property
   def use_ptx(self):
@@ -142,7 +153,16 @@ class _Iteration:
   def rollout(self, policy_params, batch, sample_rng):
     """(sampler output, prompt ++ response tokens, their segment ids, whether each has EOS)."""
     prompts, prompt_seg = batch["prompts"], batch["prompt_segment_ids"]
-    out = sample(policy_params, self.policy_cfg, prompts, prompt_seg, sample_rng, self.sc)
+    chunks = self.s.rollout_micro_batches
+    if chunks == 1:
+      out = sample(policy_params, self.policy_cfg, prompts, prompt_seg, sample_rng, self.sc)
+    else:   # chunk c = rows c, c + chunks, ... (split_micro_batches), sampled one after another
+      b = prompts.shape[0]
+      rows = {"prompts": prompts, "segment_ids": prompt_seg, "index": jnp.arange(b)}
+      out = jax.tree.map(_unsplit, jax.lax.map(
+          lambda c: sample(policy_params, self.policy_cfg, c["prompts"], c["segment_ids"],
+                           sample_rng, self.sc, batch_rows=c["index"], total_batch=b),
+          split_micro_batches(rows, chunks, self.mesh)))
     mask = out.mask
     tokens, seg = append_responses(prompts, prompt_seg, out.tokens, mask)
     has_eos = jnp.any((out.tokens == self.s.eos_token_id) & (mask > 0), axis=1)
@@ -168,7 +188,7 @@ class _Iteration:
         scores = self.score_fn(mb["tokens"], mb["lengths"], p_len).astype(jnp.float32)
       return logp, entropy, ref_logp, values, scores
     rollout = {"tokens": tokens, "segment_ids": seg, "lengths": lengths}
-    split = split_micro_batches(rollout, s.minibatches, self.mesh)
+    split = split_micro_batches(rollout, max(s.minibatches, s.rollout_micro_batches), self.mesh)
     logp, entropy, ref_logp, values, scores = jax.tree.map(_unsplit, jax.lax.map(one, split))
     return logp, entropy, ref_logp, values * mask, scores
 
@@ -232,6 +252,29 @@ class _Iteration:
     ptx_loss = ptx_sum / jnp.maximum(ptx_count, 1.0)
     return self.s.ptx_coef * ptx_loss, ptx_loss
 
+  def ptx_grad(self, policy_params, ptx):
+    """((ptx_coef x the LM loss, the LM loss), its policy gradient) on this minibatch's rows; in
+    `ptx_micro_batches` chunks: grad(sum of the chunks' loss sums) / (sum of their token counts),
+    accumulated over the chunks (`lax.scan`), which is the gradient of the one-pass mean."""
+    chunks = self.s.ptx_micro_batches
+    if chunks == 1:
+      return jax.value_and_grad(self.ptx_term, has_aux=True)(policy_params, ptx)
+
+    def sum_and_count(params, rows):
+      logits = forward(self.policy_cfg, "lm", params, rows)
+      return losses.lm_loss(logits, rows["tokens"], rows["loss_mask"])
+
+    def body(acc, rows):
+      (total, count), grad = jax.value_and_grad(sum_and_count, has_aux=True)(policy_params, rows)
+      return jax.tree.map(jnp.add, acc, (grad, total, count)), None
+    zero = (jax.tree.map(jnp.zeros_like, policy_params), jnp.float32(0), jnp.float32(0))
+    (grad, total, count), _ = jax.lax.scan(body, zero,
+                                           split_micro_batches(ptx, chunks, self.mesh))
+    denom = jnp.maximum(count, 1.0)
+    ptx_loss = total / denom
+    scale = self.s.ptx_coef / denom
+    return (self.s.ptx_coef * ptx_loss, ptx_loss), jax.tree.map(lambda g: g * scale, grad)
+
   def update(self, carry, xs):
     """One minibatch: both terms' gradients, each policy term clipped by its own norm, both
     AdamW steps and the EMA, all kept only when the loss and gradient are finite."""
@@ -243,8 +286,7 @@ class _Iteration:
     aux["grad_norm_ppo"] = optax.tree.norm(g_ppo)
     g_policy = clip_by_global_norm(g_ppo, aux["grad_norm_ppo"], s.grad_clip)
     if s.use_ptx:
-      (ptx_value, aux["ptx_loss"]), g_ptx = jax.value_and_grad(self.ptx_term, has_aux=True)(
-          params["policy"], ptx)
+      (ptx_value, aux["ptx_loss"]), g_ptx = self.ptx_grad(params["policy"], ptx)
       aux["grad_norm_ptx"] = optax.tree.norm(g_ptx)
       g_policy = jax.tree.map(jnp.add, g_policy,
                               clip_by_global_norm(g_ptx, aux["grad_norm_ptx"], s.grad_clip))
