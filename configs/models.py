@@ -58,6 +58,10 @@ def data_config():
   # offline_dataset.py.
   c.task = ml_collections.ConfigDict(offline_dataset.config_fields())
   c.prefetch = 2              # batches built ahead in a background thread
+  # Data shards the records are split into, each read by its own loader (0 = one per process:
+  # each host reads its own records). A multiple of the process count; fixing it makes the
+  # batches the same on any number of processes dividing it (rlhf_jax/data/shards.py).
+  c.shards = 0
   return c
 
 

@@ -1,10 +1,14 @@
 """Checkpoints of the full training state over orbax's CheckpointManager.
 
-One checkpoint = one step directory holding two items:
+One checkpoint = one step directory holding up to three items:
   state  every array of the run as one pytree: params, optimizer state, step, RNG keys, EMA params,
          controller arrays... (orbax StandardSave; each process writes only its own shards).
-  meta   a JSON dict: the data-iterator position, controller/scheduler state, anything JSON-able,
-         plus what we add: the tree description (path -> shape, dtype) and which leaves were RNG keys.
+  meta   a JSON dict: controller/scheduler state, anything JSON-able and the same on every
+         process (written by process 0), plus what we add: the tree description (path -> shape,
+         dtype) and which leaves were RNG keys.
+  data   what differs per process, e.g. its data iterators' positions (each host reads its own
+         records): one JSON file per process, `process_<i>-of-<n>.json` (grain's pattern), each
+         process restoring its own (`read_data`).
 
 Properties:
   async      `save` returns once the arrays are copied off the device; writing goes on in the
@@ -27,6 +31,7 @@ Properties:
 
 Typed PRNG keys are stored as `jax.random.key_data` and rewrapped on restore. Nothing is pickled.
 """
+import dataclasses
 import json
 import sys
 from typing import Any, Optional
@@ -110,7 +115,20 @@ def check_matches(saved: dict, expected: dict, where: str) -> None:
 # ----------------------------------------------------------------------------- directory
 
 def _claim_directory(directory: epath.Path, create: bool) -> None:
-  """Refuses a directory that is not ours; creates ours (with its marker) if needed."""
+  """Refuses a directory that is not ours; creates ours (with its marker) if needed. Every
+  process looks before process 0 writes anything, so all decide alike."""
+  missing = _check_directory(directory, create)
+  _sync("rlhf_jax_checkpoint_checked")
+  if missing and jax.process_index() == 0:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(FORMAT))
+    tmp.rename(directory / MARKER)
+  _sync("rlhf_jax_checkpoint_claim")
+
+
+def _check_directory(directory: epath.Path, create: bool) -> bool:
+  """Whether the directory still needs its marker; a UserError for one that is not ours."""
   marker = directory / MARKER
   if directory.exists() and not directory.is_dir():
     raise UserError(f"{directory}: checkpoint directory is a file, expected a directory")
@@ -124,17 +142,13 @@ def _claim_directory(directory: epath.Path, create: bool) -> None:
     if found.get("version", 0) > FORMAT["version"]:
       raise UserError(f"{marker}: checkpoint format version {found['version']} is newer than this "
                       f"rlhf_jax (reads up to {FORMAT['version']})")
-    return
+    return False
   if directory.exists() and any(directory.iterdir()):
     raise UserError(f"{directory}: directory is not empty and is not an rlhf_jax checkpoint "
                     f"directory (no {MARKER}); pick a new or empty directory")
   if not create:
     raise UserError(f"{directory}: no rlhf_jax checkpoints here (no {MARKER})")
-  if jax.process_index() == 0:
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(FORMAT))
-    tmp.rename(marker)
+  return True
 
 
 def _first_line(e: BaseException, limit: int = 160) -> str:
@@ -173,6 +187,42 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+# ----------------------------------------------------------------------------- per-process JSON
+
+def _process_file(directory) -> epath.Path:
+  return epath.Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+class ProcessJsonHandler(ocp.CheckpointHandler):
+  """An orbax item of one JSON file per process (`process_<i>-of-<n>.json`), each process
+  writing and reading its own (as grain's iterator handler does; this one takes the value to save
+  instead of an iterator, so an async save records the position at the time of the save)."""
+
+  def save(self, directory: epath.Path, args: "ProcessJsonSave"):
+    _process_file(directory).write_text(json.dumps(args.value))
+
+  def restore(self, directory: epath.Path, args: Optional["ProcessJsonRestore"] = None):
+    path = _process_file(directory)
+    if not path.exists():
+      found = sorted(p.name for p in epath.Path(directory).glob("process_*-of-*.json"))
+      count = found[0].rsplit("-of-", 1)[1][:-len(".json")] if found else "?"
+      raise UserError(f"{directory}: no {path.name}: the checkpoint was written by {count} "
+                      f"process(es), this run has {jax.process_count()}; resume with as many")
+    return json.loads(path.read_text())
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessJsonSave(ocp.args.CheckpointArgs):
+  value: Any
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessJsonRestore(ocp.args.CheckpointArgs):
+  pass
+
+
 # ----------------------------------------------------------------------------- manager
 
 class CheckpointManager:
@@ -187,14 +237,16 @@ class CheckpointManager:
     self.directory = epath.Path(directory)
     self.save_every = int(save_every)
     _claim_directory(self.directory, create)
-    _sync("rlhf_jax_checkpoint_claim")
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=1, max_to_keep=keep, create=create,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-  def save(self, step: int, state: Any, meta: Optional[dict] = None, force: bool = False) -> bool:
-    """Starts saving `state` (any pytree of arrays) and `meta` (JSON-able) if `step` is due.
+  def save(self, step: int, state: Any, meta: Optional[dict] = None, force: bool = False,
+           data: Any = None) -> bool:
+    """Starts saving `state` (any pytree of arrays), `meta` (JSON-able, the same on every
+    process) and `data` (JSON-able, this process's own, e.g. its data position; None: no data
+    item) if `step` is due.
 
     Returns whether a save was started. The arrays may be donated to the next step right away.
     """
@@ -202,13 +254,15 @@ class CheckpointManager:
       return False
     arrays, impls = encode_keys(state)
     record = {_USER: meta or {}, _TREE: describe_tree(arrays), _KEYS: impls}
-    try:
-      json.dumps(record)
-    except TypeError as e:
-      raise UserError(f"checkpoint meta: must be JSON-serialisable ({e})") from None
-    return self._manager.save(
-        int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
-                                           meta=ocp.args.JsonSave(record)), force=force)
+    for what, value in (("meta", record), ("data", data)):
+      try:
+        json.dumps(value)
+      except TypeError as e:
+        raise UserError(f"checkpoint {what}: must be JSON-serialisable ({e})") from None
+    items = {"state": ocp.args.StandardSave(arrays), "meta": ocp.args.JsonSave(record)}
+    if data is not None:
+      items["data"] = ProcessJsonSave(data)
+    return self._manager.save(int(step), args=ocp.args.Composite(**items), force=force)
 
   def should_save(self, step: int) -> bool:
     """Whether `save(step, ...)` would write: step is a multiple of save_every."""
@@ -241,6 +295,22 @@ class CheckpointManager:
     if not isinstance(record, dict) or not {_TREE, _KEYS, _USER} <= set(record):
       raise UserError(f"{where}/meta: not an rlhf_jax checkpoint record")
     return record
+
+  def read_data(self, step: Optional[int] = None, default: Any = None) -> Any:
+    """This process's `data` saved with `step` (default: the latest); `default` when the
+    checkpoint has no data item (older checkpoints kept the data position in `meta`)."""
+    step = self._step(step)
+    where = self.directory / str(step)
+    if not (where / "data").exists():
+      return default
+    try:
+      return self._manager.restore(
+          step, args=ocp.args.Composite(data=ProcessJsonRestore()))["data"]
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many types)
+      raise UserError(f"{where}/data: cannot read this process's record ({_first_line(e)})"
+                      ) from None
 
   def read_meta(self, step: Optional[int] = None) -> dict:
     """The JSON metadata given to `save` (data position, controller state...), without arrays."""

@@ -162,9 +162,8 @@ def load_policy(config, workdir, cfg):
   rollout.batch_size_check(config.batch_size, mesh, "batch_size")
   tfds_dir, data_tok_dir = stage_io.data_paths(config, workdir)
   init_from = resolve_init(config, workdir)
-  lm_params, model_tok_dir = stage_io.load_init_model(init_from, cfg, "config.init_from")
+  params, model_tok_dir = stage_io.load_init_model(init_from, cfg, "config.init_from", mesh)
   tok, _ = stage_io.load_tokenizer_for(config, model_tok_dir, data_tok_dir, cfg)
-  params = rollout.place_params(lm_params, cfg, "lm", mesh)
   return Policy(cfg, mesh, params, tok, init_from), tfds_dir
 
 

@@ -116,8 +116,16 @@ def _gguf_tokenizer(path: str) -> str:
   return out
 
 
-def load_model(path: str, head: Optional[str] = None) -> LoadedModel:
-  """Loads any supported source (format detected). `head` checks the stored head if given."""
+def load_model(path: str, head: Optional[str] = None, mesh=None) -> LoadedModel:
+  """Loads any supported source (format detected). `head` checks the stored head if given.
+
+  mesh None: the parameters come back as host (numpy) arrays. With a mesh they come back as
+  global arrays sharded by the rule table (`rlhf_jax.sharding.param_shardings`), ready for a
+  multi-process run: an rlhf_jax model is restored by orbax straight into those shardings (each
+  process reads only the slices its devices hold); a Hugging Face or GGUF model is read whole on
+  every process (its readers give whole tensors) and placed one tensor at a time
+  (`sharding.put`).
+  """
   path = resolve(path)
   fmt = detect_format(path)
   tokenizer_dir = None
@@ -135,15 +143,34 @@ def load_model(path: str, head: Optional[str] = None) -> LoadedModel:
     stored_head = "lm"
     tokenizer_dir = _gguf_tokenizer(path)
   else:
-    cfg, params, stored_head = _read_native(path)
+    cfg, params, stored_head = _read_native(path, mesh)
     if any(os.path.exists(os.path.join(path, f)) for f in hf_format.TOKENIZER_FILES[:2]):
       tokenizer_dir = path
   if head is not None and head != stored_head:
     raise UserError(f"{path}: holds a model with a {stored_head!r} head, expected {head!r}")
+  if mesh is not None and fmt != "rlhf_jax":
+    params = _place(params, cfg, stored_head, mesh)
   return LoadedModel(cfg, params, tokenizer_dir, stored_head)
 
 
-def _read_native(path: str):
+def _shardings(cfg: ModelConfig, head: str, mesh):
+  from rlhf_jax import sharding
+  return sharding.param_shardings(abstract_params(cfg, head, boxed=True), mesh)
+
+
+def _place(params, cfg: ModelConfig, head: str, mesh):
+  """Host parameters of the model's shape -> global arrays on `mesh`, one tensor at a time."""
+  from rlhf_jax import sharding
+  expected = abstract_params(cfg, head)
+  if jax.tree.structure(params) != jax.tree.structure(expected):
+    raise UserError(f"the parameters do not have the structure of a {cfg.flavour} model with a "
+                    f"{head!r} head")
+  return sharding.put(params, _shardings(cfg, head, mesh))
+
+
+def _read_native(path: str, mesh=None):
+  """(config, params, head) of an rlhf_jax model directory: params as numpy arrays, or with a
+  mesh restored by orbax straight into their shardings (each process reads its own slices)."""
   import orbax.checkpoint as ocp
   meta_path = os.path.join(path, NATIVE_META)
   meta = _read_json(meta_path)
@@ -159,22 +186,48 @@ def _read_native(path: str):
   params_dir = os.path.join(os.path.abspath(path), "params")
   if not os.path.isdir(params_dir):
     raise UserError(f"{path}: missing params/ directory")
+  if mesh is None:   # numpy, whatever mesh the model was saved from
+    restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype),
+                                target)
+    args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+  else:
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          target, _shardings(cfg, head, mesh))
+    args = ocp.args.StandardRestore(target)
   try:
-    params = ocp.StandardCheckpointer().restore(params_dir, target)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler() if mesh is None
+                          else ocp.StandardCheckpointHandler()) as ckptr:
+      params = ckptr.restore(params_dir, args=args)
   except Exception as e:  # orbax raises many types for damaged or mismatched checkpoints
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise UserError(f"{params_dir}: cannot restore parameters for the model in {NATIVE_META} "
                     f"({msg[:300]})") from None
+  for (where, got), want in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                jax.tree.leaves(target)):
+    if tuple(got.shape) != tuple(want.shape):
+      raise UserError(f"{params_dir}: parameter {jax.tree_util.keystr(where)} has shape "
+                      f"{tuple(got.shape)}, the model in {NATIVE_META} needs {tuple(want.shape)}")
   return cfg, params, head
 
 
-def _write_native(out: str, cfg: ModelConfig, params, head: str):
+def write_native_params(out: str, params) -> None:
+  """The parameters as an orbax checkpoint in `<out>/params` (numpy or jax arrays; global arrays
+  of several processes are written by all of them, each its own shards; every process must call
+  this with the same `out`)."""
   import orbax.checkpoint as ocp
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(os.path.abspath(out), "params"), params)
-  ckptr.wait_until_finished()
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(os.path.abspath(out), "params"), params)
+    ckptr.wait_until_finished()
+
+
+def write_native_meta(out: str, cfg: ModelConfig, head: str) -> None:
   with open(os.path.join(out, NATIVE_META), "w") as f:
     json.dump({"format_version": NATIVE_VERSION, "model": cfg.to_dict(), "head": head}, f, indent=2)
+
+
+def _write_native(out: str, cfg: ModelConfig, params, head: str):
+  write_native_params(out, params)
+  write_native_meta(out, cfg, head)
 
 
 def _write_hf(out: str, cfg: ModelConfig, params, head: str, dtype: str):
@@ -191,7 +244,7 @@ def _write_hf(out: str, cfg: ModelConfig, params, head: str, dtype: str):
     json.dump(config, f, indent=2)
 
 
-def _copy_tokenizer(tokenizer_dir: Optional[str], out: str):
+def copy_tokenizer(tokenizer_dir: Optional[str], out: str):
   if not tokenizer_dir:
     return
   for name in hf_format.TOKENIZER_FILES:
@@ -218,7 +271,7 @@ def save_model(path: str, cfg: ModelConfig, params, fmt: str = "hf", tokenizer_d
       _write_hf(tmp, cfg, params, head, dtype)
     else:
       _write_native(tmp, cfg, params, head)
-    _copy_tokenizer(tokenizer_dir, tmp)
+    copy_tokenizer(tokenizer_dir, tmp)
     if os.path.exists(path):
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
       os.rename(path, os.path.join(old, "x"))

@@ -111,3 +111,54 @@ def initialize_from_flags() -> bool:
   if not flags.FLAGS.is_parsed():
     return initialize_from_env()
   return initialize_from_env(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+
+# ----------------------------------------------------------------------------- after start-up
+#
+# What the processes of a multi-host run agree on: one writer per file, barriers where one
+# process's file is another's input, host rows gathered from every process. On a single process
+# each is a no-op (or the identity), so single-process runs do exactly what they always did.
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (markers, metrics, reports, JSON): process 0."""
+  import jax
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process got here (`name` must be the same on all of them)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def gather_rows(local):
+  """This process's rows (numpy, the same shape on every process) -> the rows of all processes
+  concatenated in process order (the global batch order of `sharding.process_batch_rows`).
+
+  Exact for any dtype: 8-byte values travel as pairs of 32-bit words (JAX runs without x64).
+  One process: `local` itself.
+  """
+  import jax
+  import numpy as np
+  local = np.asarray(local)
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+  if local.dtype.itemsize == 8:
+    words = np.ascontiguousarray(local).view(np.uint32).reshape(local.shape[:1] + (-1,))
+    out = np.asarray(multihost_utils.process_allgather(words, tiled=True))
+    return out.view(local.dtype).reshape((-1,) + local.shape[1:])
+  if local.dtype == np.bool_:
+    return gather_rows(local.astype(np.int32)).astype(np.bool_)
+  return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+def agree_max(value: int) -> int:
+  """The largest of every process's `value` (e.g. how many evaluation batches all must run)."""
+  import jax
+  import numpy as np
+  if jax.process_count() == 1:
+    return int(value)
+  return int(gather_rows(np.asarray([int(value)], np.int32)).max())

@@ -69,6 +69,7 @@ import zlib
 import jax
 import numpy as np
 
+from rlhf_jax import distributed
 from rlhf_jax import eval_metrics
 from rlhf_jax import eval_results
 from rlhf_jax import eval_rm_accuracy
@@ -113,10 +114,11 @@ def validate(config):
                     f"best-of-N baselines; () = off), got {best_of!r}")
 
 
-def _load_lm(path, where, reference_cfg=None):
+def _load_lm(path, where, mesh, reference_cfg=None):
+  """The language model at `path`, its parameters sharded on `mesh`."""
   if not os.path.exists(path):
     raise UserError(f"{where}: {path} does not exist")
-  model = load_model(path)
+  model = load_model(path, mesh=mesh)
   if model.head != "lm":
     raise UserError(f"{where}: {path} holds a model with a {model.head!r} head; expected a policy "
                     "(language model)")
@@ -171,7 +173,7 @@ class _Evaluation:
   def _load_models(self, workdir, sft_path, data_tok_dir):
     """The SFT policy (the baseline and the KL reference), the tokenizer and the reward model."""
     e = self.e
-    sft_model = _load_lm(sft_path, "evaluate: sft")
+    sft_model = _load_lm(sft_path, "evaluate: sft", self.mesh)
     cfg = self.cfg = sft_model.cfg
     if e.prompt_len + e.max_new_tokens > cfg.max_len:
       raise UserError(f"config.eval.prompt_len + config.eval.max_new_tokens = "
@@ -183,14 +185,14 @@ class _Evaluation:
                       f"{cfg.max_len}")
     self.tok, _ = stage_io.load_tokenizer_for(self.config, sft_model.tokenizer_dir, data_tok_dir,
                                               cfg)
-    self.sft_params = rollout.place_params(sft_model.params, cfg, "lm", self.mesh)
+    self.sft_params = sft_model.params
     del sft_model
     self.rm_path = os.path.join(workdir, "rm", "model") if e.rm_path == "auto" else e.rm_path
     if not os.path.exists(self.rm_path):
       raise UserError(f"config.eval.rm_path: no reward model at {self.rm_path} (run the rm stage "
                       "first)")
-    self.rm_cfg, rm_params = stage_io.load_scalar_model(self.rm_path, cfg, "eval.rm_path")
-    self.rm_params = rollout.place_params(rm_params, self.rm_cfg, "scalar", self.mesh)
+    self.rm_cfg, self.rm_params = stage_io.load_scalar_model(self.rm_path, cfg, "eval.rm_path",
+                                                             self.mesh)
     self.comparisons_dir = os.path.join(workdir, "collect", "tfds")
     if self.offline and os.path.isdir(self.comparisons_dir):
       eval_rm_accuracy.comparison_seq_len(self.config, self.rm_cfg.max_len)   # fails early
@@ -264,9 +266,7 @@ class _Evaluation:
 
   def base_row(self, base_path):
     """(row, meta) of the pretrained base model: pretrain loss and capability probe only."""
-    base = _load_lm(base_path, "evaluate: base", self.cfg)
-    params = rollout.place_params(base.params, self.cfg, "lm", self.mesh)
-    del base
+    params = _load_lm(base_path, "evaluate: base", self.mesh, self.cfg).params
     row, _ = eval_metrics.results_row(pretrain_loss=self.tax.pretrain_loss(params),
                                       probe=self.tax.probe(eval_results.BASE, params, self.bar))
     return row, {"path": os.path.abspath(base_path)}
@@ -276,9 +276,7 @@ class _Evaluation:
     if name == "sft":
       params = self.sft_params
     else:
-      model = _load_lm(path, f"evaluate: {name}", self.cfg)
-      params = rollout.place_params(model.params, self.cfg, "lm", self.mesh)
-      del model
+      params = _load_lm(path, f"evaluate: {name}", self.mesh, self.cfg).params
     got = self.sample(name, params, score=True)
     row, extra = eval_metrics.results_row(
         got.gold, baseline.gold, got.analysis, got.rm, float(np.concatenate(got.kl).mean()),
@@ -349,6 +347,7 @@ class _Evaluation:
       eval_results.write_atomic(os.path.join(workdir, "results.md"),
                                 eval_results.format_markdown(results, rows, examples,
                                                              probe_examples))
+    distributed.barrier("rlhf_jax_results_written")   # the pipeline's marker, read by all
     print(eval_results.table(results, rows), flush=True)
     print(f"evaluate: results in {os.path.join(workdir, 'results.json')} and results.md "
           f"({results['meta']['seconds']:.1f} s)", flush=True)

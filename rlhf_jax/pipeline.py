@@ -21,8 +21,10 @@ import os
 import shutil
 import time
 
+import jax
 import ml_collections
 
+from rlhf_jax import distributed
 from rlhf_jax.errors import UserError
 from rlhf_jax.train import stage_io
 
@@ -132,7 +134,8 @@ def run_stage(stage, config, workdir):
     from rlhf_jax.train import ppo  # pylint: disable=g-import-not-at-top
     return ppo.run(config, workdir)
   from rlhf_jax import evaluate  # pylint: disable=g-import-not-at-top
-  plot(workdir)
+  if distributed.is_primary():
+    plot(workdir)
   return evaluate.run(config, workdir)
 
 
@@ -170,7 +173,7 @@ def run(config, workdir):
   evaluate.validate(config)
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".rlhf_jax_write_test")
+    probe = os.path.join(workdir, f".rlhf_jax_write_test.{jax.process_index()}")
     with open(probe, "w", encoding="utf-8"):
       pass
     os.remove(probe)
@@ -179,16 +182,22 @@ def run(config, workdir):
   t0 = time.time()
   result = None
   for stage in stages:
+    # Every process decides from the same files: each stage ends with its writers done (a
+    # barrier), and all look before process 0 removes anything.
+    distributed.barrier("rlhf_jax_pipeline_stage")
     if up_to_date(workdir, stage, stages):
       print(f"pipeline: {stage} is up to date ({marker(workdir, stage)})", flush=True)
       continue
     if os.path.exists(marker(workdir, stage)):
       print(f"pipeline: {stage} is older than what it depends on; running it again", flush=True)
-      for path in stage_outputs(workdir, stage):
-        if os.path.isdir(path):
-          shutil.rmtree(path)
-        elif os.path.exists(path):
-          os.remove(path)
+      distributed.barrier("rlhf_jax_pipeline_stale")
+      if distributed.is_primary():
+        for path in stage_outputs(workdir, stage):
+          if os.path.isdir(path):
+            shutil.rmtree(path)
+          elif os.path.exists(path):
+            os.remove(path)
+      distributed.barrier("rlhf_jax_pipeline_removed")
     print(f"pipeline: running {stage} ({time.time() - t0:.0f} s so far)", flush=True)
     result = run_stage(stage, configs[stage], workdir)
   if not isinstance(result, dict):   # evaluation was up to date: show its table again

@@ -14,7 +14,7 @@ from rlhf_jax import losses
 from rlhf_jax import sharding
 from rlhf_jax.data import loaders
 from rlhf_jax.errors import UserError
-from rlhf_jax.models import ModelConfig, abstract_params
+from rlhf_jax.models import ModelConfig
 from rlhf_jax.sampling import sample
 from rlhf_jax.train import stage_io
 from rlhf_jax.train.step import forward, jit_eval_step
@@ -58,12 +58,6 @@ def episode_texts(tok, tokens, lengths, prompt_len):
 
 
 # ----------------------------------------------------------------------------- placement
-
-def place_params(params, cfg: ModelConfig, head, mesh):
-  """Host (or device) parameters placed on `mesh` by the logical-axis rule table."""
-  shardings = sharding.param_shardings(abstract_params(cfg, head, boxed=True), mesh)
-  return jax.device_put(params, shardings)
-
 
 def to_host(tree, mesh):
   """Device arrays -> numpy; with several processes they are gathered (replicated) first."""

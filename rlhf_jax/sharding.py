@@ -214,6 +214,27 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def put(tree: Any, shardings: Any):
+  """Places a pytree of host or device arrays onto `shardings`, one tensor at a time.
+
+  One process: `jax.device_put`. Several processes, for a sharding that spans them: an array
+  already global is kept (or resharded under jit); a host array (or one on this process's
+  devices) gives each device its own slice (`jax.make_array_from_callback`), so nothing is
+  checked or copied across processes. Every process must pass the same values.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def one(x, s):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x if x.sharding == s else jax.jit(lambda y: y, out_shardings=s)(x)
+    if s.is_fully_addressable:
+      return jax.device_put(x, s)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+  return jax.tree.map(one, tree, shardings)
+
+
 def init_sharded(init_fn, shardings: Any, *args):
   """Runs `init_fn(*args)` under jit straight into `shardings`: no host or single-device copy.
 

@@ -6,6 +6,10 @@ Imported by the tests, and run as a script by tests/test_multihost.py, one proce
 
 Each process owns 4 CPU devices, reads only its own rows of every global batch and writes (process 0)
 the loss trajectory and a parameter checksum as JSON to F.
+
+  python tests/multihost_worker.py --mode=data --ckpt=DIR --process_id=I --num_processes=N ...
+
+checkpoints each process's own packed-SFT loader position and restores it (`data_positions`).
 """
 import json
 import os
@@ -138,6 +142,51 @@ def param_checksum(params) -> list:
   return [float(np.sum(np.asarray(x, np.float64))) for x in jax.tree.leaves(gathered)]
 
 
+class ByteTokenizer:
+  """A tokenizer stand-in: one id per byte (+3), pad 0, bos 1, eos 2."""
+  pad_id, bos_id, eos_id, vocab_size = 0, 1, 2, 259
+
+  def encode(self, text):
+    return [b + 3 for b in text.encode()]
+
+
+def packed_sft_batches(rows: int, num_shards: int = 0):
+  """This process's packed SFT rows (`rows` per batch) of a small demonstration set whose
+  documents have many lengths, so the hosts' packers stand at different records."""
+  from rlhf_jax.data import loaders, shards
+  records = [{"prompt": "q" * (1 + i % 7), "response": "a" * (2 + (i * 5) % 11)}
+             for i in range(64)]
+  tok = ByteTokenizer()
+  return shards.ShardedBatches(
+      lambda shard, n: loaders.sft_loader(records, tok, batch_size=n, seq_len=32, seed=0,
+                                          shard=shard), rows, num_shards)
+
+
+def data_positions(ckpt_dir: str, consumed: int = 3, rows: int = 4) -> dict:
+  """Reads `consumed` batches, checkpoints this process's loader position (one file per process)
+  with a step, reads 2 more; then a fresh loader restored from the checkpoint must give the same
+  2 batches. Returns {'state', 'restored', 'same_next', 'meta'}."""
+  from rlhf_jax import sharding
+  from rlhf_jax.checkpoint import CheckpointManager
+  it = packed_sft_batches(rows)
+  for _ in range(consumed):
+    next(it)
+  state = it.get_state()
+  mesh = sharding.make_mesh((1, -1, 1))
+  arrays = {"w": sharding.put(np.arange(8, dtype=np.float32), sharding.batch_sharding(mesh, 1))}
+  with CheckpointManager(ckpt_dir, save_every=1) as ckpt:
+    ckpt.save(consumed, arrays, meta={"same": "on every process"}, data=state)
+  expected = [next(it) for _ in range(2)]
+  fresh = packed_sft_batches(rows)
+  with CheckpointManager(ckpt_dir) as ckpt:
+    restored = ckpt.read_data()
+    meta = ckpt.read_meta()
+  fresh.set_state(restored)
+  got = [next(fresh) for _ in range(2)]
+  same = all(np.array_equal(a[k], b[k]) for a, b in zip(expected, got) for k in a)
+  return {"state": state, "restored": restored, "same_next": same, "meta": meta}
+
+
 def _flag(argv, name, default=None):
   for arg in argv:
     if arg.startswith(f"--{name}="):
@@ -157,6 +206,11 @@ def main(argv):
                                   num_processes=num_processes, process_id=process_id)
   import jax
   assert jax.process_count() == num_processes and jax.local_device_count() == 4
+  if _flag(argv, "mode") == "data":
+    with open(f"{_flag(argv, 'out')}.{process_id}", "w") as f:
+      json.dump(data_positions(_flag(argv, "ckpt")), f)
+    jax.distributed.shutdown()
+    return
   mesh = sharding.make_mesh(_flag(argv, "mesh", "1,-1,1"))
   state, losses = run(mesh, int(_flag(argv, "steps", "3")))
   out = {"losses": losses, "checksum": param_checksum(state["params"]),

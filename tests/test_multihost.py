@@ -24,7 +24,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(num_processes: int, out: str) -> list:
+def _start(num_processes: int, out: str, *extra) -> list:
   """Starts the workers (one per fake host)."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
@@ -33,7 +33,7 @@ def _start(num_processes: int, out: str) -> list:
     with open(f"{out}.{i}.log", "w") as log:      # a file, not a pipe: a full pipe would block
       procs.append(subprocess.Popen([sys.executable, WORKER, f"--process_id={i}",
                                      f"--num_processes={num_processes}", f"--port={port}",
-                                     f"--steps={STEPS}", f"--out={out}"],
+                                     f"--steps={STEPS}", f"--out={out}", *extra],
                                     env=env, stdout=log, stderr=subprocess.STDOUT))
   return procs
 
@@ -79,6 +79,30 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_allclose(r["losses"], losses, rtol=0, atol=1e-5)
     np.testing.assert_allclose(r["checksum"], checksum, rtol=1e-5, atol=1e-5)
   assert results[0]["losses"] == results[1]["losses"]
+
+
+def test_each_process_restores_its_own_data_position(tmp_path):
+  """Packed SFT rows of each host's own data shard: the two loaders stand at different positions
+  after the same number of batches; a checkpoint holds one position per process and each process
+  restores its own (the next batches are the ones it would have read), not process 0's."""
+  out = str(tmp_path / "result")
+  start = time.monotonic()
+  procs = _start(2, out, "--mode=data", f"--ckpt={tmp_path / 'ckpt'}")
+  try:        # one process reading both data shards holds both positions
+    one = w.packed_sft_batches(8, num_shards=2)
+    for _ in range(3):
+      next(one)
+    both = one.get_state()["shards"]
+  finally:
+    results = _finish(procs, out, timeout=100.0 - (time.monotonic() - start))
+  assert results[0]["state"] != results[1]["state"]       # the packers are at different records
+  for pid, r in enumerate(results):
+    assert r["restored"] == r["state"] == both[pid]
+    assert r["same_next"]
+    assert r["meta"] == {"same": "on every process"}
+  files = sorted(os.listdir(tmp_path / "ckpt" / "3" / "data"))
+  assert [f for f in files if f.startswith("process_")] == ["process_0-of-2.json",
+                                                           "process_1-of-2.json"]
 
 
 def test_settings_from_flags_and_environment():

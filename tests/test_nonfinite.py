@@ -188,7 +188,7 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(tmp_pa
   # The checkpoint holds the parameters the run had at step 4 (seen by the evaluation there).
   _, _, _, _, shardings, state = _setup(config, 12)
   restored, meta = mngr.restore(sharding.abstract_with_sharding(state, shardings))
-  assert meta["data"] == {"i": 4} and int(restored["step"]) == 4
+  assert mngr.read_data() == {"i": 4} and int(restored["step"]) == 4
   _assert_equal(restored["params"], seen[4])
   # ... and the skipped steps left the parameters as they were after step 5.
   assert sorted(seen) == [0, 4, 8]

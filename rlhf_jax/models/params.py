@@ -31,12 +31,18 @@ def count_params(cfg: ModelConfig, head: str = "lm") -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg, head))))
 
 
-def with_scalar_head(params, cfg: ModelConfig, rng):
+def with_scalar_head(params, cfg: ModelConfig, rng, head_shardings=None):
   """Backbone of `params` (an LM) with the LM head dropped and a fresh scalar head added.
 
   This is how the reward model starts from the SFT model (and the value function from the RM).
+  head_shardings: the scalar head's shardings; the head is then initialised under jit straight
+  into them (only the head is computed; the same values), as a multi-process run needs.
   """
-  fresh = init_params(cfg, rng, head="scalar")
+  if head_shardings is None:
+    head = init_params(cfg, rng, head="scalar")["scalar_head"]
+  else:
+    head = jax.jit(lambda key: init_params(cfg, key, head="scalar")["scalar_head"],
+                   out_shardings=head_shardings)(rng)
   out = {k: v for k, v in params.items() if k not in ("lm_head", "scalar_head")}
-  out["scalar_head"] = fresh["scalar_head"]
+  out["scalar_head"] = head
   return out

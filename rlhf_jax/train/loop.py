@@ -10,7 +10,8 @@ a `Cadence` (how many steps, how often to log / evaluate / save); the loop does 
     every log_every steps:        metrics.jsonl / TensorBoard / one line: task.reduce(metrics of
                                   the interval) + the rate `task.rate_key`
     every eval_every steps:       task.evaluate(params) (also at step 0 of a fresh run)
-    every checkpoint_every steps: state + {'data': batches.get_state(), 'nonfinite', 'config'}
+    every checkpoint_every steps: state + {'nonfinite', 'config'} + this process's
+                                  batches.get_state() (each process its own file)
 
 The step hook is where stages differ: pretrain/SFT/RM pass `step.TrainStep` (the jitted pure
 train step; metrics stay on the device until logged), PPO one iteration (rollout, scoring,
@@ -182,10 +183,11 @@ class MetricsWriter:
       self._events.close()
 
 
-def rewind_metrics(path: str, step: int) -> list:
+def rewind_metrics(path: str, step: int, write: bool = True) -> list:
   """Cuts `metrics.jsonl` back to what a run resumed at `step` had written: records with
   step <= step (none when step is 0); a line cut by a kill is dropped. Atomic (tmp + rename).
-  Returns the kept records."""
+  Returns the kept records. write=False only reads them (every process but the file's one
+  writer, process 0: they read the same records whether before or after its rename)."""
   if not os.path.exists(path):
     return []
   kept = []
@@ -197,6 +199,8 @@ def rewind_metrics(path: str, step: int) -> list:
         continue
       if isinstance(record, dict) and step > 0 and int(record.get("step", step + 1)) <= step:
         kept.append(record)
+  if not write:
+    return kept
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -309,6 +313,11 @@ RESUME_MAY_DIFFER = ("log_every", "eval_every", "eval_batches", "checkpoint_ever
                      "mesh", "model.remat", "model.attention_impl")
 
 
+# Config fields added after checkpoints were first written, with the value such a checkpoint's
+# run had: a record without the field resumes with that value.
+ADDED_FIELDS = {"data.shards": 0}
+
+
 def config_record(config) -> dict:
   """The config as flat JSON values {dotted field: value}, for the checkpoint meta."""
   flat = {}
@@ -331,6 +340,7 @@ def check_resume_config(saved: Optional[dict], config, where: str) -> None:
     return
   now = config if isinstance(config, dict) else config_record(config)   # a ConfigDict or a record
   free = lambda name: any(name == f or name.startswith(f + ".") for f in RESUME_MAY_DIFFER)
+  saved = {**{k: v for k, v in ADDED_FIELDS.items() if k in now}, **saved}
   for name in sorted(set(saved) | set(now)):
     if free(name) or saved.get(name) == now.get(name):
       continue
@@ -348,8 +358,12 @@ def _resume(task, ckpt, batches, state):
   check_resume_config(ckpt.read_meta(latest).get("config"), task.record, where)
   target = sharding.abstract_with_sharding(state, jax.tree.map(lambda x: x.sharding, state))
   state, meta = ckpt.restore(target, latest)
+  # This process's data position (its own file; checkpoints from before kept it in the meta).
+  data = ckpt.read_data(latest, default=meta.get("data") if jax.process_count() == 1 else None)
+  if data is None:
+    raise UserError(f"{where}: it holds no data position for process {jax.process_index()}")
   try:
-    batches.set_state(meta["data"])
+    batches.set_state(data)
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f"{where}: its data position does not fit this run's data "
                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
@@ -377,7 +391,7 @@ def run_loop(task: Task, state, cadence: Cadence, workdir: str, mesh,
     bar = tqdm(total=cadence.num_steps, initial=start, desc=task.name, dynamic_ncols=True,
                disable=jax.process_index() != 0, file=sys.stderr, mininterval=1.0)
     metrics_path = os.path.join(stage_dir, "metrics.jsonl")
-    before = rewind_metrics(metrics_path, start) if jax.process_index() == 0 else []
+    before = rewind_metrics(metrics_path, start, write=jax.process_index() == 0)
     writer = MetricsWriter(metrics_path, bar)
     counter = NonFiniteCounter(
         cadence.max_nonfinite_steps, last_checkpoint=ckpt.latest_path, unit=task.unit,
@@ -428,9 +442,9 @@ class _Loop:
         self.evaluate(done, state["params"])
       if self.ckpt.should_save(done) or done == num_steps:
         self.counter.flush()      # a run that must stop stops here, before saving
-        self.ckpt.save(done, state, meta={"data": self.batches.get_state(),
-                                          "nonfinite": self.counter.state(),
-                                          "config": self.task.record}, force=done == num_steps)
+        self.ckpt.save(done, state, meta={"nonfinite": self.counter.state(),
+                                          "config": self.task.record},
+                       data=self.batches.get_state(), force=done == num_steps)
     self.counter.flush()
     if start >= num_steps and eval_every and not self.last_eval:
       self.evaluate(num_steps, state["params"])

@@ -61,7 +61,7 @@ def state_shardings(cfg, head, tx, mesh):
 
 def create_state(params, tx, shardings):
   """The train state from parameters (host or device arrays), placed on the mesh."""
-  params = jax.device_put(params, shardings["params"])
+  params = sharding.put(params, shardings["params"])
   opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
   return {"params": params, "opt_state": opt_state, "step": step}

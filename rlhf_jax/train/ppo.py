@@ -42,9 +42,10 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from rlhf_jax import collect
+from rlhf_jax import distributed
 from rlhf_jax import rollout
 from rlhf_jax import sharding
-from rlhf_jax.data import encoding, gold_labeler, loaders, offline_task
+from rlhf_jax.data import encoding, gold_labeler, loaders, offline_task, shards
 from rlhf_jax.errors import UserError, check_positive, config_field
 from rlhf_jax.models import ModelConfig, abstract_params
 from rlhf_jax.train import loop
@@ -203,7 +204,7 @@ def state_shardings(policy_cfg, value_cfg, txs, mesh, ema):
 
 
 def create_state(policy, value, txs, shardings, kl_coef):
-  params = jax.device_put({"policy": policy, "value": value}, shardings["params"])
+  params = sharding.put({"policy": policy, "value": value}, shardings["params"])
   opt_state = {k: jax.jit(txs[k].init, out_shardings=shardings["opt_state"][k])(params[k])
                for k in ("policy", "value")}
   state = {"params": params, "opt_state": opt_state,
@@ -225,12 +226,12 @@ def place(policy, value, rm, txs, shardings, frozen_sh, kl_coef, frozen_dtype="f
   """
   frozen = {"ref": policy} if rm is None else {"ref": policy, "rm": rm}
   if frozen_dtype == "float32":
-    frozen = jax.tree.map(jnp.copy, jax.device_put(frozen, frozen_sh))
+    frozen = jax.tree.map(jnp.copy, sharding.put(frozen, frozen_sh))
   else:
     dtype = jnp.dtype(frozen_dtype)
     host = jax.tree.map(lambda x: x.astype(dtype) if isinstance(x, np.ndarray) else x, frozen)
     frozen = jax.tree.map(lambda x: jnp.copy(x) if x.dtype == dtype else x.astype(dtype),
-                          jax.device_put(host, frozen_sh))
+                          sharding.put(host, frozen_sh))
   return create_state(policy, value, txs, shardings, kl_coef), frozen
 
 
@@ -313,9 +314,10 @@ class IterationStep:
 
   Runs one jitted iteration (`make_iteration`, jitted at the first batch) on this process's
   prompt rows (and pretraining rows) placed on the mesh, and brings its metrics to the host. With
-  `gold` (the offline task's `gold_score`), adds `gold_score`: the mean gold score of this
-  process's responses of the iteration, and keeps the first four episodes as `samples` (those of
-  the last iteration are saved with the final model).
+  `gold` (the offline task's `gold_score`), adds `gold_score`: the mean gold score of all the
+  responses of the iteration (the responses come back to every process; the prompts' record
+  indices are gathered from all of them), and keeps the first four episodes as `samples` (those
+  of the last iteration are saved with the final model).
   """
 
   def __init__(self, iteration, shardings, frozen, frozen_sh, mesh, s: ppo_iteration.Settings,
@@ -323,7 +325,6 @@ class IterationStep:
     self.iteration, self.shardings = iteration, shardings
     self.frozen, self.frozen_sh = frozen, frozen_sh
     self.mesh, self.s, self.gold, self.prompt_source, self.tok = mesh, s, gold, prompt_source, tok
-    self.rows = sharding.process_batch_rows(mesh, s.batch_size)
     self.samples = []
     self._jitted = None
 
@@ -342,8 +343,9 @@ class IterationStep:
     return state, metrics
 
   def _gold_score(self, index, resp, lengths):
-    resp, lengths = np.asarray(resp)[self.rows], np.asarray(lengths)[self.rows]
-    texts = [loaders.text_of(self.prompt_source[int(i)]["prompt"]) for i in index]
+    resp, lengths = np.asarray(resp), np.asarray(lengths)    # every row (replicated)
+    texts = [loaders.text_of(self.prompt_source[int(i)]["prompt"])
+             for i in distributed.gather_rows(index)]
     answers = [rollout.decode_response(self.tok, resp[i], int(lengths[i]))
                for i in range(len(texts))]
     scores = [self.gold(t, a) for t, a in zip(texts, answers)]
@@ -393,16 +395,24 @@ def _gold_reward(config, workdir, prompt_source, tok):
 
 
 def _batches(config, tfds_dir, prompt_source, tok, s: ppo_iteration.Settings, mesh):
-  """This process's prompt batches (and pretraining rows with ptx), resumable."""
+  """This process's prompt batches (and pretraining rows with ptx) from its data shards
+  (`config.data.shards`), resumable."""
   p = config.ppo
   local = lambda n: stage_io.local_batch_size(mesh, n)
-  prompts = iter(loaders.prompt_loader(prompt_source, tok, batch_size=local(p.batch_size),
-                                       prompt_len=p.prompt_len, seed=config.data_seed))
+  num_shards = config.data.get("shards", 0)
+  prompts = shards.ShardedBatches(
+      lambda shard, rows: loaders.prompt_loader(prompt_source, tok, batch_size=rows,
+                                                prompt_len=p.prompt_len, seed=config.data_seed,
+                                                shard=shard),
+      local(p.batch_size), num_shards, tok.pad_id, "ppo.batch_size")
   ptx_it = None
   if s.use_ptx:
     ptx_source = stage_io.load_split(tfds_dir, "ptx", config.data.train_split, "train_split")
-    ptx_it = iter(loaders.ptx_loader(ptx_source, tok, batch_size=local(s.ptx_rows),
-                                     seq_len=p.ptx_seq_len, seed=config.data_seed + 1))
+    ptx_it = shards.ShardedBatches(
+        lambda shard, rows: loaders.ptx_loader(ptx_source, tok, batch_size=rows,
+                                               seq_len=p.ptx_seq_len, seed=config.data_seed + 1,
+                                               shard=shard),
+        local(s.ptx_rows), num_shards, tok.pad_id, "ppo.ptx_per_episode")
   return _Batches(prompts, ptx_it)
 
 
@@ -426,11 +436,12 @@ def run(config, workdir):
   tfds_dir, data_tok_dir = stage_io.data_paths(config, workdir)
 
   # The models: policy and frozen reference from SFT, value function and reward from the RM.
-  policy_params, model_tok_dir = stage_io.load_init_model(init_from, cfg, "config.init_from")
+  policy_params, model_tok_dir = stage_io.load_init_model(init_from, cfg, "config.init_from",
+                                                          mesh)
   rm_cfg, rm_params = (None, None) if rm_path == "gold" else \
-      stage_io.load_scalar_model(rm_path, cfg, "reward_model")
+      stage_io.load_scalar_model(rm_path, cfg, "reward_model", mesh)
   value_cfg, value_params = (rm_cfg, rm_params) if value_path == rm_path else \
-      stage_io.load_scalar_model(value_path, cfg, "value_from")
+      stage_io.load_scalar_model(value_path, cfg, "value_from", mesh)
   tok, tok_dir = stage_io.load_tokenizer_for(config, model_tok_dir, data_tok_dir, cfg)
   s = settings_from_config(config, tok)
   _check_ptx_rows(s, mesh)

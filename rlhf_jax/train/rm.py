@@ -26,12 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import distributed
 from rlhf_jax import losses
 from rlhf_jax import rollout
 from rlhf_jax import sharding
-from rlhf_jax.data import builders, gold_labeler, loaders
+from rlhf_jax.data import builders, gold_labeler, loaders, shards
 from rlhf_jax.errors import UserError
-from rlhf_jax.models import ModelConfig, with_scalar_head
+from rlhf_jax.models import ModelConfig, abstract_params, with_scalar_head
 from rlhf_jax.train import loop
 from rlhf_jax.train import optim
 from rlhf_jax.train import stage_io
@@ -110,20 +111,22 @@ def gold_matrix(source, index, k_max):
 
 
 class RmEval:
-  """Held-out reward-model metrics over a comparisons split (host batches read once)."""
+  """Held-out reward-model metrics over a comparisons split (host batches read once). The
+  metrics cover the rows of every process: each keeps the labels of all rows (gathered once) and
+  the rewards come back for all rows."""
 
-  def __init__(self, loader, source, mesh, batch_size, max_batches, gold):
+  def __init__(self, loader, source, mesh, batch_size, max_batches, gold, pad_id=0):
     self.mesh, self.batch_size = mesh, batch_size
-    self.rows = sharding.process_batch_rows(mesh, batch_size)
     self.batches, self.info = [], []
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(shards.lockstep(loader, pad_id, "the validation comparisons")):
       if max_batches and i >= max_batches:
         break
       check_comparisons(batch)
       self.batches.append({k: batch[k] for k in TRAIN_KEYS})
-      info = {k: batch[k] for k in ("ranks", "response_valid", "lengths", "index")}
+      info = {k: distributed.gather_rows(batch[k])
+              for k in ("ranks", "response_valid", "lengths", "index")}
       if gold:
-        info["gold"] = gold_matrix(source, batch["index"], batch["ranks"].shape[1])
+        info["gold"] = gold_matrix(source, info["index"], info["ranks"].shape[1])
       self.info.append(info)
     if not self.batches:
       raise UserError("config.data.eval_split: the validation comparisons gave no batch")
@@ -137,7 +140,7 @@ class RmEval:
       s, c, r = jax.device_get(self.step(params, sharding.global_batch(local, self.mesh,
                                                                  self.batch_size)))
       total, count = total + float(s), count + float(c)
-      rewards.append(np.asarray(r)[self.rows])
+      rewards.append(np.asarray(r))
     return self.metrics(total, count, np.concatenate(rewards))
 
   def metrics(self, total, count, rewards):
@@ -162,18 +165,19 @@ class RmEval:
     return out
 
 
-def _scored(loader, score, params, mesh, batch_size):
-  """Yields (host batch, this process's rows of `score(params, batch)`) over `loader`, with one
-  jitted `score` for all batches."""
-  rows = sharding.process_batch_rows(mesh, batch_size)
+def _scored(loader, score, params, mesh, batch_size, keep=("index",), pad_id=0):
+  """Yields ({key: rows of every process} for `keep`, `score(params, batch)` of every row) over
+  the batches of `loader` (this process's rows; every process steps through as many batches,
+  `shards.lockstep`), with one jitted `score` for all batches."""
   step = None
-  for batch in loader:
+  for batch in shards.lockstep(loader, pad_id, "the normalisation data"):
     keys = {k: batch[k] for k in ("tokens", "segment_ids", "positions", "last_index")}
     if step is None:
       step = jit_eval_step(score, jax.tree.map(lambda x: x.sharding, params), keys, mesh)
     with sharding.activate(mesh):
       out = step(params, sharding.global_batch(keys, mesh, batch_size))
-    yield batch, np.asarray(jax.device_get(out))[rows]
+    yield ({k: distributed.gather_rows(batch[k]) for k in keep},
+           np.asarray(jax.device_get(out)))
 
 
 def _first(batch, done, limit):
@@ -185,15 +189,18 @@ def _first(batch, done, limit):
 def demonstration_reward_mean(cfg, params, source, tok, mesh, config):
   """Mean reward at the last token of the first `norm_examples` demonstrations."""
   bs = config.eval_batch_size
-  loader = loaders.sft_loader(source, tok, batch_size=stage_io.local_batch_size(mesh, bs),
-                              seq_len=config.seq_len, num_epochs=1, shuffle=False, pack=False,
-                              drop_remainder=False)
+  loader = shards.ShardedBatches(
+      lambda shard, rows: loaders.sft_loader(
+          source, tok, batch_size=rows, seq_len=config.seq_len, num_epochs=1, shuffle=False,
+          pack=False, drop_remainder=False, shard=shard),
+      stage_io.local_batch_size(mesh, bs), config.data.get("shards", 0), tok.pad_id,
+      "eval_batch_size")
 
   def score(params, batch):
     return rollout.scores_at(cfg, params, batch, batch["last_index"])
 
   total, n = 0.0, 0
-  for batch, r in _scored(loader, score, params, mesh, bs):
+  for batch, r in _scored(loader, score, params, mesh, bs, pad_id=tok.pad_id):
     take = _first(batch, n, config.norm_examples)
     total += float(r[take].sum())
     n += int(take.sum())
@@ -208,11 +215,15 @@ def sample_reward_std(cfg, params, source, tok, mesh, config, k_max):
   """Standard deviation of the reward over the responses of the first `norm_examples` comparison
   records (with the collect stage: samples of the SFT policy, what PPO will score)."""
   bs = config.eval_batch_size
-  loader = loaders.comparison_loader(source, tok, batch_size=stage_io.local_batch_size(mesh, bs),
-                                     seq_len=config.seq_len, k_max=k_max, num_epochs=1,
-                                     shuffle=False, drop_remainder=False)
+  loader = shards.ShardedBatches(
+      lambda shard, rows: loaders.comparison_loader(
+          source, tok, batch_size=rows, seq_len=config.seq_len, k_max=k_max, num_epochs=1,
+          shuffle=False, drop_remainder=False, shard=shard),
+      stage_io.local_batch_size(mesh, bs), config.data.get("shards", 0), tok.pad_id,
+      "eval_batch_size")
   values, prompts = [], 0
-  for batch, r in _scored(loader, lambda p, b: response_rewards(cfg, p, b), params, mesh, bs):
+  for batch, r in _scored(loader, lambda p, b: response_rewards(cfg, p, b), params, mesh, bs,
+                          keep=("index", "response_valid"), pad_id=tok.pad_id):
     take = _first(batch, prompts, config.norm_examples)
     values.append(r[take][batch["response_valid"][take] > 0])
     prompts += int(take.sum())
@@ -273,8 +284,10 @@ def run(config, workdir):
   workdir, cfg, mesh, init_from = setup.workdir, setup.cfg, setup.mesh, setup.init_from
   if not init_from:
     raise UserError("config.init_from: the reward model starts from an SFT model; give its path")
-  lm_params, model_tok_dir = stage_io.load_init_model(init_from, cfg, "config.init_from")
-  params = with_scalar_head(lm_params, cfg, jax.random.key(config.seed))
+  lm_params, model_tok_dir = stage_io.load_init_model(init_from, cfg, "config.init_from", mesh)
+  head_sh = sharding.param_shardings(abstract_params(cfg, "scalar", boxed=True),
+                                     mesh)["scalar_head"]
+  params = with_scalar_head(lm_params, cfg, jax.random.key(config.seed), head_sh)
   del lm_params
   tok, tok_dir = stage_io.load_tokenizer_for(config, model_tok_dir, setup.data_tokenizer_dir, cfg)
 
@@ -293,18 +306,22 @@ def run(config, workdir):
   del params
 
   # The one loop: the step, its batches and the held-out evaluation.
-  local_eval_bs = stage_io.local_batch_size(mesh, config.eval_batch_size)
-  rm_eval = RmEval(loaders.comparison_loader(eval_source, tok, batch_size=local_eval_bs,
-                                             seq_len=config.seq_len, k_max=k_max, num_epochs=1,
-                                             shuffle=False, drop_remainder=False),
-                   eval_source, mesh, config.eval_batch_size, config.eval_batches,
-                   gold=config.data.source == "offline")
+  num_shards = config.data.get("shards", 0)
+  rm_eval = RmEval(shards.ShardedBatches(
+      lambda shard, rows: loaders.comparison_loader(
+          eval_source, tok, batch_size=rows, seq_len=config.seq_len, k_max=k_max, num_epochs=1,
+          shuffle=False, drop_remainder=False, shard=shard),
+      stage_io.local_batch_size(mesh, config.eval_batch_size), num_shards, tok.pad_id,
+      "eval_batch_size"), eval_source, mesh, config.eval_batch_size, config.eval_batches,
+      gold=config.data.source == "offline", pad_id=tok.pad_id)
 
   def train_batches():
-    return loop.KeyedBatches(iter(loaders.comparison_loader(
-        train_source, tok, batch_size=stage_io.local_batch_size(mesh, config.batch_size),
-        seq_len=config.seq_len, k_max=k_max, seed=config.data_seed,
-        prefetch=config.data.prefetch)), TRAIN_KEYS, check=check_comparisons)
+    return loop.KeyedBatches(shards.ShardedBatches(
+        lambda shard, rows: loaders.comparison_loader(
+            train_source, tok, batch_size=rows, seq_len=config.seq_len, k_max=k_max,
+            seed=config.data_seed, prefetch=config.data.prefetch, shard=shard),
+        stage_io.local_batch_size(mesh, config.batch_size), num_shards, tok.pad_id),
+        TRAIN_KEYS, check=check_comparisons)
 
   task = loop.Task(
       name=stage,

@@ -26,10 +26,10 @@ import numpy as np
 from rlhf_jax import losses
 from rlhf_jax import rollout
 from rlhf_jax import sharding
-from rlhf_jax.data import encoding, loaders
+from rlhf_jax.data import encoding, loaders, shards
 from rlhf_jax.errors import UserError, check_positive
 from rlhf_jax.models import ModelConfig
-from rlhf_jax.sampling import SamplingConfig, sample
+from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import loop
 from rlhf_jax.train import optim
 from rlhf_jax.train import stage_io
@@ -58,16 +58,28 @@ def _kind(stage):
   return "ptx" if stage == "pretrain" else "sft"
 
 
-def _loader(kind, source, tok, batch_size, seq_len, *, seed, train, prefetch=0):
+def _loader(kind, source, tok, batch_size, seq_len, *, seed, train, prefetch=0, shard=None):
   if kind == "ptx":
     return loaders.ptx_loader(source, tok, batch_size=batch_size, seq_len=seq_len, seed=seed,
-                              num_epochs=None if train else 1, shuffle=train, prefetch=prefetch)
+                              num_epochs=None if train else 1, shuffle=train, prefetch=prefetch,
+                              shard=shard)
   if train:
     return loaders.sft_loader(source, tok, batch_size=batch_size, seq_len=seq_len, seed=seed,
-                              prefetch=prefetch)
+                              prefetch=prefetch, shard=shard)
   # Validation: one demonstration per row and every record exactly once.
   return loaders.sft_loader(source, tok, batch_size=batch_size, seq_len=seq_len, seed=seed,
-                            num_epochs=1, shuffle=False, pack=False, drop_remainder=False)
+                            num_epochs=1, shuffle=False, pack=False, drop_remainder=False,
+                            shard=shard)
+
+
+def process_batches(config, kind, source, tok, mesh, batch_size, field, *, train):
+  """This process's rows of the global batches of `batch_size` (`shards.ShardedBatches` over its
+  data shards, `config.data.shards`)."""
+  def make(shard, rows):
+    return _loader(kind, source, tok, rows, config.seq_len, seed=config.data_seed, train=train,
+                   prefetch=config.data.prefetch if train else 0, shard=shard)
+  return shards.ShardedBatches(make, stage_io.local_batch_size(mesh, batch_size),
+                               config.data.get("shards", 0), tok.pad_id, field)
 
 
 def estimate_steps(config, source, tok, kind):
@@ -89,12 +101,13 @@ def estimate_steps(config, source, tok, kind):
 
 
 class EvalSet:
-  """Host batches of a validation split, read once and reused at every evaluation."""
+  """Host batches of a validation split, read once and reused at every evaluation (every process
+  the same number of them: `shards.lockstep`)."""
 
-  def __init__(self, loader, mesh, batch_size, keys, max_batches):
+  def __init__(self, loader, mesh, batch_size, keys, max_batches, pad_id=0):
     self.mesh, self.batch_size = mesh, batch_size
     self.batches = []
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(shards.lockstep(loader, pad_id, "the validation split")):
       if max_batches and i >= max_batches:
         break
       self.batches.append({k: batch[k] for k in keys})
@@ -134,7 +147,7 @@ def run(config, workdir):
   cfg, mesh, init_from = setup.cfg, setup.mesh, setup.init_from
   loaded, model_tok_dir = None, None
   if init_from:
-    loaded, model_tok_dir = stage_io.load_init_model(init_from, cfg, "config.init_from")
+    loaded, model_tok_dir = stage_io.load_init_model(init_from, cfg, "config.init_from", mesh)
   tok, tok_dir = stage_io.load_tokenizer_for(config, model_tok_dir, setup.data_tokenizer_dir, cfg)
 
   # The data, the optimizer and the train state.
@@ -150,23 +163,21 @@ def run(config, workdir):
   del params, loaded
 
   # Validation (and model selection by the reward model).
-  local_eval_bs = stage_io.local_batch_size(mesh, config.eval_batch_size)
-  eval_set = EvalSet(_loader(kind, eval_source, tok, local_eval_bs, config.seq_len,
-                             seed=config.data_seed, train=False),
-                     mesh, config.eval_batch_size, TRAIN_KEYS, config.eval_batches)
+  eval_set = EvalSet(process_batches(config, kind, eval_source, tok, mesh, config.eval_batch_size,
+                                     "eval_batch_size", train=False),
+                     mesh, config.eval_batch_size, TRAIN_KEYS, config.eval_batches, tok.pad_id)
   selector = None
   if config.select_by_rm.rm_path:
     selector = RewardSelector(config, cfg, mesh, tok, setup.tfds_dir)
 
   # The one loop: the step, its batches and the evaluation.
-  local_bs = stage_io.local_batch_size(mesh, config.batch_size)
   task = loop.Task(
       name=stage,
       step=TrainStep(make_loss_fn(cfg), tx, schedule, config.grad_accum_steps, mesh,
                      config.batch_size),
-      train_batches=lambda: loop.KeyedBatches(iter(_loader(
-          kind, train_source, tok, local_bs, config.seq_len, seed=config.data_seed, train=True,
-          prefetch=config.data.prefetch)), TRAIN_KEYS),
+      train_batches=lambda: loop.KeyedBatches(process_batches(
+          config, kind, train_source, tok, mesh, config.batch_size, "batch_size", train=True),
+          TRAIN_KEYS),
       rng=jax.random.key(config.seed + 1), record=loop.config_record(config),
       evaluate=make_evaluate(cfg, eval_set, shardings["params"], mesh, selector))
   print(f"{stage}: {cfg.flavour} {cfg.num_layers}x{cfg.d_model}, {num_steps} steps of "
@@ -196,40 +207,44 @@ def _save(config, setup, stage, num_steps, params, tok_dir, last_eval, history, 
 
 
 class RewardSelector:
-  """Model selection by validation reward-model score (greedy answers to validation prompts)."""
+  """Model selection by validation reward-model score (greedy answers to validation prompts).
+
+  The reward model is sharded on the mesh like the policy; every process holds the same prompts
+  and the mesh splits their rows (`rollout.sample_batch`); the best weights are kept as a copy
+  on the devices with the policy's own shardings, never gathered to a host.
+  """
 
   def __init__(self, config, cfg, mesh, tok, tfds_dir):
     sel = config.select_by_rm
     check_positive(config, "select_by_rm.num_prompts", kind=int)
     check_positive(config, "select_by_rm.max_new_tokens", kind=int)
-    self.rm_cfg, rm_params = stage_io.load_scalar_model(sel.rm_path, cfg, "select_by_rm.rm_path")
-    self.rm_params = jax.device_put(rm_params, sharding.replicated(mesh))
+    rollout.batch_size_check(sel.num_prompts, mesh, "select_by_rm.num_prompts")
+    self.rm_cfg, self.rm_params = stage_io.load_scalar_model(sel.rm_path, cfg,
+                                                             "select_by_rm.rm_path", mesh)
     self.cfg, self.mesh, self.tok = cfg, mesh, tok
-    self.max_new = sel.max_new_tokens
+    self.max_new, self.num_prompts = sel.max_new_tokens, sel.num_prompts
     prompt_len = min(config.seq_len // 2, cfg.max_len - self.max_new)
     source = stage_io.load_split(tfds_dir, "prompts", config.data.eval_split, "eval_split")
-    it = iter(loaders.prompt_loader(source, tok, batch_size=sel.num_prompts,
-                                    prompt_len=prompt_len, num_epochs=1, shuffle=False,
-                                    drop_remainder=False))
-    batch = next(it)
-    self.prompts = {k: jnp.asarray(batch[k]) for k in ("tokens", "segment_ids")}
-    self.valid = batch["index"] >= 0
+    self.batch = next(iter(loaders.prompt_loader(source, tok, batch_size=sel.num_prompts,
+                                                 prompt_len=prompt_len, num_epochs=1,
+                                                 shuffle=False, drop_remainder=False,
+                                                 shard=(0, 1))))
+    self.valid = self.batch["index"] >= 0
+    self.reward = rollout.JittedOnMesh(rollout.make_reward_fn(self.rm_cfg), mesh)
     self.best, self.best_step, self.best_params = None, None, None
 
   def score(self, params):
     sc = SamplingConfig(max_new_tokens=self.max_new, greedy=True, eos_token_id=self.tok.eos_id,
                         pad_token_id=self.tok.pad_id)
-    out = sample(params, self.cfg, self.prompts["tokens"], self.prompts["segment_ids"],
-                 jax.random.key(0), sc)
-    tokens, seg = rollout.append_responses(self.prompts["tokens"], self.prompts["segment_ids"],
-                                           out.tokens, out.mask)
-    rewards = np.asarray(rollout.last_token_scores(self.rm_cfg, self.rm_params, tokens, seg,
-                                                   self.prompts["tokens"].shape[1], out.lengths))
+    out = rollout.sample_batch(params, self.cfg, self.batch, self.mesh, self.num_prompts,
+                               jax.random.key(0), sc, 1)
+    rewards = self.reward(self.rm_params, rollout.sequences(self.batch["tokens"],
+                                                            self.batch["segment_ids"], out, 1))
     return {"rm_reward": float(rewards[self.valid].mean()),
-            "response_length": float(np.asarray(out.lengths)[self.valid].mean())}
+            "response_length": float(out["lengths"][self.valid].mean())}
 
   def observe(self, step, params, metrics):
     reward = metrics.get("rm_reward")
     if reward is not None and (self.best is None or reward > self.best):
       self.best, self.best_step = reward, step
-      self.best_params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+      self.best_params = jax.tree.map(jnp.copy, params)   # the step donates `params`

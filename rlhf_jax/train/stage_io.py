@@ -14,9 +14,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from rlhf_jax import convert
+from rlhf_jax import distributed
 from rlhf_jax import sharding
 from rlhf_jax.checkpoint import CheckpointManager, check_matches, quiet_aborted_reads
-from rlhf_jax.convert import load_model, save_model
+from rlhf_jax.convert import load_model
 from rlhf_jax.data import builders, load_tokenizer, offline_dataset, prepare
 from rlhf_jax.errors import UserError, check_int, check_positive
 from rlhf_jax.models import ModelConfig, abstract_params
@@ -54,6 +56,8 @@ def validate_config(config):
     step.check_config(config)
     loop.check_config(config)
   check_positive(config, "data.prefetch", kind=int, allow_zero=True)
+  if "shards" in config.data:
+    check_positive(config, "data.shards", kind=int, allow_zero=True)
   for name in ("data_seed", "data.task_seed"):
     check_int(config, name)
   if config.stage == "rm":
@@ -182,9 +186,13 @@ def data_paths(config, workdir):
     out = config.data.dir or os.path.join(workdir, "data")
     tfds_dir = os.path.join(out, "tfds")
     task, sizes = offline_dataset.from_config(config.data.get("task", {}))
-    if not os.path.isdir(tfds_dir):
+    missing = not os.path.isdir(tfds_dir)
+    distributed.barrier("rlhf_jax_data_check")    # every process looked before any writes
+    if missing:
       print(f"preparing the offline task in {out}", flush=True)
-      prepare.prepare_offline(out, task, sizes, seed=config.data.task_seed)
+      if distributed.is_primary():     # one writer; the others wait for it at the barrier
+        prepare.prepare_offline(out, task, sizes, seed=config.data.task_seed)
+      distributed.barrier("rlhf_jax_data_prepared")
     else:
       offline_dataset.check_prepared(out, task, sizes, config.data.task_seed)
     return tfds_dir, os.path.join(out, "tokenizer")
@@ -247,14 +255,12 @@ def shape_fields_differ(a: ModelConfig, b: ModelConfig):
   return out
 
 
-def load_init_model(path, cfg, where):
-  """Parameters (host arrays, LM head) and tokenizer dir of the model at `path`, checked against
+def load_init_model(path, cfg, where, mesh=None):
+  """Parameters (LM head; global arrays sharded on `mesh`, each process restoring only its own
+  slices; host arrays without a mesh) and tokenizer dir of the model at `path`, checked against
   the run's model config `cfg` (shape fields must agree; dropout/dtype/remat come from cfg)."""
   quiet_aborted_reads()    # a damaged model: one line, no tensorstore noise
-  try:
-    model = load_model(path)
-  except UserError as e:
-    raise UserError(f"{where}: {e}") from None
+  model = _load(path, where, mesh)
   if model.head != "lm":
     raise UserError(f"{where}: {path} holds a model with a {model.head!r} head; expected a "
                     "language model (the previous stage's model)")
@@ -266,10 +272,20 @@ def load_init_model(path, cfg, where):
   return model.params, model.tokenizer_dir
 
 
-def load_scalar_model(path, policy_cfg, field):
-  """(config with dropout off, params) of the scalar-head model at `path` (a reward model or value
-  function), checked to score the policy's tokens; errors name `config.<field>`."""
-  model = load_model(path)
+def _load(path, where, mesh):
+  """`convert.load_model(path, mesh=mesh)`, its errors prefixed with `where`."""
+  try:
+    return load_model(path, mesh=mesh)
+  except UserError as e:
+    raise UserError(f"{where}: {e}") from None
+
+
+def load_scalar_model(path, policy_cfg, field, mesh=None):
+  """(config with dropout off, params on `mesh` or on the host) of the scalar-head model at
+  `path` (a reward model or value function), checked to score the policy's tokens; errors name
+  `config.<field>`."""
+  quiet_aborted_reads()
+  model = load_model(path, mesh=mesh)
   if model.head != "scalar":
     raise UserError(f"config.{field}: {path} holds a model with a {model.head!r} head; expected a "
                     "reward model (scalar head)")
@@ -283,14 +299,26 @@ def load_scalar_model(path, policy_cfg, field):
 def save_final(stage_dir, cfg, params, head, tokenizer_dir, meta):
   """Writes `<stage_dir>/model` atomically: the model (rlhf_jax format, readable by
   `rlhf_jax.convert.load_model` and `rlhf_jax.generate`), its tokenizer and `rlhf_jax_stage.json`
-  (what the stage did: steps, final metrics, e.g. the reward normalisation bias)."""
+  (what the stage did: steps, final metrics, e.g. the reward normalisation bias).
+
+  Every process calls it: the parameters (global arrays) are written by all of them through orbax,
+  each its own shards, into `<stage_dir>/.model.partial`; process 0 then writes the JSON and the
+  tokenizer and renames the directory into place; the others wait for that (the model is the
+  next stage's input).
+  """
   final = os.path.join(stage_dir, "model")
   partial = os.path.join(stage_dir, ".model.partial")
-  if os.path.exists(partial):
-    shutil.rmtree(partial)
-  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
-  save_model(partial, cfg, host, fmt="rlhf_jax", head=head, tokenizer_dir=tokenizer_dir)
-  with open(os.path.join(partial, STAGE_META), "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-  os.rename(partial, final)
+  if distributed.is_primary():
+    if os.path.exists(partial):
+      shutil.rmtree(partial)
+    os.makedirs(partial)
+  distributed.barrier("rlhf_jax_final_model_start")
+  convert.write_native_params(partial, params)
+  if distributed.is_primary():
+    convert.write_native_meta(partial, cfg, head)
+    convert.copy_tokenizer(tokenizer_dir, partial)
+    with open(os.path.join(partial, STAGE_META), "w", encoding="utf-8") as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
+    os.rename(partial, final)
+  distributed.barrier("rlhf_jax_final_model_done")
   return final
