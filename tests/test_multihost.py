@@ -81,6 +81,7 @@ def test_two_processes_match_one_process(tmp_path):
   assert results[0]["losses"] == results[1]["losses"]
 
 
+@pytest.mark.slow
 def test_each_process_restores_its_own_data_position(tmp_path):
   """Packed SFT rows of each host's own data shard: the two loaders stand at different positions
   after the same number of batches; a checkpoint holds one position per process and each process
