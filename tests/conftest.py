@@ -54,21 +54,13 @@ def pytest_collection_modifyitems(config, items):
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import kill_resume  # noqa: E402  (tests/ helper module)
+
 _SHARED_DIRS = {}   # path -> snapshot, for the folders the session fixtures hand out
 
 
-def _snapshot(root):
-  out = {}
-  for dirpath, dirnames, files in os.walk(root):
-    for name in dirnames + files:
-      st = os.stat(os.path.join(dirpath, name))
-      out[os.path.relpath(os.path.join(dirpath, name), root)] = (
-          (st.st_size, st.st_mtime_ns) if name in files else None)
-  return out
-
-
 def _share_dir(path):
-  _SHARED_DIRS[path] = _snapshot(path)
+  _SHARED_DIRS[path] = kill_resume.snapshot(path)
   return path
 
 
@@ -77,7 +69,7 @@ def _shared_dirs_unchanged():
   yield
   changed = []
   for path, before in _SHARED_DIRS.items():
-    now = _snapshot(path)
+    now = kill_resume.snapshot(path)
     if now != before:
       changed.append(path)
       _SHARED_DIRS[path] = now     # blame this test only

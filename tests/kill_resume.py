@@ -227,6 +227,18 @@ def save_random_model(path: str, tokenizer_dir: str, head: str = "lm", seed: int
   return path
 
 
+def snapshot(root):
+  """{relative path: (size, mtime) for files, None for folders} of everything under root."""
+  out = {}
+  for dirpath, dirnames, files in os.walk(root):
+    for name in dirnames:
+      out[os.path.relpath(os.path.join(dirpath, name), root)] = None
+    for name in files:
+      st = os.stat(os.path.join(dirpath, name))
+      out[os.path.relpath(os.path.join(dirpath, name), root)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--stage", required=True)

@@ -215,30 +215,18 @@ def shared(tmp_path_factory, offline_data_dir):
           "scalar": kr.save_random_model(str(root / "rm"), tok, head="scalar")}
 
 
-def snapshot(root):
-  """{relative path: (size, mtime) for files, None for folders} of everything under root."""
-  out = {}
-  for dirpath, dirnames, files in os.walk(root):
-    for name in dirnames:
-      out[os.path.relpath(os.path.join(dirpath, name), root)] = None
-    for name in files:
-      st = os.stat(os.path.join(dirpath, name))
-      out[os.path.relpath(os.path.join(dirpath, name), root)] = (st.st_size, st.st_mtime_ns)
-  return out
-
-
 def _run(case, workdir, shared):
   os.makedirs(workdir)
   if case.setup is not None:
     case.setup(workdir, shared)
-  before = snapshot(workdir)
+  before = kr.snapshot(workdir)
   fill = lambda a: a.format(workdir=workdir, **{k: v for k, v in shared.items() if k != "run"})
   args = [fill(a) for a in case.args]
   if case.workdir_flag:
     args.append(f"--workdir={workdir}")
   result = subprocess.run([sys.executable, "-m", case.module, *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
-  return result, before, snapshot(workdir)
+  return result, before, kr.snapshot(workdir)
 
 
 @pytest.fixture(scope="module")
