@@ -216,3 +216,43 @@ def adaptive_kl_coef(kl_coef, kl, target, horizon, num_episodes):
   """
   error = jnp.clip(kl / target - 1.0, -0.2, 0.2)
   return kl_coef * (1.0 + error * num_episodes / horizon)
+
+
+# ----------------------------------------------------------------------------- DPO
+#
+# Direct preference optimisation (Rafailov et al. 2023) on the reward model's comparisons: a
+# batch holds B prompts with K ranked responses each, the policy's and the frozen reference's
+# summed response log-probs are (B, K) arrays.
+
+
+def sequence_logprobs(logits, tokens, mask):
+  """Summed log-prob of each row's masked tokens (its response, eos included), (N,) float32.
+
+    out[n] = sum_{t >= 1} mask[n, t] * log softmax(logits[n, t-1])[tokens[n, t]]
+
+  logits (N, T, V), tokens (N, T) int, mask (N, T) aligned with the tokens as targets.
+  """
+  logp, _ = token_logprobs(logits[:, :-1], tokens[:, 1:])
+  return jnp.sum(logp * mask[:, 1:].astype(jnp.float32), axis=1)
+
+
+def dpo_implicit_rewards(logp, ref_logp, beta):
+  """DPO's implicit reward of each response: beta * (log pi(y|x) - log pi_ref(y|x))."""
+  return beta * (logp.astype(jnp.float32) - ref_logp.astype(jnp.float32))
+
+
+def dpo_loss(logp, ref_logp, ranks, valid, beta):
+  """The DPO loss over all C(K, 2) pairs of each prompt, as (sum, count).
+
+  With h_k = beta * (log pi(y_k|x) - log pi_ref(y_k|x)) (`dpo_implicit_rewards`), per prompt b
+  with K_b = sum_k valid[b, k] responses:
+
+    loss_b = -1 / C(K_b, 2) * sum_{(w, l): rank_w < rank_l}
+                 log sigmoid(beta * ((logpi_w - logref_w) - (logpi_l - logref_l)))
+
+  i.e. `ranking_loss` of the implicit rewards: each prompt is one batch element weighted like the
+  reward model's (ties give no term but count in C(K_b, 2)), sum = sum_b loss_b over prompts with
+  K_b >= 2, count = their number. logp, ref_logp (B, K) summed response log-probs
+  (`sequence_logprobs`), ranks (B, K) int (0 = best), valid (B, K).
+  """
+  return ranking_loss(dpo_implicit_rewards(logp, ref_logp, beta), ranks, valid)

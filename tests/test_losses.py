@@ -123,3 +123,80 @@ def test_lm_loss_matches_numpy_and_masks_targets():
 def test_gather_last():
   values = jnp.arange(12.0).reshape(3, 4)
   np.testing.assert_array_equal(losses.gather_last(values, jnp.asarray([0, 3, 1])), [0.0, 7.0, 9.0])
+
+
+# ----------------------------------------------------------------------------- DPO
+
+def _reference_dpo(logp, ref_logp, ranks, valid, beta):
+  """float64 DPO loss and d loss / d logp over explicit pairs: mean over prompts with K_b >= 2 of
+  -1/C(K_b,2) sum_{(w,l)} log sigmoid(beta ((logpi_w - logref_w) - (logpi_l - logref_l)))."""
+  lp, lr = logp.astype(np.float64), ref_logp.astype(np.float64)
+  prompts = sum(1 for b in range(len(valid)) if valid[b].sum() >= 2)
+  loss, grad = 0.0, np.zeros_like(lp)
+  for b, w, l in _explicit_pairs(ranks, valid):
+    k = valid[b].sum()
+    c = k * (k - 1) / 2
+    z = beta * ((lp[b, w] - lr[b, w]) - (lp[b, l] - lr[b, l]))
+    loss += np.log1p(np.exp(-z)) / c / prompts
+    g = -beta / (1.0 + np.exp(z)) / c / prompts       # d/dlogpi_w of -log sigmoid(z)
+    grad[b, w] += g
+    grad[b, l] -= g
+  return loss, grad
+
+
+@pytest.mark.parametrize("seed,beta", [(0, 0.1), (1, 0.1), (2, 0.5), (3, 2.0)])
+def test_dpo_loss_and_gradient_match_explicit_pairs(seed, beta):
+  rng = np.random.default_rng(200 + seed)
+  _, ranks, valid = _random_comparisons(rng, batch=16)
+  logp = (-rng.uniform(1.0, 30.0, size=ranks.shape)).astype(np.float32)
+  ref_logp = (logp + rng.normal(size=ranks.shape) * 3.0).astype(np.float32)
+
+  def mean_loss(lp):
+    s, c = losses.dpo_loss(lp, jnp.asarray(ref_logp), jnp.asarray(ranks), jnp.asarray(valid), beta)
+    return s / c
+
+  ours, grad = jax.value_and_grad(mean_loss)(jnp.asarray(logp))
+  ref_loss, ref_grad = _reference_dpo(logp, ref_logp, ranks, valid, beta)
+  np.testing.assert_allclose(float(ours), ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-4, atol=1e-7)
+  assert np.all(np.asarray(grad)[valid == 0] == 0)
+  # Sums and counts: any split of the prompts (micro-batches) adds up to the whole batch.
+  parts = [losses.dpo_loss(jnp.asarray(logp[i:i + 4]), jnp.asarray(ref_logp[i:i + 4]),
+                           jnp.asarray(ranks[i:i + 4]), jnp.asarray(valid[i:i + 4]), beta)
+           for i in range(0, 16, 4)]
+  total = sum(float(s) for s, _ in parts) / sum(float(c) for _, c in parts)
+  np.testing.assert_allclose(total, ref_loss, rtol=1e-5)
+
+
+def test_dpo_loss_at_the_reference_is_log_2_and_accuracy_one_half():
+  """The policy equal to the reference: every implicit reward 0, loss log 2 per compared pair
+  (times the pairs' share of C(K,2)), and implicit-reward accuracy exactly one half."""
+  rng = np.random.default_rng(7)
+  _, ranks, valid = _random_comparisons(rng, batch=8)
+  logp = jnp.asarray(-rng.uniform(1.0, 9.0, size=ranks.shape).astype(np.float32))
+  s, c = losses.dpo_loss(logp, logp, jnp.asarray(ranks), jnp.asarray(valid), 0.1)
+  share = [sum(1 for bb, _, _ in _explicit_pairs(ranks, valid) if bb == b)
+           / (valid[b].sum() * (valid[b].sum() - 1) / 2) for b in range(8)]
+  np.testing.assert_allclose(float(s) / float(c), np.log(2.0) * np.mean(share), rtol=1e-6)
+  h = losses.dpo_implicit_rewards(logp, logp, 0.1)
+  correct, pairs = losses.ranking_accuracy(h, jnp.asarray(ranks), jnp.asarray(valid))
+  assert float(correct) == 0.5 * float(pairs) > 0
+
+
+def test_sequence_logprobs_matches_numpy():
+  rng = np.random.default_rng(3)
+  n, t, v = 4, 6, 9
+  logits = rng.normal(size=(n, t, v)).astype(np.float32) * 2.0
+  tokens = rng.integers(0, v, size=(n, t)).astype(np.int32)
+  mask = np.zeros((n, t), np.float32)
+  for i in range(n):                     # a response: positions a..b-1 (a >= 1)
+    a = int(rng.integers(1, t))
+    mask[i, a:int(rng.integers(a, t + 1))] = 1.0
+  got = losses.sequence_logprobs(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
+  x = logits.astype(np.float64)
+  ref = np.zeros(n)
+  for i in range(n):
+    for j in range(1, t):
+      if mask[i, j]:
+        ref[i] += x[i, j - 1, tokens[i, j]] - np.log(np.exp(x[i, j - 1]).sum())
+  np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-6)
