@@ -11,6 +11,12 @@ The format is detected. The tokenizer travels with the weights: its files are co
 or converted from the GGUF metadata, and always land at the top of the destination directory, so
 `transformers.AutoTokenizer.from_pretrained(dst)` works for both output formats.
 
+Reward and value models (scalar head) go out as a Hugging Face `LlamaForSequenceClassification`
+/ `GPT2ForSequenceClassification` directory, and such a directory comes in as a scalar-head
+model (so PPO's `reward_model=` / `value_from=` take it): `rlhf_jax.models.hf_reward` says which
+token HF scores and where the head's bias goes. `--head=lm|scalar` refuses a source of the other
+kind (an LM asked for as a reward model, or the reverse).
+
 Output is written to a temporary sibling directory and renamed into place at the end: a failure
 leaves nothing behind. An existing destination is only replaced with --overwrite.
 
@@ -32,6 +38,7 @@ import numpy as np
 from rlhf_jax.errors import UserError, run_cli
 from rlhf_jax.models import ModelConfig, abstract_params
 from rlhf_jax.models import hf as hf_format
+from rlhf_jax.models import hf_reward
 
 NATIVE_META = "rlhf_jax_model.json"
 NATIVE_VERSION = 1
@@ -128,8 +135,16 @@ def load_model(path: str, head: Optional[str] = None, mesh=None) -> LoadedModel:
   """
   path = resolve(path)
   fmt = detect_format(path)
+  if fmt == "hf" and hf_reward.is_sequence_classifier(
+      _read_json(os.path.join(path, "config.json"))):
+    fmt = "hf_reward"    # a reward / value model: a *ForSequenceClassification directory
   tokenizer_dir = None
-  if fmt == "hf":
+  if fmt == "hf_reward":
+    cfg, params = hf_reward.read(path, _read_json(os.path.join(path, "config.json")))
+    stored_head = "scalar"
+    if any(os.path.exists(os.path.join(path, f)) for f in hf_format.TOKENIZER_FILES[:2]):
+      tokenizer_dir = path
+  elif fmt == "hf":
     cfg = hf_format.config_from_hf(_read_json(os.path.join(path, "config.json")),
                                    os.path.join(path, "config.json"))
     params = hf_format.params_from_hf(cfg, hf_format.read_hf_tensors(path), path,
@@ -230,18 +245,20 @@ def _write_native(out: str, cfg: ModelConfig, params, head: str):
   write_native_meta(out, cfg, head)
 
 
-def _write_hf(out: str, cfg: ModelConfig, params, head: str, dtype: str):
+def _write_hf(out: str, cfg: ModelConfig, params, head: str, dtype: str, tokenizer_dir=None):
+  """A causal LM (head 'lm') or a sequence classifier (head 'scalar'), with its tokenizer."""
   from safetensors.numpy import save_file
-  if head != "lm":
-    raise UserError(f"Hugging Face export needs a language model; this model has a {head!r} head "
-                    "(use --dst_format=rlhf_jax)")
   np_dtype = {"float32": np.float32, "bfloat16": hf_format.SAFETENSORS_DTYPES["BF16"],
               "float16": np.float16}[dtype]
+  if head == "scalar":
+    hf_reward.write(out, cfg, params, np_dtype, tokenizer_dir)
+    return
   tensors = {k: v.astype(np_dtype) for k, v in hf_format.params_to_hf(cfg, params).items()}
   save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
   config = dict(hf_format.config_to_hf(cfg), dtype=dtype)
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
+  copy_tokenizer(tokenizer_dir, out)
 
 
 def copy_tokenizer(tokenizer_dir: Optional[str], out: str):
@@ -268,10 +285,10 @@ def save_model(path: str, cfg: ModelConfig, params, fmt: str = "hf", tokenizer_d
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
   try:
     if fmt == "hf":
-      _write_hf(tmp, cfg, params, head, dtype)
+      _write_hf(tmp, cfg, params, head, dtype, tokenizer_dir)
     else:
       _write_native(tmp, cfg, params, head)
-    copy_tokenizer(tokenizer_dir, tmp)
+      copy_tokenizer(tokenizer_dir, tmp)
     if os.path.exists(path):
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
       os.rename(path, os.path.join(old, "x"))
@@ -285,13 +302,18 @@ def save_model(path: str, cfg: ModelConfig, params, fmt: str = "hf", tokenizer_d
 
 
 def convert(src: str, dst: str, dst_format: str = "hf", dtype: str = "float32",
-            overwrite: bool = False) -> LoadedModel:
-  """Loads `src` (any supported format) and writes it to `dst`. Checks `dst` before loading."""
+            overwrite: bool = False, head: Optional[str] = None) -> LoadedModel:
+  """Loads `src` (any supported format) and writes it to `dst`. Checks `dst` before loading.
+  `head` ('lm' or 'scalar'): the model must be of that kind (a UserError naming --head if not)."""
   if dst_format not in ("hf", "rlhf_jax"):
     raise UserError(f"--dst_format must be hf or rlhf_jax, got {dst_format!r}")
   if os.path.exists(dst) and not overwrite:
     raise UserError(f"{os.path.abspath(dst)}: already exists (pass --overwrite to replace it)")
   model = load_model(src)
+  if head is not None and model.head != head:
+    kinds = {"lm": "a language model", "scalar": "a reward or value model"}
+    raise UserError(f"--head={head}: {src} holds {kinds[model.head]} ({model.head!r} head), not "
+                    f"{kinds[head]} ({head!r} head)")
   save_model(dst, model.cfg, model.params, dst_format, model.tokenizer_dir, model.head, dtype,
              overwrite)
   return model
@@ -304,6 +326,8 @@ _DST_FORMAT = flags.DEFINE_enum("dst_format", "hf", ["hf", "rlhf_jax"], "Output 
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
                            "Tensor dtype of a Hugging Face export.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --dst.")
+_HEAD = flags.DEFINE_enum("head", None, ["lm", "scalar"], "Refuse a source of the other kind: "
+                          "'lm' a language model, 'scalar' a reward or value model.")
 
 
 def main(argv):
@@ -311,10 +335,13 @@ def main(argv):
     raise UserError(f"unexpected arguments {argv[1:]}")
   if not _SRC.value or not _DST.value:
     raise UserError("--src and --dst are required")
-  model = convert(_SRC.value, _DST.value, _DST_FORMAT.value, _DTYPE.value, _OVERWRITE.value)
+  model = convert(_SRC.value, _DST.value, _DST_FORMAT.value, _DTYPE.value, _OVERWRITE.value,
+                  _HEAD.value)
   n = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(model.params))
-  print(f"wrote {_DST.value} ({_DST_FORMAT.value}): {model.cfg.flavour}, {model.cfg.num_layers} "
-        f"layers x {model.cfg.d_model}, {n / 1e6:.1f}M parameters")
+  kind = "" if model.head == "lm" else (" sequence classifier" if _DST_FORMAT.value == "hf"
+                                        else " scalar head")
+  print(f"wrote {_DST.value} ({_DST_FORMAT.value}{kind}): {model.cfg.flavour}, "
+        f"{model.cfg.num_layers} layers x {model.cfg.d_model}, {n / 1e6:.1f}M parameters")
 
 
 if __name__ == "__main__":

@@ -233,3 +233,118 @@ def test_convert_cli_writes_and_refuses_to_overwrite(tmp_path):
   again = _cli(f"--src={good}", "--dst=out", cwd=str(tmp_path))
   assert again.returncode == 2 and "already exists" in again.stderr
   assert sorted(os.listdir(tmp_path / "out")) == before
+
+
+# ----------------------------------------------------------------------------- reward models
+
+def _random_rm(preset, **overrides):
+  """A scalar-head model with every weight random (not ~zero) and a head bias far from 0."""
+  cfg = get_model_config(preset, **overrides)
+  params = init_params(cfg, jax.random.key(0), head="scalar")
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [np.asarray(x + 0.05 * jax.random.normal(k, x.shape))
+                                     for x, k in zip(leaves, keys)])
+  params["scalar_head"]["bias"] = np.asarray([0.7], np.float32)
+  return cfg, params
+
+
+def _small_tokenizer(path):
+  from rlhf_jax.data.tokenizer import train_byte_bpe
+  return train_byte_bpe(["the quick brown fox", "jumps over 12 lazy dogs"] * 4, path,
+                        vocab_size=300)
+
+
+def _rm_rows(cfg, pad_id, lengths, width, left=True):
+  """(tokens, mask) of rows `[bos] random ... [eos]` of the given lengths, padded with pad_id."""
+  rng = np.random.RandomState(0)
+  tokens = np.full((len(lengths), width), pad_id, np.int64)
+  mask = np.zeros((len(lengths), width), np.int64)
+  for i, n in enumerate(lengths):
+    row = [cfg.bos_token_id] + list(rng.randint(3, 300, n - 2)) + [cfg.eos_token_id]
+    cols = slice(width - n, width) if left else slice(0, n)
+    tokens[i, cols], mask[i, cols] = row, 1
+  return tokens, mask
+
+
+def _our_scores(cfg, params, tokens, mask):
+  """Our reward of each row: the scalar head at its last real token."""
+  values, _ = Transformer(cfg, head="scalar").apply(
+      {"params": params}, jnp.asarray(tokens, jnp.int32), segment_ids=jnp.asarray(mask, jnp.int32))
+  last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+  return np.asarray(values)[np.arange(len(last)), last]
+
+
+def _hf_scores(model, tokens, mask, positions=True):
+  kwargs = {"position_ids": torch.tensor(np.maximum(mask.cumsum(1) - 1, 0))} if positions else {}
+  with torch.no_grad():
+    out = model(torch.tensor(tokens), attention_mask=torch.tensor(mask), **kwargs)
+  return out.logits[:, 0].float().numpy()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gpt2"])
+def test_reward_model_export_scores_like_ours_and_reimports(preset, tmp_path):
+  from rlhf_jax.models import hf_reward
+  from rlhf_jax.train import stage_io
+  cfg, params = _random_rm(preset, **({"tie_embeddings": False} if preset == "tiny" else {}))
+  tok_dir = str(tmp_path / "tok")
+  _small_tokenizer(tok_dir)
+  out = str(tmp_path / "rm_hf")
+  save_model(out, cfg, params, fmt="hf", tokenizer_dir=tok_dir, head="scalar")
+  model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+      out, output_loading_info=True)
+  assert not any(info.values()), info   # no missing / unexpected / mismatched weights
+  model.eval()
+  assert type(model).__name__ == hf_reward.ARCHITECTURES[cfg.flavour]
+  hf_cfg = model.config
+  assert hf_cfg.num_labels == 1 and hf_cfg.pad_token_id == 0
+  # GPT-2: the head's bias lives in ln_f's bias, HF's raw logits are our scores; Llama: the bias
+  # rides in config.json.
+  bias = hf_cfg.rlhf_jax_score_bias
+  assert bias == (0.0 if cfg.flavour == "gpt2" else pytest.approx(0.7))
+
+  left = _rm_rows(cfg, hf_cfg.pad_token_id, [12, 7, 3, 9], 12, left=True)
+  right = _rm_rows(cfg, hf_cfg.pad_token_id, [12, 7, 3, 9], 12, left=False)
+  ours = _our_scores(cfg, params, *left)
+  assert np.abs(ours - _our_scores(cfg, params, *right)).max() < 1e-5
+  assert np.abs(_hf_scores(model, *left) + bias - ours).max() < 1e-4
+  assert np.abs(_hf_scores(model, *right, positions=False) + bias - ours).max() < 1e-4
+  if cfg.flavour == "llama":      # RoPE is relative: left padding needs no position_ids
+    assert np.abs(_hf_scores(model, *left, positions=False) + bias - ours).max() < 1e-4
+  # The exported tokenizer pads with the id HF's classifier skips.
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert tok.pad_token_id == hf_cfg.pad_token_id
+
+  # Back in: as a model directory, and as PPO's reward_model= / value_from= reads it.
+  back = load_model(out)
+  assert back.head == "scalar" and back.tokenizer_dir == out
+  assert np.abs(_our_scores(back.cfg, back.params, *left) - ours).max() < 1e-5
+  rm_cfg, rm_params = stage_io.load_scalar_model(out, cfg, "reward_model")
+  assert np.abs(_our_scores(rm_cfg, rm_params, *left) - ours).max() < 1e-5
+  save_model(str(tmp_path / "native"), back.cfg, back.params, fmt="rlhf_jax", head="scalar")
+  again = load_model(str(tmp_path / "native"), head="scalar")
+  assert np.abs(_our_scores(again.cfg, again.params, *left) - ours).max() < 1e-5
+
+
+def test_export_pad_id_never_a_real_token():
+  from rlhf_jax.models import hf_reward
+  from tokenizers import Tokenizer, models
+  cfg = get_model_config("tiny", pad_token_id=2)      # pads with EOS, like SmolLM2
+  backend = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3}, "<unk>"))
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                             eos_token="</s>", pad_token="</s>", unk_token="<unk>")
+  assert hf_reward.export_pad_id(cfg, tok) == 0       # the lowest special id not BOS/EOS
+  tok.pad_token = "a"
+  assert hf_reward.export_pad_id(cfg, tok) == 3
+  assert hf_reward.export_pad_id(cfg.replace(pad_token_id=5), None) == 5
+  with pytest.raises(hf_reward.UserError, match="score the token before EOS"):
+    hf_reward.export_pad_id(cfg, None)
+
+
+def test_fold_bias_into_layernorm():
+  from rlhf_jax.models import hf_reward
+  rng = np.random.RandomState(0)
+  beta, w, b = rng.randn(16).astype(np.float32), rng.randn(16, 1).astype(np.float32), 1.7
+  folded = hf_reward.fold_bias(beta, w, np.float32(b))
+  h = rng.randn(5, 16).astype(np.float64)
+  np.testing.assert_allclose((h + folded) @ w[:, 0], (h + beta) @ w[:, 0] + b, atol=1e-5)
