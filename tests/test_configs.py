@@ -113,10 +113,11 @@ def test_cli_loads_configs_by_absolute_path_from_another_directory(tmp_path):
   cwd.mkdir()
   ppo = f"--config={os.path.join(CONFIGS, 'ppo_ptx.py')}:smollm2"
   cases = [
-      ([ppo, "--config.batch_size=8"], "error: flag --config.batch_size: the config has no field "
-                                       "'batch_size'"),
-      ([ppo, "--config.num_steps=8"], "error: flag --config.num_steps: the config has no field "
-                                      "'num_steps'"),
+      # the sub-configs holding the field are suggested, the config's own stage's first
+      ([ppo, "--config.batch_size=8"], "error: --config.batch_size: no such field; did you mean "
+                                       "--config.ppo.batch_size, "),
+      ([ppo, "--config.num_steps=8"], "error: --config.num_steps: no such field; did you mean "
+                                      "--config."),
       ([ppo, "--config.ppo.batch_size=0"], "error: config.ppo.batch_size must be an integer > 0, "
                                            "got 0"),
       ([f"--config={os.path.join(CONFIGS, 'collect.py')}", "--config.min_k=1"],
@@ -125,7 +126,7 @@ def test_cli_loads_configs_by_absolute_path_from_another_directory(tmp_path):
   for args, message in cases:
     result = _cli([*args, f"--workdir={tmp_path / 'work'}"], str(cwd), env)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip() == message
+    assert result.stderr.strip().startswith(message) and len(result.stderr.splitlines()) == 1
   assert not (tmp_path / "work").exists() and not os.listdir(cwd)
 
 
@@ -133,8 +134,9 @@ def test_cli_loads_configs_from_the_repository_root(tmp_path):
   result = _cli(["--config=configs/ppo_ptx.py", "--config.eval_every=5",
                  f"--workdir={tmp_path / 'work'}"], ROOT, dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 2
-  assert result.stderr.strip() == ("error: flag --config.eval_every: the config has no field "
-                                   "'eval_every'")
+  assert result.stderr.strip().startswith("error: --config.eval_every: no such field; did you "
+                                          "mean --config.")
+  assert result.stderr.strip().endswith(".eval_every?") and len(result.stderr.splitlines()) == 1
   assert not (tmp_path / "work").exists()
 
 
