@@ -27,6 +27,7 @@ from rlhf_jax import config_files
 
 models = config_files.sibling(__file__, "models")
 collect_config = config_files.sibling(__file__, "collect")
+dpo_config = config_files.sibling(__file__, "dpo")
 eval_config = config_files.sibling(__file__, "eval")
 rm_config = config_files.sibling(__file__, "rm")
 sft_config = config_files.sibling(__file__, "sft")
@@ -103,6 +104,10 @@ def get_config(preset="tiny"):
   # The pipeline also runs PPO-ptx against the gold labeler itself (stage ppo_oracle): the upper
   # bound of what PPO can do on the task with this policy, next to PPO against the reward model.
   c.oracle_run = preset == "tiny"
+  # The pipeline also trains DPO (stage dpo, configs/dpo.py) on the reward model's comparisons
+  # from the same SFT model, the baseline every reader asks for next to PPO-ptx.
+  c.dpo_run = True
+  c.dpo = dpo_config.get_config(preset)
   c.value_from = "auto"
   c.ppo = ppo_fields()
   p = c.ppo

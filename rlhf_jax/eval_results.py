@@ -160,7 +160,20 @@ def _how_to_read(meta):
       f"{meta.get('probe_prompts', 0)} capability-probe prompts (\"the list fig pear kiwi has\", "
       f"greedy, {meta.get('probe_new_tokens', 0)} tokens) continued with the right count, a "
       "skill only the pretraining text teaches. Both measure the alignment tax; `base` is the "
-      "pretrained model before SFT (no policy: probe and pretrain loss only).", ""]
+      "pretrained model before SFT (no policy: probe and pretrain loss only)."
+  ] + _dpo_note(meta) + [""]
+
+
+def _dpo_note(meta):
+  """The reading-guide bullet of the `dpo` row (when there is one)."""
+  dpo = meta.get("policies", {}).get("dpo")
+  if not dpo:
+    return []
+  return [f"* **dpo**: DPO (beta {_num(dpo.get('beta'), '{}')}) on the reward model's comparisons "
+          "from the same SFT model, no reward model and no sampling in training; its implicit "
+          "reward beta (log pi - log pi_SFT) ranks the held-out comparisons with accuracy "
+          f"{_num(dpo.get('implicit_reward_accuracy'))} (against gold "
+          f"{_num(dpo.get('implicit_reward_gold_accuracy'))})."]
 
 
 def _reward_model_section(meta, rm):

@@ -1,6 +1,6 @@
-"""Evaluation of the policies (SFT, PPO, PPO-ptx, the gold-reward oracle) on held-out prompts, with
-best-of-N baselines, the reward model's accuracy and the alignment tax: what InstructGPT reports,
-plus the diagnostics that show why RLHF works (or does not) on the offline task.
+"""Evaluation of the policies (SFT, PPO, PPO-ptx, DPO, the gold-reward oracle) on held-out prompts,
+with best-of-N baselines, the reward model's accuracy and the alignment tax: what InstructGPT
+reports, plus the diagnostics that show why RLHF works (or does not) on the offline task.
 
 For each policy, `samples_per_prompt` responses to each held-out prompt (the validation `prompts`
 split) are sampled at `temperature` (default 1: the policy's own distribution), and:
@@ -31,6 +31,10 @@ split) are sampled at `temperature` (default 1: the policy's own distribution), 
 
 The base model (`<workdir>/pretrain/model` when it exists, row `base`) gets only pretrain_loss and
 probe_score: it is no policy (it does not follow the prompt format).
+
+DPO (`<workdir>/dpo/model`, row `dpo`) is a policy like the PPO runs (same samples, same gold
+judge, KL to the same SFT model); its meta adds beta and its implicit-reward accuracy on the
+held-out comparisons (`dpo_heldout`, from its stage meta).
 
 Best-of-N (`best_of`, e.g. (4, 16)): for each prompt, N_max = max(best_of) SFT candidates are
 sampled once (their own rng stream) and scored by the reward model and the gold labeler. The N_max
@@ -82,7 +86,7 @@ from rlhf_jax.eval_alignment_tax import AlignmentTax
 from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import stage_io
 
-POLICIES = ("sft", "ppo", "ppo_ptx", "ppo_oracle")
+POLICIES = ("sft", "ppo", "ppo_ptx", "dpo", "ppo_oracle")
 BASELINE = "sft_baseline"    # the rng stream of the SFT samples every policy is compared with
 CANDIDATES = "best_of_n"     # the rng stream of the best-of-N candidates
 
@@ -127,6 +131,19 @@ def _load_lm(path, where, mesh, reference_cfg=None):
     if differ:
       raise UserError(f"{where}: {path} has another shape than the SFT model ({'; '.join(differ)})")
   return model
+
+
+def dpo_heldout(path):
+  """The DPO stage's own held-out numbers (its stage meta): beta and the implicit-reward accuracy
+  beta (log pi - log pi_SFT) on the held-out comparisons, against the labels and against gold."""
+  meta_path = os.path.join(path, stage_io.STAGE_META)
+  if not os.path.exists(meta_path):
+    return {}
+  with open(meta_path, encoding="utf-8") as f:
+    meta = json.load(f)
+  final = meta.get("final_eval") or {}
+  return {"beta": meta.get("beta"), "implicit_reward_accuracy": final.get("accuracy"),
+          "implicit_reward_gold_accuracy": final.get("gold_accuracy")}
 
 
 def _stream(key, name):
@@ -284,6 +301,8 @@ class _Evaluation:
     extra.update(path=os.path.abspath(path),
                  mean_response_tokens=float(np.concatenate(got.tokens).mean()),
                  no_eos_fraction=float(1.0 - np.concatenate(got.ended).mean()))
+    if name == "dpo":
+      extra.update(dpo_heldout(path))
     return row, extra, got
 
   def best_of_n_rows(self, baseline):
@@ -392,7 +411,7 @@ def evaluate(config, workdir, policies, score_fn=None, base_path=None, analyze_f
 
 
 def run(config, workdir):
-  """Evaluates the policies of `workdir` (sft required; ppo, ppo_ptx and ppo_oracle when their
+  """Evaluates the policies of `workdir` (sft required; ppo, ppo_ptx, dpo and ppo_oracle when their
   models exist) and the base model `<workdir>/pretrain/model` when it exists."""
   workdir = os.path.abspath(workdir)
   policies = {name: os.path.join(workdir, name, "model") for name in POLICIES

@@ -4,6 +4,7 @@ r"""Entry point: runs the stage named by an ml-collections config.
   python -m rlhf_jax.main --config=configs/sft.py:tiny                          # SFT
   python -m rlhf_jax.main --config=configs/collect.py:tiny                      # ranked samples
   python -m rlhf_jax.main --config=configs/rm.py:tiny                           # reward model
+  python -m rlhf_jax.main --config=configs/dpo.py:tiny                          # DPO baseline
   python -m rlhf_jax.main --config=configs/ppo_ptx.py                           # the pipeline
   python -m rlhf_jax.main --config=configs/sft.py:smollm2 --workdir=runs/smol   # from SmolLM2
 
@@ -30,8 +31,8 @@ def _stage_module(stage):
   if stage == "collect":
     from rlhf_jax import collect
     return collect
-  from rlhf_jax.train import ppo, rm, sft
-  return {"pretrain": sft, "sft": sft, "rm": rm, "ppo": ppo}[stage]
+  from rlhf_jax.train import dpo, ppo, rm, sft
+  return {"pretrain": sft, "sft": sft, "rm": rm, "ppo": ppo, "dpo": dpo}[stage]
 
 
 def _run_stage(stage):
@@ -40,7 +41,7 @@ def _run_stage(stage):
 
 # stage name -> run(config, workdir) -> path of the stage's result (its final model; collect: the
 # comparisons directory).
-STAGES = {name: _run_stage(name) for name in ("pretrain", "sft", "collect", "rm", "ppo")}
+STAGES = {name: _run_stage(name) for name in ("pretrain", "sft", "collect", "rm", "ppo", "dpo")}
 
 
 def validate(config):

@@ -2,7 +2,8 @@
 
   data -> pretrain (offline base model) -> sft -> collect (K SFT samples per prompt, ranked by
   the simulated labeler) -> rm -> ppo (ptx_coef 0) and ppo_ptx [-> ppo_oracle: PPO-ptx against
-  the gold labeler itself, `config.oracle_run`] -> eval (results.json/.md, plots)
+  the gold labeler itself, `config.oracle_run`] [-> dpo: DPO on the same comparisons from the
+  same SFT model, `config.dpo_run`] -> eval (results.json/.md, plots)
 
 `python -m rlhf_jax.main --config=configs/ppo_ptx.py` runs this. Each stage writes under
 `<workdir>/<stage>/` and finishes by writing its marker (the model's `rlhf_jax_stage.json`,
@@ -12,10 +13,10 @@ again (a killed stage with no marker resumes from its checkpoints). So re-runnin
 skips everything finished, and deleting one stage's directory re-runs it and what follows.
 
 Each stage runs with its own sub-config (`config.pretrain`, `config.sft`, `config.collect`,
-`config.rm`, `config.eval` from configs/eval.py, and the top level for PPO), each checked by its
-own stage's rules before anything is written; `mesh`, the `data` fields and the seeds of the top
-level are copied into every sub-config, and the top-level `model` into the stages that train or
-sample the policy (pretrain, sft, collect), so one override reaches all of them.
+`config.rm`, `config.dpo`, `config.eval` from configs/eval.py, and the top level for PPO), each
+checked by its own stage's rules before anything is written; `mesh`, the `data` fields and the
+seeds of the top level are copied into every sub-config, and the top-level `model` into the stages
+that train or sample the policy (pretrain, sft, collect, dpo), so one override reaches all of them.
 """
 import os
 import shutil
@@ -37,9 +38,10 @@ DEPENDS = {
     "ppo": ("sft", "rm"),
     "ppo_ptx": ("sft", "rm"),
     "ppo_oracle": ("sft", "rm"),
-    "eval": ("pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "ppo_oracle"),
+    "dpo": ("sft", "collect"),
+    "eval": ("pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "ppo_oracle", "dpo"),
 }
-POLICY_STAGES = ("pretrain", "sft", "collect")
+POLICY_STAGES = ("pretrain", "sft", "collect", "dpo")
 
 
 def marker(workdir, stage):
@@ -71,6 +73,8 @@ def stages_of(config):
     out.append("ppo_ptx")
   if config.get("oracle_run", False):
     out.append("ppo_oracle")
+  if config.get("dpo_run", False):
+    out.append("dpo")
   return out + ["eval"]
 
 
@@ -99,7 +103,7 @@ def stage_config(config, stage, workdir):
     sub.model = _copy(config.model)
   if stage == "sft" and not config.pretrain_base and sub.init_from == "auto":
     sub.init_from = config.init_from if config.init_from != "auto" else ""
-  if stage == "rm" and config.collect_comparisons:
+  if stage in ("rm", "dpo") and config.collect_comparisons:
     sub.data.comparisons_dir = os.path.join(workdir, "collect")
   return sub
 
@@ -127,6 +131,10 @@ def run_stage(stage, config, workdir):
     from rlhf_jax.train import rm  # pylint: disable=g-import-not-at-top
     stage_io.validate_config(config)
     return rm.run(config, workdir)
+  if stage == "dpo":
+    from rlhf_jax.train import dpo  # pylint: disable=g-import-not-at-top
+    stage_io.validate_config(config)
+    return dpo.run(config, workdir)
   if stage == "collect":
     from rlhf_jax import collect  # pylint: disable=g-import-not-at-top
     return collect.run(config, workdir)
@@ -150,11 +158,12 @@ def plot(workdir):
     report.plot_curves(ppo_runs, ["reward", "kl", "ptx_loss", "gold_score", "entropy",
                                   "response_length"],
                        os.path.join(out, "ppo.png"), "PPO vs PPO-ptx by iteration")
-  stages = {n: os.path.join(workdir, n, "metrics.jsonl") for n in ("pretrain", "sft", "rm")
+  stages = {n: os.path.join(workdir, n, "metrics.jsonl")
+            for n in ("pretrain", "sft", "rm", "dpo")
             if os.path.exists(os.path.join(workdir, n, "metrics.jsonl"))}
   if stages:
     report.plot_curves(stages, ["loss", "eval/loss", "eval/accuracy"],
-                       os.path.join(out, "stages.png"), "Pretraining, SFT and RM")
+                       os.path.join(out, "stages.png"), "Pretraining, SFT, RM (and DPO)")
 
 
 def run(config, workdir):
@@ -164,7 +173,7 @@ def run(config, workdir):
   stages = stages_of(config)
   configs = {s: stage_config(config, s, workdir) for s in stages}
   stage_io.validate_config(config)      # the top level: the PPO stage's
-  for s in ("pretrain", "sft", "rm"):
+  for s in ("pretrain", "sft", "rm", "dpo"):
     if s in configs:
       stage_io.validate_config(configs[s])
   from rlhf_jax import collect, evaluate  # pylint: disable=g-import-not-at-top

@@ -5,6 +5,7 @@
   rm        `rm.run`: reward model on K-way rankings (the C(K, 2) loss), normalised bias
   ppo       `ppo.run`: PPO / PPO-ptx / PPO against the gold labeler; each iteration is one call
             of the pure jitted function of `ppo_iteration.py` (rollout, scoring, updates)
+  dpo       `dpo.run`: DPO on the reward model's comparisons, reference = SFT (a baseline)
 
 What they share:
   step.py      the pure train step (forward, micro-batches, non-finite guard, jit)
@@ -12,4 +13,4 @@ What they share:
   loop.py      the ONE loop: resume, checkpoints, metrics, evaluation, non-finite counter
   stage_io.py  config check, workdir and 'auto' paths, data, tokenizer, models, final save
 """
-STAGE_NAMES = ("pretrain", "sft", "rm", "ppo")
+STAGE_NAMES = ("pretrain", "sft", "rm", "ppo", "dpo")

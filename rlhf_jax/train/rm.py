@@ -115,14 +115,18 @@ class RmEval:
   metrics cover the rows of every process: each keeps the labels of all rows (gathered once) and
   the rewards come back for all rows."""
 
-  def __init__(self, loader, source, mesh, batch_size, max_batches, gold, pad_id=0):
+  def __init__(self, loader, source, mesh, batch_size, max_batches, gold, pad_id=0,
+               keys=TRAIN_KEYS, make_eval=None):
     self.mesh, self.batch_size = mesh, batch_size
+    # make_eval(cfg) -> eval_fn(params, batch) -> (loss_sum, count, (B, K) scores); DPO passes
+    # its own (implicit rewards), the RM's is make_eval_fn.
+    self.make_eval = make_eval or make_eval_fn
     self.batches, self.info = [], []
     for i, batch in enumerate(shards.lockstep(loader, pad_id, "the validation comparisons")):
       if max_batches and i >= max_batches:
         break
       check_comparisons(batch)
-      self.batches.append({k: batch[k] for k in TRAIN_KEYS})
+      self.batches.append({k: batch[k] for k in keys})
       info = {k: distributed.gather_rows(batch[k])
               for k in ("ranks", "response_valid", "lengths", "index")}
       if gold:
@@ -136,7 +140,7 @@ class RmEval:
     total, count, rewards = 0.0, 0.0, []
     for local in self.batches:
       if self.step is None:
-        self.step = jit_eval_step(make_eval_fn(cfg), param_shardings, local, self.mesh)
+        self.step = jit_eval_step(self.make_eval(cfg), param_shardings, local, self.mesh)
       s, c, r = jax.device_get(self.step(params, sharding.global_batch(local, self.mesh,
                                                                  self.batch_size)))
       total, count = total + float(s), count + float(c)
@@ -247,6 +251,23 @@ def normalized_head(params, mean, gain):
   return params
 
 
+def comparison_batches(config, source, tok, mesh, k_max, *, train):
+  """This process's rows of the global comparison batches (B, K_max, seq_len): for training
+  `batch_size` prompts, shuffled by `data_seed`, endless; else `eval_batch_size` prompts, one pass
+  in order with the last batch padded. Shared by the RM and DPO stages."""
+  if train:
+    size, field = config.batch_size, "batch_size"
+    kwargs = {"seed": config.data_seed, "prefetch": config.data.prefetch}
+  else:
+    size, field = config.eval_batch_size, "eval_batch_size"
+    kwargs = {"num_epochs": 1, "shuffle": False, "drop_remainder": False}
+  return shards.ShardedBatches(
+      lambda shard, rows: loaders.comparison_loader(source, tok, batch_size=rows,
+                                                    seq_len=config.seq_len, k_max=k_max,
+                                                    shard=shard, **kwargs),
+      stage_io.local_batch_size(mesh, size), config.data.get("shards", 0), tok.pad_id, field)
+
+
 def k_max_of(config, tfds_dir):
   """config.k_max, or with 0 the largest K the comparisons dataset records."""
   if config.k_max:
@@ -306,22 +327,13 @@ def run(config, workdir):
   del params
 
   # The one loop: the step, its batches and the held-out evaluation.
-  num_shards = config.data.get("shards", 0)
-  rm_eval = RmEval(shards.ShardedBatches(
-      lambda shard, rows: loaders.comparison_loader(
-          eval_source, tok, batch_size=rows, seq_len=config.seq_len, k_max=k_max, num_epochs=1,
-          shuffle=False, drop_remainder=False, shard=shard),
-      stage_io.local_batch_size(mesh, config.eval_batch_size), num_shards, tok.pad_id,
-      "eval_batch_size"), eval_source, mesh, config.eval_batch_size, config.eval_batches,
-      gold=config.data.source == "offline", pad_id=tok.pad_id)
+  rm_eval = RmEval(comparison_batches(config, eval_source, tok, mesh, k_max, train=False),
+                   eval_source, mesh, config.eval_batch_size, config.eval_batches,
+                   gold=config.data.source == "offline", pad_id=tok.pad_id)
 
   def train_batches():
-    return loop.KeyedBatches(shards.ShardedBatches(
-        lambda shard, rows: loaders.comparison_loader(
-            train_source, tok, batch_size=rows, seq_len=config.seq_len, k_max=k_max,
-            seed=config.data_seed, prefetch=config.data.prefetch, shard=shard),
-        stage_io.local_batch_size(mesh, config.batch_size), num_shards, tok.pad_id),
-        TRAIN_KEYS, check=check_comparisons)
+    return loop.KeyedBatches(comparison_batches(config, train_source, tok, mesh, k_max,
+                                                train=True), TRAIN_KEYS, check=check_comparisons)
 
   task = loop.Task(
       name=stage,

@@ -60,12 +60,15 @@ def validate_config(config):
     check_positive(config, "data.shards", kind=int, allow_zero=True)
   for name in ("data_seed", "data.task_seed"):
     check_int(config, name)
-  if config.stage == "rm":
+  if config.stage in ("rm", "dpo"):
     k_max = config.k_max
     if not isinstance(k_max, int) or isinstance(k_max, bool) or (k_max != 0 and k_max < 2):
       raise UserError(f"config.k_max must be an integer >= 2 (or 0: the largest K in the data), "
                       f"got {k_max!r}")
+  if config.stage == "rm":
     check_positive(config, "norm_examples", kind=int, allow_zero=True)
+  if config.stage == "dpo":
+    check_positive(config, "beta")
   if config.data.source not in ("offline", "dir"):
     raise UserError(f"config.data.source must be 'offline' or 'dir', got {config.data.source!r}")
   if config.data.source == "dir" and not config.data.dir:
