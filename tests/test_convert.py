@@ -348,3 +348,77 @@ def test_fold_bias_into_layernorm():
   folded = hf_reward.fold_bias(beta, w, np.float32(b))
   h = rng.randn(5, 16).astype(np.float64)
   np.testing.assert_allclose((h + folded) @ w[:, 0], (h + beta) @ w[:, 0] + b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_reward_model_cli_export_and_bad_input(tmp_path):
+  """The CLI exports an RM; wrong targets and non-reward HF directories are one line, exit 2,
+  nothing written."""
+  from rlhf_jax.train import stage_io
+  from rlhf_jax.errors import UserError
+  tmp = str(tmp_path)
+  cfg, params = _random_rm("tiny")
+  save_model(os.path.join(tmp, "rm"), cfg, params, fmt="rlhf_jax", head="scalar")
+  lm_cfg = get_model_config("tiny")
+  save_model(os.path.join(tmp, "lm"), lm_cfg, init_params(lm_cfg, jax.random.key(0)),
+             fmt="rlhf_jax")
+  torch.manual_seed(0)
+  _hf_llama().save_pretrained(os.path.join(tmp, "hf_lm"))
+  two = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80,
+                                 num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                 num_labels=2, pad_token_id=0)
+  transformers.LlamaForSequenceClassification(two).save_pretrained(os.path.join(tmp, "hf_2"))
+  no_score = os.path.join(tmp, "no_score")
+  shutil.copytree(os.path.join(tmp, "hf_lm"), no_score)
+  hf_cfg = json.load(open(os.path.join(no_score, "config.json")))
+  json.dump(dict(hf_cfg, architectures=["LlamaForSequenceClassification"], num_labels=1,
+                 id2label={"0": "LABEL_0"}), open(os.path.join(no_score, "config.json"), "w"))
+
+  ok = _cli("--src=rm", "--dst=rm_hf", "--head=scalar", cwd=tmp)
+  assert ok.returncode == 0, ok.stderr
+  assert "sequence classifier" in ok.stdout
+  cases = [
+      (("--src=rm", "--dst=rm_hf"), "already exists", "rm_hf"),
+      (("--src=lm", "--dst=out", "--head=scalar"), "--head=scalar", "out"),
+      (("--src=rm", "--dst=out", "--head=lm"), "--head=lm", "out"),
+      (("--src=hf_lm", "--dst=out", "--head=scalar"), "holds a language model", "out"),
+      (("--src=hf_2", "--dst=out"), "with 2 labels", "out"),
+      (("--src=no_score", "--dst=out"), "no tensor 'score.weight'", "out"),
+  ]
+  for args, needle, dst in cases:
+    before = sorted(os.listdir(tmp))
+    result = _cli(*args, cwd=tmp)
+    assert result.returncode == 2, (args, result.stderr)
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, \
+        (args, result.stderr)
+    assert sorted(os.listdir(tmp)) == before, args   # nothing written (no out, no .out.tmp-*)
+  # PPO's reward_model= / value_from= refuse a language model in one line too.
+  with pytest.raises(UserError, match="config.value_from: .* expected a reward model"):
+    stage_io.load_scalar_model(os.path.join(tmp, "hf_lm"), cfg, "value_from")
+
+
+@pytest.mark.slow
+def test_smollm2_reward_model_exports_with_a_pad_token_that_is_not_eos(smollm2, tmp_path):
+  """SmolLM2 pads with EOS (<|im_end|>); the export pads with <|endoftext|>, so HF scores the
+  last real token (EOS) of left-padded rows, as we do."""
+  m = smollm2
+  params = {k: v for k, v in m.params.items() if k != "lm_head"}
+  params["scalar_head"] = {"kernel": np.random.RandomState(0).randn(m.cfg.d_model, 1).astype(
+      np.float32) / np.sqrt(m.cfg.d_model), "bias": np.asarray([0.3], np.float32)}
+  out = str(tmp_path / "rm")
+  save_model(out, m.cfg, params, fmt="hf", tokenizer_dir=m.tokenizer_dir, head="scalar")
+  model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+      out, output_loading_info=True)
+  assert not any(info.values()), info
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert m.cfg.pad_token_id == m.cfg.eos_token_id != model.config.pad_token_id == tok.pad_token_id
+  texts = [("What is 2+2?", "4"), ("Name a colour.", "Blue, like the sky.")]
+  rows = [[m.cfg.bos_token_id] + tok(p + "\n" + r, add_special_tokens=False)["input_ids"]
+          + [m.cfg.eos_token_id] for p, r in texts]
+  width = max(map(len, rows))
+  tokens = np.array([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+  mask = (np.arange(width)[None] >= width - np.array([len(r) for r in rows])[:, None]).astype(int)
+  ours = _our_scores(m.cfg, params, tokens, mask)
+  theirs = _hf_scores(model.eval(), tokens, mask) + model.config.rlhf_jax_score_bias
+  assert np.abs(theirs - ours).max() < 1e-4, (theirs, ours)
