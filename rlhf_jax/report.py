@@ -3,8 +3,8 @@
 Pure helpers with no JAX: safe to import anywhere, and to call on process 0 only (the caller
 decides; nothing here talks to other processes).
 
-  EventWriter(logdir)          TensorBoard scalars (tensorboardX's synchronous event writer; no
-                               TensorFlow). An unwritable logdir costs one warning, never the run.
+  EventWriter(logdir)          TensorBoard scalars (tensorboardX's SummaryWriter; no TensorFlow).
+                               An unwritable logdir costs one warning, never the run.
   read_metrics(path)           the records of a stage's `metrics.jsonl`; a truncated line left by a
                                killed run is dropped.
   curves(records, key)         {kind: (steps, values)} of one metric, by step, last write wins.
@@ -27,6 +27,7 @@ import time
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
+from tensorboardX import SummaryWriter
 
 from rlhf_jax.errors import UserError
 
@@ -46,77 +47,109 @@ def _is_number(value) -> bool:
 # ----------------------------------------------------------------------------- TensorBoard
 
 class EventWriter:
-  """Writes TensorBoard scalars to `<logdir>/events.out.tfevents.<time>.<host>.<pid>.<n>`.
+  """TensorBoard scalars through tensorboardX's `SummaryWriter`, in
+  `<logdir>/events.out.tfevents.<time>.<host>.<pid>.<n>` (the suffix keeps two writers of one
+  directory apart).
 
-  Each event file is a TFRecord stream of `Event` protos: for every record
-  `uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)`, the first
-  event holding `file_version = "brain.Event:2"` and each later one a `Summary` of
-  `(tag, simple_value)` pairs at a step. Writes are synchronous (no background thread that could
-  die and block training). If the logdir cannot be created or written, or tensorboardX is missing,
-  ONE warning goes to stderr and every later call is a no-op.
+  `scalars(step, {tag: value})` adds every numeric value with `add_scalar` at one wall time;
+  SummaryWriter queues the events and its thread writes them, flushing every `flush_secs`
+  seconds; `flush()` flushes what was written and `close()` writes everything. `purge_step`
+  (a run resumed at that step): TensorBoard hides this directory's older events at steps >=
+  purge_step, those a killed run wrote after its last checkpoint.
+
+  Logging never stops or blocks training: if the logdir cannot be created, or writing fails
+  later (a full disk; also inside SummaryWriter's thread, whose failures are caught so its queue
+  keeps draining), ONE warning goes to stderr and every later call is a no-op.
   """
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir: str, purge_step: Optional[int] = None, flush_secs: int = 5):
     self.logdir = logdir
-    self._events = None
-    self._summary_pb2 = None
-    self._event_pb2 = None
+    self._writer = None
+    self._failed = None       # the first error of SummaryWriter's writing thread
+    self._warned = False
     try:
-      from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=g-import-not-at-top
-      from tensorboardX.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
-      from tensorboardX.record_writer import directory_check  # pylint: disable=g-import-not-at-top
-      directory_check(logdir)
-      suffix = f".{os.getpid()}.{next(_file_counter)}"
-      self._events = EventsWriter(os.path.join(logdir, "events"), suffix)
-      self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-    except (OSError, ImportError) as e:
+      self._writer = SummaryWriter(logdir, purge_step=purge_step, flush_secs=flush_secs,
+                                   filename_suffix=f".{os.getpid()}.{next(_file_counter)}")
+      # pylint: disable-next=protected-access
+      self._events = self._writer.file_writer.event_writer._ev_writer
+    except OSError as e:
+      self._writer = None
       self._disable(e)
+      return
+    # The record writer is shared by SummaryWriter's thread and flush(): an error there is kept
+    # for the next call instead of killing the thread (whose full queue would then block add_*).
+    for name in ("write_event", "flush", "close"):
+      setattr(self._events, name, self._guarded(getattr(self._events, name), name == "close"))
+
+  def _guarded(self, fn, always=False):
+    def call(*args):
+      if self._failed is not None and not always:
+        return None
+      try:
+        return fn(*args)
+      except OSError as e:
+        self._failed = self._failed or e
+        return None
+    return call
 
   @property
   def active(self) -> bool:
     """False once writing failed (or after close): later calls do nothing."""
-    return self._events is not None
+    return self._writer is not None and self._failed is None
 
   @property
   def path(self) -> Optional[str]:
     """The event file being written, or None."""
-    return None if self._events is None else self._events._file_name  # pylint: disable=protected-access
+    return self._events._file_name if self.active else None  # pylint: disable=protected-access
 
   def _disable(self, error: Exception) -> None:
-    self._events = None
+    writer, self._writer = self._writer, None
+    if writer is not None:
+      try:
+        writer.close()
+      except OSError:
+        pass
+    if self._warned:
+      return
+    self._warned = True
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     _warn(f"TensorBoard logdir {self.logdir}: cannot write event files ({reason}); "
           "TensorBoard logging is off for this run")
 
+  def _check(self) -> bool:
+    """Whether the writer is still on (disabling it, with the warning, after a failure)."""
+    if self._writer is not None and self._failed is not None:
+      self._disable(self._failed)
+    return self._writer is not None
+
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
-    """Appends one event at `step` with a scalar per (tag, value); non-numbers are skipped."""
-    if self._events is None:
+    """Adds a scalar per (tag, value) at `step`, all at one wall time; non-numbers are skipped."""
+    if not self._check():
       return
-    summary = self._summary_pb2.Summary(value=[
-        self._summary_pb2.Summary.Value(tag=str(tag), simple_value=float(v))
-        for tag, v in values.items() if _is_number(v)])
-    event = self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+    now = time.time()
     try:
-      self._events.write_event(event)
+      for tag, v in values.items():
+        if _is_number(v):
+          self._writer.add_scalar(str(tag), float(v), global_step=int(step), walltime=now)
     except OSError as e:
       self._disable(e)
 
   def flush(self) -> None:
-    if self._events is None:
-      return
-    try:
-      self._events.flush()
-    except OSError as e:
-      self._disable(e)
+    if self._check():
+      self._writer.flush()
+      self._check()
 
   def close(self) -> None:
-    if self._events is None:
+    """Writes every queued event and closes the file (a failure is the one warning)."""
+    if not self._check():
       return
-    events, self._events = self._events, None
+    writer, self._writer = self._writer, None
     try:
-      events.close()
+      writer.close()
     except OSError as e:
-      self._disable(e)
+      self._failed = e
+    if self._failed is not None:
+      self._disable(self._failed)
 
   def __enter__(self):
     return self

@@ -1,146 +1,81 @@
-"""rlhf_jax.report: event files decoded by an independent reader (our own TFRecord framing, CRC-32C
-and protobuf wire-format decoding; TensorBoard's EventAccumulator too when installed), metrics.jsonl
-reading of killed and resumed runs, PNG size (the curves and the over-optimisation plot), exact
-table text."""
+"""rlhf_jax.report: event files read back by TensorBoard's own reader (EventAccumulator: tags,
+steps, values; a resumed run's purge), writing that never stops training, metrics.jsonl reading of
+killed and resumed runs, PNG size (the curves and the over-optimisation plot), exact table text."""
 import glob
 import json
 import math
 import os
 import struct
-import zlib
+import threading
+import time
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlhf_jax import report
 from rlhf_jax.errors import UserError
 
 
-# ----------------------------------------------------------------------------- independent decoder
-
-def _crc32c(data: bytes) -> int:
-  """Bitwise CRC-32C (Castagnoli, reflected polynomial 0x82F63B78)."""
-  crc = 0xFFFFFFFF
-  for b in data:
-    crc ^= b
-    for _ in range(8):
-      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-  return crc ^ 0xFFFFFFFF
+def _scalars(path):
+  """{tag: [(step, value, wall_time)]} as TensorBoard reads the event file(s) at `path` (a
+  directory or one file)."""
+  acc = EventAccumulator(str(path))
+  acc.Reload()
+  return {tag: [(e.step, e.value, e.wall_time) for e in acc.Scalars(tag)]
+          for tag in acc.Tags()["scalars"]}
 
 
-def _masked(crc: int) -> int:
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+def _steps_values(path):
+  return {tag: [(s, v) for s, v, _ in events] for tag, events in _scalars(path).items()}
 
 
-def _records(path):
-  """TFRecord framing: u64 length | u32 masked crc(length) | data | u32 masked crc(data)."""
-  raw = open(path, "rb").read()
-  out, pos = [], 0
-  while pos < len(raw):
-    header = raw[pos:pos + 8]
-    (n,) = struct.unpack("<Q", header)
-    (crc_len,) = struct.unpack("<I", raw[pos + 8:pos + 12])
-    assert crc_len == _masked(_crc32c(header))
-    data = raw[pos + 12:pos + 12 + n]
-    (crc_data,) = struct.unpack("<I", raw[pos + 12 + n:pos + 16 + n])
-    assert crc_data == _masked(_crc32c(data))
-    out.append(data)
-    pos += 16 + n
-  assert pos == len(raw)
-  return out
-
-
-def _varint(buf, pos):
-  value = shift = 0
-  while True:
-    b = buf[pos]
-    pos += 1
-    value |= (b & 0x7F) << shift
-    shift += 7
-    if not b & 0x80:
-      return value, pos
-
-
-def _fields(buf):
-  """Protobuf wire format -> [(field number, value)]; length-delimited values stay bytes."""
-  out, pos = [], 0
-  while pos < len(buf):
-    key, pos = _varint(buf, pos)
-    field, wire = key >> 3, key & 7
-    if wire == 0:
-      value, pos = _varint(buf, pos)
-    elif wire == 1:
-      value, pos = buf[pos:pos + 8], pos + 8
-    elif wire == 5:
-      value, pos = buf[pos:pos + 4], pos + 4
-    elif wire == 2:
-      n, pos = _varint(buf, pos)
-      value, pos = buf[pos:pos + n], pos + n
-    else:
-      raise AssertionError(f"wire type {wire}")
-    out.append((field, value))
-  return out
-
-
-def _decode_event(data):
-  """Event{wall_time=1 double, step=2 int64, file_version=3 string, summary=5 Summary{value=1
-  Value{tag=1 string, simple_value=2 float}}} -> dict."""
-  ev = {"step": 0, "scalars": {}}
-  for field, value in _fields(data):
-    if field == 1:
-      ev["wall_time"] = struct.unpack("<d", value)[0]
-    elif field == 2:
-      ev["step"] = value
-    elif field == 3:
-      ev["file_version"] = value.decode()
-    elif field == 5:
-      for f2, v2 in _fields(value):
-        assert f2 == 1
-        tag, simple = None, None
-        for f3, v3 in _fields(v2):
-          if f3 == 1:
-            tag = v3.decode()
-          elif f3 == 2:
-            simple = struct.unpack("<f", v3)[0]
-        ev["scalars"][tag] = simple
-  return ev
-
-
-def _events(logdir):
-  files = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
-  assert len(files) == 1, files
-  return [_decode_event(d) for d in _records(files[0])]
+def _same(got, want):
+  """float32 equality, NaN equal to NaN."""
+  return (math.isnan(got) and math.isnan(want)) or got == np.float32(want)
 
 
 # ----------------------------------------------------------------------------- EventWriter
 
-def test_crc32c_reference_value():
-  assert _crc32c(b"123456789") == 0xE3069283      # the standard CRC-32C check value
-  assert _crc32c(b"123456789") != zlib.crc32(b"123456789")
-
-
 def test_event_writer_round_trip(tmp_path, capsys):
   logdir = str(tmp_path / "tb" / "sft")
   written = {3: {"train/loss": 2.5, "train/lr": 1e-4}, 7: {"eval/accuracy": 0.625, "n": 3},
-             11: {"train/loss": float("nan"), "skipped": "text"}}
+             11: {"train/loss": float("nan"), "skipped": "text", "flag": True}}
+  t0 = time.time()
   with report.EventWriter(logdir) as w:
-    assert w.active and w.path.startswith(logdir)
+    assert w.active and w.path.startswith(os.path.join(logdir, "events.out.tfevents."))
     for step, values in written.items():
       w.scalars(step, values)
-    w.flush()
-  assert not w.active
+  assert not w.active and w.path is None
   w.scalars(12, {"late": 1.0})          # after close: a no-op, not an error
-  events = _events(logdir)
-  assert events[0]["file_version"] == "brain.Event:2"
-  assert [e["step"] for e in events[1:]] == [3, 7, 11]
-  for e, (step, values) in zip(events[1:], written.items()):
-    want = {k: v for k, v in values.items() if not isinstance(v, str)}
-    assert set(e["scalars"]) == set(want)
-    for k, v in want.items():
-      got = e["scalars"][k]
-      assert (math.isnan(got) and math.isnan(v)) or got == np.float32(v), (step, k)
-    assert abs(e["wall_time"] - events[0]["wall_time"]) < 60
+  w.flush()
+  got = _scalars(logdir)
+  assert set(got) == {"train/loss", "train/lr", "eval/accuracy", "n"}
+  assert [s for s, _, _ in got["train/loss"]] == [3, 11]
+  for tag, events in got.items():
+    want = [(step, values[tag]) for step, values in written.items() if tag in values]
+    assert [s for s, _, _ in events] == [s for s, _ in want]
+    assert all(_same(v, x) for (_, v, _), (_, x) in zip(events, want)), (tag, events)
+    assert all(t0 - 1 <= t <= time.time() + 1 for _, _, t in events)
+  # One wall time per step: the tags of a step are one point in time.
+  assert got["train/loss"][0][2] == got["train/lr"][0][2]
+  assert len(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))) == 1
   assert capsys.readouterr().err == ""
+
+
+def test_events_reach_the_file_while_the_writer_is_open(tmp_path):
+  """A running stage's curves show in TensorBoard: the writer's thread flushes every flush_secs
+  seconds, without close()."""
+  w = report.EventWriter(str(tmp_path), flush_secs=1)
+  for step in range(5):
+    w.scalars(step, {"train/loss": 1.0 / (step + 1)})
+  w.flush()
+  deadline = time.time() + 30
+  while time.time() < deadline and len(_steps_values(tmp_path).get("train/loss", [])) < 5:
+    time.sleep(0.2)
+  got = _steps_values(tmp_path)["train/loss"]
+  w.close()
+  assert got == [(s, pytest.approx(1.0 / (s + 1))) for s in range(5)]
 
 
 def test_two_writers_in_one_directory_keep_both_files(tmp_path):
@@ -151,25 +86,28 @@ def test_two_writers_in_one_directory_keep_both_files(tmp_path):
   b.close()
   files = sorted(glob.glob(str(tmp_path / "events.out.tfevents.*")))
   assert len(files) == 2
-  assert sorted(_decode_event(_records(f)[1])["scalars"]["x"] for f in files) == [1.0, 2.0]
+  assert sorted(_steps_values(f)["x"][0][1] for f in files) == [1.0, 2.0]
 
 
-def test_event_files_load_in_tensorboard(tmp_path):
-  accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-  with report.EventWriter(str(tmp_path)) as w:
-    for step in range(5):
-      w.scalars(step, {"train/loss": 1.0 / (step + 1)})
-  acc = accumulator.EventAccumulator(str(tmp_path))
-  acc.Reload()
-  got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
-  assert got == [(s, pytest.approx(1.0 / (s + 1))) for s in range(5)]
+def test_a_resumed_writer_hides_what_the_killed_run_wrote_after_its_checkpoint(tmp_path):
+  """A run killed after step 9 and resumed from its checkpoint at step 6 logs 6.. again: with
+  purge_step=6 TensorBoard shows the first run's steps 0..5 and the resumed run's 6..9 only."""
+  with report.EventWriter(str(tmp_path)) as first:
+    for step in range(10):
+      first.scalars(step, {"train/loss": float(step)})
+  time.sleep(1.1)       # event file names start with the second they were created
+  with report.EventWriter(str(tmp_path), purge_step=6) as resumed:
+    for step in range(6, 10):
+      resumed.scalars(step, {"train/loss": 100.0 + step})
+  assert _steps_values(tmp_path)["train/loss"] == (
+      [(s, float(s)) for s in range(6)] + [(s, 100.0 + s) for s in range(6, 10)])
 
 
 def test_unwritable_logdir_warns_once_and_never_raises(tmp_path, capsys):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
   w = report.EventWriter(str(blocker / "tb"))
-  assert not w.active
+  assert not w.active and w.path is None
   for step in range(3):
     w.scalars(step, {"loss": 1.0})
   w.flush()
@@ -178,18 +116,32 @@ def test_unwritable_logdir_warns_once_and_never_raises(tmp_path, capsys):
   assert len(err) == 1 and err[0].startswith("warning: TensorBoard logdir ") and "tb" in err[0]
 
 
-def test_write_failure_mid_run_warns_once(tmp_path, capsys):
-  w = report.EventWriter(str(tmp_path))
+def test_write_failure_mid_run_warns_once_and_never_blocks(tmp_path, capsys):
+  """The disk fills up under SummaryWriter's writing thread: the thread keeps draining its queue
+  (a dead one would leave add_scalar blocked on a full queue), the next call warns once, and
+  every later call returns at once."""
+  w = report.EventWriter(str(tmp_path), flush_secs=1)
   w.scalars(1, {"loss": 1.0})
+  w.flush()
 
   def full(_):
     raise OSError(28, "No space left on device")
-  w._events.write_event = full        # pylint: disable=protected-access
-  w.scalars(2, {"loss": 1.0})
-  w.scalars(3, {"loss": 1.0})
-  w.close()
+  w._events._py_recordio_writer.write = full        # pylint: disable=protected-access
+
+  def log_a_lot():
+    for step in range(2, 200):
+      w.scalars(step, {f"m{i}": 1.0 for i in range(20)})   # 20 x the writer's queue
+      time.sleep(0.001)
+    w.flush()
+    w.close()
+  worker = threading.Thread(target=log_a_lot, daemon=True)
+  worker.start()
+  worker.join(timeout=120)
+  assert not worker.is_alive(), "logging blocked after a write failure"
+  assert not w.active
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "No space left on device" in err[0]
+  assert len(err) == 1 and "No space left on device" in err[0], err
+  assert err[0].startswith("warning: TensorBoard logdir ")
 
 
 def test_export_tensorboard(tmp_path):
@@ -199,9 +151,9 @@ def test_export_tensorboard(tmp_path):
           {"kind": "note", "text": "no step"}]
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   assert report.export_tensorboard(str(path), str(tmp_path / "tb")) == 2
-  events = _events(str(tmp_path / "tb"))[1:]
-  assert [(e["step"], e["scalars"]) for e in events] == [
-      (0, {"eval/loss": 3.0}), (25, {"train/loss": 2.0, "train/lr": np.float32(0.001)})]
+  assert _steps_values(tmp_path / "tb") == {
+      "eval/loss": [(0, 3.0)], "train/loss": [(25, 2.0)],
+      "train/lr": [(25, pytest.approx(0.001))]}
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl
