@@ -422,3 +422,26 @@ def test_smollm2_reward_model_exports_with_a_pad_token_that_is_not_eos(smollm2, 
   ours = _our_scores(m.cfg, params, tokens, mask)
   theirs = _hf_scores(model.eval(), tokens, mask) + model.config.rlhf_jax_score_bias
   assert np.abs(theirs - ours).max() < 1e-4, (theirs, ours)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_transformers_made_reward_model_imports(kind, tmp_path):
+  """A sequence classifier saved by transformers itself (as TRL's reward models are) reads in
+  as a scalar-head model that scores as transformers does."""
+  torch.manual_seed(0)
+  base = (_hf_gpt2() if kind == "gpt2" else _hf_llama()).config
+  base.num_labels, base.pad_token_id = 1, 0
+  model = transformers.AutoModelForSequenceClassification.from_config(base).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name or "ln_" in name or name.endswith("bias"):
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(str(tmp_path))
+  tokens = np.random.RandomState(0).randint(3, VOCAB, (3, 10))
+  mask = np.ones_like(tokens)
+  mask[1, :4] = mask[2, :7] = 0
+  tokens[mask == 0] = 0
+  m = load_model(str(tmp_path))
+  assert m.head == "scalar"
+  assert np.abs(_our_scores(m.cfg, m.params, tokens, mask) - _hf_scores(model, tokens, mask)
+                ).max() < 1e-4
