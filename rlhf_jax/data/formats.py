@@ -5,6 +5,8 @@ Anthropic HH-RLHF (`{"chosen": transcript, "rejected": transcript}` per line, tr
 the last "\\n\\nAssistant:", the responses are what follows it. The two transcripts must share that
 prompt; pairs that do not, or whose responses are identical, are skipped and counted.
 
+Files are read as distributed: plain or gzip-compressed JSON lines (`schema.json_lines`).
+
 OpenAI summarize-from-feedback comparisons (`{"info": {"id", "post", "title", "subreddit", ...},
 "summaries": [{"text", "policy", "note"}, x2], "choice": 0 | 1, "split", "worker"}` per line):
 the prompt is "SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:" and each summary,
@@ -110,10 +112,34 @@ def convert_tldr(path, splits=None):
   return records, skipped
 
 
-def _check_not_empty(path, records, skipped):
+def convert_demonstrations(path):
+  """SFT records from a demonstrations file: the TL;DR SFT split of summarize-from-feedback
+  (`{"id", "subreddit", "title", "post", "summary"}` per line; the prompt as in `tldr_prompt`,
+  the summary given a leading space) or our own sft JSONL (`{"prompt", "response"}`), told apart
+  per record by its fields. Returns (records, {reason: skipped count})."""
+  records, skipped = [], {"empty response": 0}
+  for where, record in schema.json_lines(path, "demonstrations"):
+    if "summary" in record:
+      prompt = tldr_prompt(record, where)
+      response = _field(where, record, "summary")
+      response = response if response[:1].isspace() else " " + response
+    elif "prompt" in record:
+      prompt, response = _field(where, record, "prompt"), _field(where, record, "response")
+    else:
+      raise UserError(f"{where}: expected a TL;DR SFT record (fields subreddit, title, post, "
+                      "summary) or an sft record (fields prompt, response)")
+    if not response.strip():
+      skipped["empty response"] += 1
+      continue
+    records.append({"prompt": prompt, "response": response})
+  _check_not_empty(path, records, skipped, "demonstrations")
+  return records, skipped
+
+
+def _check_not_empty(path, records, skipped, what="comparisons"):
   if not records:
     reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.items() if n)
-    raise UserError(f"{os.fspath(path)}: no usable comparisons (skipped: {reasons or 'none'})")
+    raise UserError(f"{os.fspath(path)}: no usable {what} (skipped: {reasons or 'none'})")
 
 
 def best_demonstrations(comparisons):

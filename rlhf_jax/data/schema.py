@@ -23,8 +23,10 @@ Text is joined without any separator: the document is exactly `prompt + response
 carries its own trailing marker ("\\n\\nAssistant:", "TL;DR:", "A:") and a response its own leading
 space. Responses may be empty (a policy that stopped at once); prompts may be empty.
 """
+import gzip
 import json
 import os
+import zlib
 
 from rlhf_jax.errors import UserError
 
@@ -131,23 +133,55 @@ def validate_record(record, kind, where):
   return record
 
 
-def json_lines(path, expected="JSONL records"):
-  """Yields (where, object) for each non-blank line of a local JSONL file; `where` = 'path line N'."""
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def is_gzip(path):
+  """Whether the file at `path` starts with the gzip magic bytes (whatever its name)."""
+  with open(path, "rb") as f:
+    return f.read(2) == GZIP_MAGIC
+
+
+def text_lines(path, expected="JSONL records"):
+  """Yields (line number, line) of a local text file, gzip-compressed or not (told by its first
+  two bytes, not its name); a file that is missing, not UTF-8 or damaged gzip (corrupt,
+  truncated) is a one-line UserError naming it."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise UserError(f"{path}: no such file (expected a JSONL file of {expected})")
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path} line {line_number}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(record, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-      yield where, record
+    raise UserError(f"{path}: no such file (expected a file of {expected})")
+  gz = is_gzip(path)
+  line_number = 0
+  try:
+    with (gzip.open(path, "rt", encoding="utf-8") if gz else
+          open(path, encoding="utf-8")) as f:
+      for line_number, line in enumerate(f, start=1):
+        yield line_number, line
+  except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+    reason = "truncated" if isinstance(e, EOFError) else f"corrupt: {e}"
+    raise UserError(f"{path}: damaged gzip file after line {line_number} ({reason}); expected "
+                    f"a complete .gz of {expected}") from None
+  except OSError as e:
+    raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path} line {line_number + 1}: not UTF-8 text ({e.reason}); expected "
+                    f"{expected}" + (" (gzip-compressed or plain)" if gz else "")) from None
+
+
+def json_lines(path, expected="JSONL records"):
+  """Yields (where, object) for each non-blank line of a local JSONL file (plain or gzip);
+  `where` = 'path line N'."""
+  path = os.fspath(path)
+  for line_number, line in text_lines(path, expected):
+    if not line.strip():
+      continue
+    where = f"{path} line {line_number}"
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+      raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    yield where, record
 
 
 def read_jsonl(path, kind):

@@ -19,7 +19,7 @@ from rlhf_jax import distributed
 from rlhf_jax import sharding
 from rlhf_jax.checkpoint import CheckpointManager, check_matches, quiet_aborted_reads
 from rlhf_jax.convert import load_model
-from rlhf_jax.data import builders, load_tokenizer, offline_dataset, prepare
+from rlhf_jax.data import builders, load_tokenizer, offline_dataset, prepare, real_data
 from rlhf_jax.errors import UserError, check_int, check_positive
 from rlhf_jax.models import ModelConfig, abstract_params
 from rlhf_jax.train import STAGE_NAMES
@@ -69,8 +69,11 @@ def validate_config(config):
     check_positive(config, "norm_examples", kind=int, allow_zero=True)
   if config.stage == "dpo":
     check_positive(config, "beta")
-  if config.data.source not in ("offline", "dir"):
-    raise UserError(f"config.data.source must be 'offline' or 'dir', got {config.data.source!r}")
+  if config.data.source not in ("offline", "dir") + real_data.SOURCES:
+    raise UserError(f"config.data.source must be one of offline, dir, "
+                    f"{', '.join(real_data.SOURCES)}; got {config.data.source!r}")
+  if config.data.source in real_data.SOURCES:
+    real_data.check_config(config)
   if config.data.source == "dir" and not config.data.dir:
     raise UserError("config.data.dir is required when config.data.source is 'dir'")
   if config.data.source == "offline":
@@ -199,6 +202,9 @@ def data_paths(config, workdir):
     else:
       offline_dataset.check_prepared(out, task, sizes, config.data.task_seed)
     return tfds_dir, os.path.join(out, "tokenizer")
+  if config.data.source in real_data.SOURCES:    # HH-RLHF / TL;DR files, prepared on first use
+    out = config.data.dir or os.path.join(workdir, "data")
+    return real_data.prepared_tfds_dir(config.data, out), os.path.join(out, "tokenizer")
   tfds_dir = os.path.join(config.data.dir, "tfds")
   if not os.path.isdir(tfds_dir):
     tfds_dir = config.data.dir
