@@ -100,7 +100,7 @@ CASES = [
     Case("mesh-not-dividing-devices", [SFT, "--config.mesh.shape=1,3,1"], ("mesh.shape",)),
     Case("batch-not-multiple-of-mesh", [SFT, "--config.batch_size=12"], ("config.batch_size",)),
     Case("seq-len-over-max-len", [SFT, "--config.seq_len=4096"], ("config.seq_len",)),
-    Case("unknown-stage", [SFT, "--config.stage=dpo"], ("config.stage",)),
+    Case("unknown-stage", [SFT, "--config.stage=kto"], ("config.stage",)),
     Case("unknown-data-source", [SFT, "--config.data.source=web"], ("config.data.source",)),
     Case("max-nonfinite-zero", [SFT, "--config.max_nonfinite_steps=0"],
          ("config.max_nonfinite_steps",)),
@@ -114,6 +114,9 @@ CASES = [
     Case("ppo-zero-minibatches", [PPO, "--config.ppo.minibatches=0"],
          ("config.ppo.minibatches",)),
     Case("ppo-sub-config-bad", [PPO, "--config.rm.k_max=1"], ("config.k_max",)),
+    Case("dpo-beta-zero", [PPO, "--config.dpo.beta=0"], ("config.beta", "> 0")),
+    Case("dpo-stage-negative-beta", ["--config=configs/dpo.py", "--config.beta=-0.1"],
+         ("config.beta", "-0.1")),
     Case("collect-k-below-2", [COLLECT, "--config.min_k=1"], ("config.min_k",)),
     # ---- command line
     Case("unknown-flag", [SFT, "--foo=1"], ("foo",)),

@@ -315,6 +315,7 @@ def probe_prefers_mark(prompt, response):
 
 
 REAL_PROBE_SCORE = gold_labeler.probe_score
+DPO_META = {"stage": "dpo", "beta": 0.1, "final_eval": {"accuracy": 0.66, "gold_accuracy": 0.61}}
 PPO_CURVE = [{"kind": "train", "step": s, "kl": 0.5 * s, "reward": 0.1 * s,
               "gold_score": 0.2 + 0.05 * s - 0.01 * s * s} for s in range(1, 6)]
 
@@ -333,6 +334,7 @@ def run_dir(tmp_path_factory):
   _save(os.path.join(workdir, "ppo", "model"), "lm", 1, tok_dir, params=ppo)   # MARK MARK ...
   _save(os.path.join(workdir, "ppo_ptx", "model"), "lm", 0, tok_dir, params=sft)   # == SFT
   _save(os.path.join(workdir, "ppo_oracle", "model"), "lm", 3, tok_dir)
+  _save(os.path.join(workdir, "dpo", "model"), "lm", 5, tok_dir, meta=DPO_META)
   _save(os.path.join(workdir, "rm", "model"), "scalar", 2, tok_dir,
         meta={"stage": "rm", "final_eval": {"accuracy": 0.7, "gold_accuracy": 0.72}})
   with open(os.path.join(workdir, "ppo", "metrics.jsonl"), "w") as f:
@@ -343,7 +345,7 @@ def run_dir(tmp_path_factory):
   config = eval_config(data_dir)
   config.eval.best_of, config.eval.probe_prompts = (2, 4), 16
   policies = {n: os.path.join(workdir, n, "model") for n in ("sft", "ppo", "ppo_ptx",
-                                                              "ppo_oracle")}
+                                                              "ppo_oracle", "dpo")}
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(gold_labeler, "probe_score", probe_prefers_mark)
     results = evaluate.evaluate(config, workdir, policies, score_fn=hash_score,
@@ -353,7 +355,7 @@ def run_dir(tmp_path_factory):
 
 def test_results_keys_exactly(run_dir):
   workdir, _, results = run_dir
-  policies = ("sft", "ppo", "ppo_ptx", "ppo_oracle")
+  policies = ("sft", "ppo", "ppo_ptx", "ppo_oracle", "dpo")
   assert set(results) == {"base", *policies, "best_of_n", "rm", "meta"}
   for name in policies:
     assert set(results[name]) == ROW_KEYS
@@ -382,6 +384,14 @@ def test_results_keys_exactly(run_dir):
   assert meta["best_of_n"]["bo2_rm"]["picks_per_prompt"] == 2
   assert meta["best_of_n"]["bo4_gold"]["picks_per_prompt"] == 1
   assert meta["machine"]["device_count"] == jax.device_count()
+  assert set(meta["policies"]) == {"base", *policies}
+  dpo = meta["policies"]["dpo"]
+  assert set(dpo) == {"path", "mean_response_tokens", "no_eos_fraction", "win_rate_stderr",
+                      "win_rate_interval95", "beta", "implicit_reward_accuracy",
+                      "implicit_reward_gold_accuracy"}
+  assert (dpo["beta"], dpo["implicit_reward_accuracy"], dpo["implicit_reward_gold_accuracy"]) == (
+      0.1, 0.66, 0.61)
+  assert "implicit_reward_accuracy" not in meta["policies"]["ppo"]
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f) == json.loads(json.dumps(results))
   with open(os.path.join(workdir, "results.md")) as f:
@@ -391,6 +401,7 @@ def test_results_keys_exactly(run_dir):
   assert "## Gold score by instruction family" in md and "| gold gap | pairs |" in md
   assert "![over-optimisation](plots/overoptimisation.png)" in md
   assert "## Capability probe (greedy)" in md
+  assert "* **dpo**: DPO (beta 0.1)" in md and "accuracy 0.660 (against gold 0.610)" in md
   assert os.path.getsize(os.path.join(workdir, eval_results.PLOT)) > 1000
   assert not any(name.endswith(".tmp") for name in os.listdir(workdir))
 
@@ -453,7 +464,7 @@ def test_run_evaluates_the_policies_present(run_dir, tmp_path):
   finally:
     for name in ("ppo_ptx", "pretrain"):
       shutil.move(os.path.join(tmp_path, name), os.path.join(workdir, name))
-  assert set(results) == {"sft", "ppo", "ppo_oracle", "best_of_n", "rm", "meta"}
+  assert set(results) == {"sft", "ppo", "ppo_oracle", "dpo", "best_of_n", "rm", "meta"}
   assert results["best_of_n"] == {} and results["meta"]["best_of"] == []
   with pytest.raises(UserError, match="sft"):
     evaluate.run(config, str(tmp_path))

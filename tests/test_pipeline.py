@@ -22,7 +22,7 @@ def _config():
   return module.get_config("tiny")
 
 
-ALL = ["pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "ppo_oracle", "eval"]
+ALL = ["pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "ppo_oracle", "dpo", "eval"]
 
 
 # ----------------------------------------------------------------------------- the real stages
@@ -41,6 +41,7 @@ def _tiny(config, data_dir):
   config.model.num_layers = config.rm.model.num_layers = 1   # (rm has its own model section)
   config.ppo.ptx_coef = 0.0
   config.oracle_run = False
+  config.dpo_run = False     # (tests/test_dpo.py runs the stage)
   for stage in ("pretrain", "sft", "rm"):   # (no periodic evaluation: fewer functions to compile)
     c = config[stage]
     c.num_steps = c.checkpoint_every = c.log_every = 2
@@ -138,7 +139,8 @@ def fake_stages(monkeypatch):
 
 
 def test_a_deleted_stage_reruns_only_the_stages_that_read_it(tmp_path, fake_stages):
-  """DEPENDS on every stage of the default pipeline: ppo_ptx and ppo_oracle do not read ppo."""
+  """DEPENDS on every stage of the default pipeline: ppo_ptx and ppo_oracle do not read ppo, dpo
+  reads no reward model; a new DPO model re-runs the evaluation."""
   config = _config()
   pipeline.run(config, str(tmp_path))
   assert fake_stages == ALL
@@ -147,9 +149,17 @@ def test_a_deleted_stage_reruns_only_the_stages_that_read_it(tmp_path, fake_stag
   pipeline.run(config, str(tmp_path))
   assert fake_stages == ["ppo", "eval"]
   fake_stages.clear()
+  shutil.rmtree(tmp_path / "rm")
+  pipeline.run(config, str(tmp_path))
+  assert fake_stages == ["rm", "ppo", "ppo_ptx", "ppo_oracle", "eval"]
+  fake_stages.clear()
+  shutil.rmtree(tmp_path / "dpo")
+  pipeline.run(config, str(tmp_path))
+  assert fake_stages == ["dpo", "eval"]
+  fake_stages.clear()
   shutil.rmtree(tmp_path / "collect")
   pipeline.run(config, str(tmp_path))
-  assert fake_stages == ["collect", "rm", "ppo", "ppo_ptx", "ppo_oracle", "eval"]
+  assert fake_stages == ["collect", "rm", "ppo", "ppo_ptx", "ppo_oracle", "dpo", "eval"]
 
 
 def test_stage_configs_share_the_top_level_fields(tmp_path):
@@ -161,9 +171,12 @@ def test_stage_configs_share_the_top_level_fields(tmp_path):
   rm = pipeline.stage_config(config, "rm", str(tmp_path))
   ppo = pipeline.stage_config(config, "ppo", str(tmp_path))
   oracle = pipeline.stage_config(config, "ppo_oracle", str(tmp_path))
+  dpo = pipeline.stage_config(config, "dpo", str(tmp_path))
   assert sft.seed == rm.seed == 3 and sft.data.task_seed == rm.data.task_seed == 7
   assert sft.model.num_layers == 3 and sft.stage == "sft"
   assert rm.data.comparisons_dir == os.path.join(str(tmp_path), "collect")
+  assert dpo.data.comparisons_dir == rm.data.comparisons_dir and dpo.stage == "dpo"
+  assert dpo.model.num_layers == 3 and dpo.seed == 3 and dpo.beta == config.dpo.beta
   assert ppo.ppo.ptx_coef == 0 and config.ppo.ptx_coef > 0
   assert oracle.reward_model == "gold" and oracle.ppo.ptx_coef == config.ppo.ptx_coef
   for stage in ("ppo", "ppo_ptx", "ppo_oracle"):    # where ppo.run writes is the stage's folder
@@ -171,6 +184,8 @@ def test_stage_configs_share_the_top_level_fields(tmp_path):
   assert pipeline.stages_of(config) == ALL
   config.oracle_run = False
   assert "ppo_oracle" not in pipeline.stages_of(config)
+  config.dpo_run = False
+  assert "dpo" not in pipeline.stages_of(config)
   config.ppo.ptx_coef = 0.0
   assert "ppo_ptx" not in pipeline.stages_of(config)
 

@@ -158,7 +158,7 @@ def _config(**overrides):
     ("batch_size", -4, "config.batch_size must be an integer > 0, got -4"),
     ("grad_accum_steps", 3, "config.grad_accum_steps (3) must divide config.batch_size (16)"),
     ("seq_len", 100000, "config.seq_len (100000) exceeds config.model.max_len (256)"),
-    ("stage", "dpo", "config.stage must be one of pretrain, sft, rm, ppo, got 'dpo'"),
+    ("stage", "kto", "config.stage must be one of pretrain, sft, rm, ppo, dpo, got 'kto'"),
 ])
 def test_bad_config_values_are_one_line_errors(field, value, message):
   with pytest.raises(UserError) as e:
