@@ -80,6 +80,17 @@ def optimizer_config():
   return c
 
 
+def wandb_config():
+  """`config.wandb`: Weights & Biases logging (rlhf_jax/train/logs.py), off while project is ''.
+  Needs `pip install 'rlhf_jax[wandb]'`; one W&B run per stage, the metrics TensorBoard gets."""
+  c = ml_collections.ConfigDict()
+  c.project = ""              # '' = no W&B
+  c.entity = ""               # '' = your default entity
+  c.name = ""                 # the runs' group, each run <name>-<stage>; '' = the workdir's name
+  c.mode = ""                 # 'online', 'offline', 'disabled'; '' = $WANDB_MODE, else online
+  return c
+
+
 def base_config(name, stage):
   """The top-level fields of a stage that trains with the loop, with defaults that run offline.
 
@@ -115,4 +126,5 @@ def base_config(name, stage):
   # A step whose loss or gradient is NaN/Inf is skipped (not applied); this many in a row stop
   # the run (exit status 2) without saving, the last checkpoint being the last good state.
   c.max_nonfinite_steps = 5
+  c.wandb = wandb_config()
   return c

@@ -14,9 +14,10 @@ skips everything finished, and deleting one stage's directory re-runs it and wha
 
 Each stage runs with its own sub-config (`config.pretrain`, `config.sft`, `config.collect`,
 `config.rm`, `config.dpo`, `config.eval` from configs/eval.py, and the top level for PPO), each
-checked by its own stage's rules before anything is written; `mesh`, the `data` fields and the
-seeds of the top level are copied into every sub-config, and the top-level `model` into the stages
-that train or sample the policy (pretrain, sft, collect, dpo), so one override reaches all of them.
+checked by its own stage's rules before anything is written; `mesh`, the `data` fields, the seeds
+and `wandb` of the top level are copied into every sub-config, and the top-level `model` into the
+stages that train or sample the policy (pretrain, sft, collect, dpo), so one override reaches all
+of them.
 """
 import os
 import shutil
@@ -99,6 +100,8 @@ def stage_config(config, stage, workdir):
   for key in ("seed", "data_seed"):
     if key in sub:
       sub[key] = config[key]
+  if "wandb" in sub and "wandb" in config:
+    sub.wandb = _copy(config.wandb)
   if stage in POLICY_STAGES:
     sub.model = _copy(config.model)
   if stage == "sft" and not config.pretrain_base and sub.init_from == "auto":

@@ -35,7 +35,7 @@ _RESERVED = ("kind", "step")
 _file_counter = itertools.count()
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
   sys.stderr.write(f"warning: {message}\n")
   sys.stderr.flush()
 
@@ -113,7 +113,7 @@ class EventWriter:
       return
     self._warned = True
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    _warn(f"TensorBoard logdir {self.logdir}: cannot write event files ({reason}); "
+    warn(f"TensorBoard logdir {self.logdir}: cannot write event files ({reason}); "
           "TensorBoard logging is off for this run")
 
   def _check(self) -> bool:

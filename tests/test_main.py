@@ -112,7 +112,7 @@ def test_resume_and_skip(pipeline):
   assert "skipping" in _capture(lambda: sft.run(sft_config, workdir))
   shutil.rmtree(os.path.join(workdir, "sft", "model"))
   out = _capture(lambda: sft.run(sft_config, workdir))
-  assert "resumed from" in out and out.count("[train]") == 0
+  assert "resumed from" in out and "sft: 0 steps in " in out     # nothing trained again
   after = load_model(os.path.join(workdir, "sft", "model")).params
   for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
     np.testing.assert_array_equal(a, b)

@@ -7,8 +7,9 @@ a `Cadence` (how many steps, how often to log / evaluate / save); the loop does 
   for step in start .. num_steps - 1:
     state, metrics = task.step(state, next(batches), fold_in(task.rng, step))
     counter.observe(step + 1, task.skipped(metrics))           # non-finite steps, see below
-    every log_every steps:        metrics.jsonl / TensorBoard / one line: task.reduce(metrics of
-                                  the interval) + the rate `task.rate_key`
+    every log_every steps:        metrics.jsonl / TensorBoard / W&B (train/logs.py): task.reduce(
+                                  metrics of the interval) + the rate `task.rate_key`; the
+                                  console's one progress bar (or line) shows the key metrics
     every eval_every steps:       task.evaluate(params) (also at step 0 of a fresh run)
     every checkpoint_every steps: state + {'nonfinite', 'config'} + this process's
                                   batches.get_state() (each process its own file)
@@ -35,18 +36,16 @@ Reliability (what a re-run of the same command relies on):
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
-from rlhf_jax import report
 from rlhf_jax import sharding
 from rlhf_jax.checkpoint import CheckpointManager
 from rlhf_jax.errors import UserError, check_int, check_positive
+from rlhf_jax.train import logs
 
 
 # ----------------------------------------------------------------------------- config
@@ -58,10 +57,11 @@ FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "num_steps", "eva
 
 
 def check_run_config(config):
-  """The loop fields every training stage's top level has, PPO's too: the non-finite limit and
-  the seed."""
+  """The loop fields every training stage's top level has, PPO's too: the non-finite limit, the
+  seed and the W&B section."""
   check_positive(config, "max_nonfinite_steps", kind=int)
   check_int(config, "seed")
+  logs.check_wandb_config(config)
 
 
 def check_config(config):
@@ -135,6 +135,7 @@ class Task:
   train_batches: Callable    # () -> iterator of host batches with get_state/set_state
   rng: Any                   # the step at data position s draws fold_in(rng, s)
   record: dict               # config record saved with checkpoints; resuming needs the same
+  config: Any = None         # the stage's config: config.wandb turns W&B on, the run's config
   evaluate: Optional[Callable] = None       # (params) -> {name: float} (cadence.eval_every)
   reduce: Callable = mean_over_applied_steps   # [step metrics of a log interval] -> {key: float}
   skipped: Callable = _nonfinite            # a step's metrics -> > 0 when nothing was applied
@@ -143,45 +144,6 @@ class Task:
 
 
 # ----------------------------------------------------------------------------- metrics
-
-def _fmt(v):
-  if isinstance(v, float):
-    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
-      return f"{v:.3e}"
-    return f"{v:.4f}"
-  return str(v)
-
-
-class MetricsWriter:
-  """One compact line per log interval (through tqdm), `<stage dir>/metrics.jsonl` and TensorBoard
-  event files in `<stage dir>/tensorboard` (tags `<kind>/<metric>`), on process 0 only."""
-
-  def __init__(self, path, bar=None):
-    self.path, self.bar = path, bar
-    self._f = open(path, "a", encoding="utf-8") if jax.process_index() == 0 else None
-    self._events = None
-    if self._f is not None:
-      self._events = report.EventWriter(os.path.join(os.path.dirname(path), "tensorboard"))
-
-  def write(self, kind, step, values):
-    if self._f is None:
-      return
-    record = {"kind": kind, "step": int(step), **{k: float(v) for k, v in values.items()}}
-    self._f.write(json.dumps(record) + "\n")
-    self._f.flush()
-    self._events.scalars(int(step), report.scalar_tags(record))
-    line = f"[{kind}] step {step}: " + " ".join(
-        f"{k} {_fmt(v if isinstance(v, int) else float(v))}" for k, v in values.items())
-    if self.bar is not None:
-      self.bar.write(line)
-    else:
-      print(line, flush=True)
-
-  def close(self):
-    if self._f is not None:
-      self._f.close()
-      self._events.close()
-
 
 def rewind_metrics(path: str, step: int, write: bool = True) -> list:
   """Cuts `metrics.jsonl` back to what a run resumed at `step` had written: records with
@@ -305,12 +267,12 @@ class KeyedBatches:
 
 
 # Config fields that may differ between a run and its resumption (they do not change the
-# trained parameters): logging, evaluation, checkpointing, prefetch, the mesh (checkpoints
+# trained parameters): logging (W&B too), evaluation, checkpointing, prefetch, the mesh (checkpoints
 # restore onto another mesh), where the data folder lives, rematerialisation, the attention
 # implementation (same function, another kernel).
 RESUME_MAY_DIFFER = ("log_every", "eval_every", "eval_batches", "checkpoint_every",
                      "keep_checkpoints", "max_nonfinite_steps", "data.prefetch", "data.dir",
-                     "mesh", "model.remat", "model.attention_impl")
+                     "mesh", "model.remat", "model.attention_impl", "wandb")
 
 
 # Config fields added after checkpoints were first written, with the value such a checkpoint's
@@ -385,25 +347,30 @@ def run_loop(task: Task, state, cadence: Cadence, workdir: str, mesh,
   batches = task.train_batches()
   ckpt = CheckpointManager(os.path.join(stage_dir, "checkpoints"),
                            save_every=cadence.checkpoint_every, keep=cadence.keep_checkpoints)
-  writer, bar = None, None
+  writer, console, primary = None, None, jax.process_index() == 0
   try:
     state, start, resumed_meta = _resume(task, ckpt, batches, state)
-    bar = tqdm(total=cadence.num_steps, initial=start, desc=task.name, dynamic_ncols=True,
-               disable=jax.process_index() != 0, file=sys.stderr, mininterval=1.0)
-    metrics_path = os.path.join(stage_dir, "metrics.jsonl")
-    before = rewind_metrics(metrics_path, start, write=jax.process_index() == 0)
-    writer = MetricsWriter(metrics_path, bar)
+    console = logs.Console(task.name, cadence.num_steps, start, cadence.log_every, unit=task.unit,
+                           enabled=primary)
+    before = rewind_metrics(os.path.join(stage_dir, "metrics.jsonl"), start, write=primary)
+    writer = logs.MetricsWriter(stage_dir, task.name, console, primary, start, task.config,
+                                workdir)
     counter = NonFiniteCounter(
         cadence.max_nonfinite_steps, last_checkpoint=ckpt.latest_path, unit=task.unit,
         on_skip=lambda step, run, total: writer.write(
             "nonfinite", step, {"consecutive": run, "total": total}))
     counter.load(resumed_meta.get("nonfinite"))
     loop = _Loop(task, cadence, mesh, batches, ckpt, writer, counter, on_eval, before)
-    state = loop.train(state, start, bar)
+    t0 = time.time()
+    state = loop.train(state, start, console)
+    console.close()
+    if primary:
+      print(logs.summary_line(task.name, task.unit, cadence.num_steps - start, time.time() - t0,
+                              loop.last_train, loop.last_eval, stage_dir), flush=True)
     return state, loop.last_eval, loop.history
   finally:
-    if bar is not None:
-      bar.close()
+    if console is not None:
+      console.close()
     if writer is not None:
       writer.close()
     ckpt.close()
@@ -421,9 +388,10 @@ class _Loop:
                      {k: v for k, v in r.items() if k not in ("kind", "step")})
                     for r in before if r.get("kind") in ("train", "eval")]
     self.last_eval = next((m for kind, _, m in reversed(self.history) if kind == "eval"), {})
+    self.last_train = next((m for kind, _, m in reversed(self.history) if kind == "train"), {})
     self.pending, self.t_log = [], time.time()
 
-  def train(self, state, start, bar):
+  def train(self, state, start, console):
     """Steps `start` .. num_steps - 1, then the final evaluation and the last save's end."""
     num_steps, eval_every = self.cadence.num_steps, self.cadence.eval_every
     if start == 0 and eval_every:
@@ -435,7 +403,7 @@ class _Loop:
       done = step + 1
       self.counter.observe(done, self.task.skipped(metrics))
       self.pending.append(metrics)
-      bar.update(1)
+      console.step()
       if done % self.cadence.log_every == 0 or done == num_steps:
         self.log(done)
       if eval_every and (done % eval_every == 0 or done == num_steps):
@@ -457,6 +425,7 @@ class _Loop:
     values[self.task.rate_key] = len(self.pending) / max(time.time() - self.t_log, 1e-9)
     self.writer.write("train", done, values)
     self.history.append(("train", done, values))
+    self.last_train = values
     self.pending, self.t_log = [], time.time()
 
   def evaluate(self, step, params):

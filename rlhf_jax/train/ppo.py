@@ -467,7 +467,7 @@ def run(config, workdir):
   task = loop.Task(name=name, step=step, train_batches=lambda: batches,
                    rng=jax.random.key(config.seed + 2), record=resume_record(config),
                    reduce=loop.mean_over_steps, skipped=skipped_iteration(s), unit="iteration",
-                   rate_key="iters_per_s")
+                   rate_key="iters_per_s", config=config)
   cadence = loop.Cadence(num_steps=p.num_iterations, log_every=p.log_every,
                          checkpoint_every=p.checkpoint_every,
                          keep_checkpoints=p.keep_checkpoints,

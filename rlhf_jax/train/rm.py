@@ -340,7 +340,7 @@ def run(config, workdir):
       step=TrainStep(make_loss_fn(cfg), tx, schedule, config.grad_accum_steps, mesh,
                      config.batch_size),
       train_batches=train_batches, rng=jax.random.key(config.seed + 1),
-      record=loop.config_record(config),
+      record=loop.config_record(config), config=config,
       evaluate=lambda p: rm_eval(cfg, p, shardings["params"]),
       reduce=lambda items: summarize(loop.mean_over_applied_steps(items)))
   print(f"{stage}: {cfg.flavour} {cfg.num_layers}x{cfg.d_model} + scalar head from {init_from}, "

@@ -178,7 +178,7 @@ def run(config, workdir):
       train_batches=lambda: loop.KeyedBatches(process_batches(
           config, kind, train_source, tok, mesh, config.batch_size, "batch_size", train=True),
           TRAIN_KEYS),
-      rng=jax.random.key(config.seed + 1), record=loop.config_record(config),
+      rng=jax.random.key(config.seed + 1), record=loop.config_record(config), config=config,
       evaluate=make_evaluate(cfg, eval_set, shardings["params"], mesh, selector))
   print(f"{stage}: {cfg.flavour} {cfg.num_layers}x{cfg.d_model}, {num_steps} steps of "
         f"{config.batch_size}x{config.seq_len} tokens, mesh {dict(mesh.shape)}, init "
