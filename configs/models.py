@@ -105,7 +105,8 @@ def base_config(name, stage):
   c.mesh = mesh_config()
   # Path of the model to start from: 'auto' = the previous stage's model in the same workdir
   # (sft: <workdir>/pretrain/model, rm: <workdir>/sft/model; pretrain: random init), '' = random,
-  # or a model directory / GGUF / 'smollm2-135m' (anything rlhf_jax.convert reads).
+  # or a model directory / GGUF / 'smollm2-135m' (anything rlhf_jax.convert reads). The paper
+  # presets (1.3b, 6.7b, 175b) refuse random init unless it is 'random' (on purpose).
   c.init_from = "auto"
   c.data = data_config()
   c.optimizer = optimizer_config()

@@ -148,4 +148,7 @@ def get_config(preset="tiny"):
     c.optimizer.weight_decay = 0.0
     p.num_iterations = 500      # 256k episodes / 512
     p.frozen_dtype = "bfloat16"
+    # 512 pretraining rows of 2048 tokens per minibatch in 8 chunks of 64 (python -m rlhf_jax.plan
+    # --topology=... shows what one chip needs with and without).
+    p.ptx_micro_batches = 8
   return c

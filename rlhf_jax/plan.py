@@ -1,52 +1,44 @@
-r"""Memory planner: per-device bytes of a stage on a mesh, before renting the mesh.
+r"""Memory planner: ONE answer per job, what each stage needs per device, before renting devices.
 
-  python -m rlhf_jax.plan                                      # every preset, every stage
-  python -m rlhf_jax.plan --model=6.7b --stage=ppo --mesh=1,16,4 --batch_size=512 --seq_len=2048
-  python -m rlhf_jax.plan --config=configs/ppo_ptx.py:6.7b [--mesh=1,-1,8 --num_devices=256]
+  python -m rlhf_jax.plan                                         # every config preset, estimated
+  python -m rlhf_jax.plan --model=6.7b                            # = --config=configs/ppo_ptx.py:6.7b
+  python -m rlhf_jax.plan --config=configs/ppo_ptx.py:6.7b --topology=v5e:16x16
+  python -m rlhf_jax.plan --config=configs/sft.py:1.3b --topology=v5e:4x4 --mesh=1,-1,2
+  python -m rlhf_jax.plan --model=1.3b --topology=v5e:4x4 --config.ppo.ptx_micro_batches=16
 
-Nothing is allocated: parameter and optimizer shapes come from `jax.eval_shape`, their per-device
-shards from the same rule table training uses (`rlhf_jax.sharding`), so a dimension the mesh does not
-divide is counted replicated and listed under "notes".
+The job is a stage config. A PPO config (configs/ppo_ptx.py) is the whole pipeline and plans its
+stages sft (`config.sft`), rm (`config.rm`) and ppo (the config itself; 'ppo_ptx' with ptx_coef >
+0); a pretrain/SFT/RM config plans its own stage. Batches are the configs' own: sft batch_size rows
+of seq_len tokens (in grad_accum_steps micro-batches); rm batch_size prompts x K responses of
+seq_len (K = config.k_max, or the paper's 9 when 0); ppo ppo.batch_size episodes of prompt_len +
+response_len tokens, updated in ppo.minibatches minibatches, each with ptx_per_episode x its
+episodes pretraining rows of ptx_seq_len tokens (in ptx_micro_batches chunks), the rollout in
+rollout_micro_batches chunks. `--config.<field>=` overrides any of them.
 
-Columns: act/param/opt are the dtypes of activations, weights and AdamW moments; then bytes per
-device:
-  params  the trained model (policy for sft/ppo, reward model for rm), in param_dtype.
-  grads   its gradients (param_dtype), alive during the update.
-  opt     AdamW state: two moments per parameter in --optimizer_dtype (+ a step count).
-  frozen  ppo: the reference policy (lm head) and the reward model (scalar head), params only.
-  value   ppo: value model params + gradients + AdamW state.
-  act     peak transient memory of the step's activations (formula below).
-  total   params + grads + opt + frozen + value + act.
+Devices: --topology (a TPU slice name, `plan_compile.topology_devices`), else --num_devices, else
+the preset's reference slice (`REFERENCE_DEVICES`). The mesh of each stage: --mesh, else the
+config's mesh.shape when its batches split over it, else fsdp over as many devices as every batch
+allows and tensor over the rest (`plan_compile.choose_mesh`).
 
-Activation formula. b = batch rows per device = batch / (data * fsdp), s = seq_len, d = d_model,
-a = bytes of cfg.dtype, h = num_heads / t_h, k = num_kv_heads / t_k, f = d_ff / t_f, v = vocab / t_v
-where t_x is the tensor-axis size if it divides that dimension, else 1 (replicated). Per layer and
-token, the backward pass keeps what `jax.ad_checkpoint.print_saved_residuals` lists for this model:
-  saved_layer = 6*4*d (the two norms' float32 inputs, statistics, outputs) + 2*a*d (their casts to
-                dtype, when a < 4) + a*(h + 2k)*hd (q, k, v) + (4 + a)*h*s (softmax output in
-                float32 and probs in dtype) + a*h*hd (attention output)
-                + 6*a*f (MLP: SwiGLU gate, up, sigmoid, silu, product; GELU-tanh intermediates)
-                + 2d (residual dropout masks, with dropout_resid) + h*s (attention dropout mask)
-  shared, per token, kept through the whole backward pass: 2*a*d (embeddings) + 5*h*s (the
-  attention mask and masked scores, built once for all layers).
-  head, per token: 4d (final norm) and, for the LM head, 3*4*v (float32 logits, log-softmax, and
-  their gradient); freed before the layers' backward starts.
-  no remat:  act = b * s * (L * saved_layer + shared + head)
-  remat:     act = b * s * (L * a*d + shared + max(saved_layer, head))
-             (the layer inputs stay; one layer's residuals are rebuilt at a time, after the head's
-             buffers are gone)
-sft and rm train on the whole batch (rm: batch = responses, each forwarded once; scalar head, no
-logits). ppo = max(rollout, update): the rollout holds the policy's KV cache,
-2 * L * b * s * k * hd * a, plus one layer's forward and float32 logits of the scoring passes
-(reference, reward, value: inference only); the update holds the policy's and the value model's
-training activations for one minibatch (--minibatch_size) at once. The pretraining (ptx) term is
-accumulated over minibatches of the same size and adds nothing to the peak.
+Estimate (per device, from `jax.eval_shape` shapes and the sharding rule table; a dimension the
+mesh does not divide counts replicated and is listed under "notes"). P = the trained model's
+parameters on this device, in bytes of their dtype (float32):
+  params P, grads P, opt 2P (AdamW moments) + the step count;
+  frozen (ppo) the reference policy and reward model in ppo.frozen_dtype;
+  value (ppo) the value model's params, grads and moments; ema (ppo) one more copy of the policy;
+  act: the peak of what the step holds besides those (`train_activation_bytes`, `rollout_bytes`,
+  `ppo_activation_bytes`): activations of the forward/backward under the remat policy, the
+  float32 logits, a layer's gathered weights, the KV cache and the optimizer's temporaries.
+ppo: the iteration is one jitted function, so its peak is the largest of its phases: rollout,
+scoring, the update (PPO term on a minibatch, then the ptx term on its pretraining rows, with
+both policy gradients alive at once).
 
-With --config, a PPO config (one with `ppo`) gives batch = ppo.batch_size episodes, seq_len =
-ppo.prompt_len + ppo.response_len and minibatch = batch / ppo.minibatches; the other stage configs
-give their top-level batch_size and seq_len. Flags override the config.
+Compiled (--topology): `plan_compile.compile_stage`, the stage's real jitted step compiled by
+the TPU compiler for that slice; fits = compiled bytes <= the chip's HBM (`plan_compile.HBM_BYTES`).
+The last line is `RESULT {json}`: per stage mesh, estimate_bytes, compiled_bytes, hbm_bytes, fits.
 """
 import dataclasses
+import json
 import math
 import os
 from typing import Optional
@@ -57,49 +49,31 @@ from ml_collections import config_flags
 from rlhf_jax.errors import UserError, run_cli
 
 STAGES = ("sft", "rm", "ppo")
+CONFIG_PRESETS = ("tiny", "smollm2", "1.3b", "6.7b", "175b")
+# Devices a preset is planned on without --topology/--num_devices: the slices the README's table
+# compiles for (v5e:4x4, v5e:16x16, v5p:8x8x16); 8 for the small ones (the tests' fake devices).
+REFERENCE_DEVICES = {"tiny": 8, "smollm2": 8, "1.3b": 16, "6.7b": 256, "175b": 1024}
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
-
-# preset -> (mesh, batch_size, seq_len, remat, model overrides): a sensible first run of each shape,
-# used when the planner prints every preset. The large ones compute in bfloat16 (float32 weights).
-_BF16 = {"dtype": "bfloat16"}
-DEFAULTS = {
-    "tiny": ((1, 8, 1), 32, 256, False, {}),
-    "tiny-gpt2": ((1, 8, 1), 32, 256, False, {}),
-    "125m": ((1, 8, 1), 64, 1024, False, {}),
-    "gpt2-small": ((1, 8, 1), 64, 1024, False, {}),
-    "smollm2-135m": ((1, 8, 1), 64, 2048, True, {}),
-    "350m": ((1, 8, 1), 64, 2048, True, {}),
-    "1.3b": ((1, 8, 1), 64, 2048, True, _BF16),
-    "llama3-1b": ((1, 8, 1), 64, 2048, True, _BF16),
-    "6.7b": ((1, 32, 4), 128, 2048, True, _BF16),
-    "llama3-8b": ((1, 32, 4), 128, 2048, True, _BF16),
-    "175b": ((1, 64, 16), 128, 2048, True, _BF16),
-}
-_FALLBACK_DEFAULT = ((1, 8, 1), 64, 2048, True, {})
 
 
 @dataclasses.dataclass
 class Plan:
-  """One row of the table: per-device bytes of each part of a stage's memory."""
-  model: str
+  """One stage's estimated bytes per device, by part."""
   stage: str
   mesh: tuple
-  batch_size: int
-  seq_len: int
-  remat: bool
-  dtypes: str
+  shape: str      # the batch, in words
   params: int
   grads: int
   opt: int
   frozen: int
   value: int
+  ema: int
   act: int
   notes: list
 
   @property
   def total(self) -> int:
-    return self.params + self.grads + self.opt + self.frozen + self.value + self.act
+    return self.params + self.grads + self.opt + self.frozen + self.value + self.ema + self.act
 
 
 # ----------------------------------------------------------------------------- bytes of trees
@@ -116,9 +90,9 @@ def shard_shape(shape, spec, sizes: dict) -> tuple:
 
 def tree_bytes(boxed_tree, mesh_shape: tuple, float_dtype: Optional[str] = None) -> int:
   """Per-device bytes of a boxed abstract tree; float leaves counted in `float_dtype` if given."""
-  import jax
-  import jax.numpy as jnp
-  from rlhf_jax import sharding
+  import jax  # pylint: disable=g-import-not-at-top  (the CLI sets JAX_PLATFORMS first)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from rlhf_jax import sharding  # pylint: disable=g-import-not-at-top
   sizes = sharding.mesh_sizes(mesh_shape)
   is_box = lambda x: hasattr(x, "names") and hasattr(x, "value")
   total = 0
@@ -134,16 +108,15 @@ def tree_bytes(boxed_tree, mesh_shape: tuple, float_dtype: Optional[str] = None)
   return total
 
 
-def model_bytes(cfg, head: str, mesh_shape: tuple, optimizer_dtype: str):
-  """(params, grads, opt state, [fallback notes]) per device for one model."""
-  import jax
-  import optax
-  from rlhf_jax import sharding
-  from rlhf_jax.models import abstract_params
+def model_bytes(cfg, head: str, mesh_shape: tuple):
+  """(params, AdamW state, [sharding fallback notes]) bytes per device of one trained model."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from rlhf_jax import sharding  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.models import abstract_params  # pylint: disable=g-import-not-at-top
   boxed = abstract_params(cfg, head=head, boxed=True)
-  params = tree_bytes(boxed, mesh_shape)
-  opt = tree_bytes(jax.eval_shape(optax.adamw(1e-4).init, boxed), mesh_shape, optimizer_dtype)
-  return params, params, opt, sharding.sharding_fallbacks(boxed, mesh_shape)
+  opt = tree_bytes(jax.eval_shape(optax.adamw(1e-4).init, boxed), mesh_shape)
+  return tree_bytes(boxed, mesh_shape), opt, sharding.sharding_fallbacks(boxed, mesh_shape)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -153,14 +126,27 @@ def _split(n: int, t: int) -> float:
   return n / t if n % t == 0 else n
 
 
-def layer_bytes_per_token(cfg, seq_len: int, tensor: int) -> float:
-  """Bytes one layer keeps for its backward pass, per token (saved_layer in the module doc)."""
+def scores_kept(cfg, seq_len: int, platform: str) -> bool:
+  """Whether attention materialises (B, H, T, T) scores: the einsum reference and XLA's
+  dot_product_attention do, the fused kernels (splash, cuDNN) do not."""
+  from rlhf_jax.models.transformer import attention_impl  # pylint: disable=g-import-not-at-top
+  return attention_impl(cfg, seq_len, cached=False, dropout=bool(cfg.dropout_attn),
+                        platform=platform) in ("einsum", "xla")
+
+
+def layer_bytes_per_token(cfg, seq_len: int, tensor: int, platform: str) -> float:
+  """Bytes one layer keeps for its backward pass, per token, a = bytes of cfg.dtype,
+  h/k/f = heads, kv heads, d_ff over the tensor axis (where it divides them):
+    6*4*d (norms' float32 inputs, statistics, outputs) + 2*a*d (their casts, when a < 4)
+    + a*(h + 2k)*hd (q, k, v) + a*h*hd (attention output) + 6*a*f (MLP intermediates)
+    + (4 + a)*h*s (float32 scores and probs, when attention materialises them: `scores_kept`)
+    + 2d (residual dropout masks) + h*s (attention dropout mask)."""
   a = _DTYPE_BYTES[cfg.dtype]
   d, hd = cfg.d_model, cfg.head_dim
   h, k, f = _split(cfg.num_heads, tensor), _split(cfg.num_kv_heads, tensor), _split(cfg.d_ff, tensor)
-  norms = 6 * 4 * d + (2 * a * d if a < 4 else 0)
-  attention = a * (h + 2 * k) * hd + (4 + a) * h * seq_len + a * h * hd
-  saved = norms + attention + 6 * a * f
+  saved = 6 * 4 * d + (2 * a * d if a < 4 else 0) + a * (h + 2 * k) * hd + a * h * hd + 6 * a * f
+  if scores_kept(cfg, seq_len, platform):
+    saved += (4 + a) * h * seq_len
   if cfg.dropout_resid:
     saved += 2 * d
   if cfg.dropout_attn:
@@ -168,9 +154,13 @@ def layer_bytes_per_token(cfg, seq_len: int, tensor: int) -> float:
   return saved
 
 
-def shared_bytes_per_token(cfg, seq_len: int, tensor: int) -> float:
-  """Kept through the whole backward pass: embeddings and the attention mask (built once)."""
-  return 2 * _DTYPE_BYTES[cfg.dtype] * cfg.d_model + 5 * _split(cfg.num_heads, tensor) * seq_len
+def shared_bytes_per_token(cfg, seq_len: int, tensor: int, platform: str) -> float:
+  """Kept through the whole backward pass: embeddings, and the attention mask (built once) when
+  attention materialises scores."""
+  out = 2 * _DTYPE_BYTES[cfg.dtype] * cfg.d_model
+  if scores_kept(cfg, seq_len, platform):
+    out += 5 * _split(cfg.num_heads, tensor) * seq_len
+  return out
 
 
 def head_bytes_per_token(cfg, head: str, tensor: int) -> float:
@@ -181,201 +171,278 @@ def head_bytes_per_token(cfg, head: str, tensor: int) -> float:
   return out
 
 
+def layer_weight_bytes(cfg, tensor: int) -> float:
+  """One layer's weights gathered over fsdp (split over tensor), float32: what the scanned layer
+  holds while it runs (forward and backward: twice)."""
+  d, hd = cfg.d_model, cfg.head_dim
+  h, k, f = _split(cfg.num_heads, tensor), _split(cfg.num_kv_heads, tensor), _split(cfg.d_ff, tensor)
+  mlp = (3 if cfg.flavour == "llama" else 2) * d * f
+  return 4 * (d * (2 * h + 2 * k) * hd + mlp)
+
+
 def train_activation_bytes(cfg, head: str, rows: int, seq_len: int, tensor: int,
-                           remat: bool) -> int:
-  """Peak activation bytes per device of a forward+backward pass on `rows` local sequences."""
-  layer = layer_bytes_per_token(cfg, seq_len, tensor)
-  shared = shared_bytes_per_token(cfg, seq_len, tensor)
+                           platform: str) -> int:
+  """Peak activation bytes per device of a forward+backward pass on `rows` local sequences:
+    no remat:  rows * s * (L * saved_layer + shared + head)
+    remat:     rows * s * (L * a*d + shared + max(saved_layer, head))
+               (the layer inputs stay; one layer's residuals are rebuilt at a time, after the
+               head's buffers are gone)
+  plus 2 gathered layers of weights (`layer_weight_bytes`)."""
+  layer = layer_bytes_per_token(cfg, seq_len, tensor, platform)
+  shared = shared_bytes_per_token(cfg, seq_len, tensor, platform)
   top = head_bytes_per_token(cfg, head, tensor)
-  if remat:
+  if cfg.remat != "none":
     per_token = cfg.num_layers * _DTYPE_BYTES[cfg.dtype] * cfg.d_model + shared + max(layer, top)
   else:
     per_token = cfg.num_layers * layer + shared + top
-  return int(rows * seq_len * per_token)
+  return int(rows * seq_len * per_token + 2 * layer_weight_bytes(cfg, tensor))
 
 
-def rollout_bytes(cfg, rows: int, seq_len: int, tensor: int) -> int:
-  """PPO rollout + scoring: the policy's KV cache, one layer's forward, float32 logits."""
+def rollout_bytes(cfg, rows: int, seq_len: int, tensor: int, platform: str) -> int:
+  """The rollout: the KV cache, 2 * L * rows * s * k * hd * a, and one layer's inference."""
   a = _DTYPE_BYTES[cfg.dtype]
   cache = 2 * cfg.num_layers * rows * seq_len * _split(cfg.num_kv_heads, tensor) * cfg.head_dim * a
-  scoring = rows * seq_len * (layer_bytes_per_token(cfg, seq_len, tensor)
-                              + shared_bytes_per_token(cfg, seq_len, tensor)
-                              + head_bytes_per_token(cfg, "lm", tensor))
-  return int(cache + scoring)
+  return int(cache + 2 * layer_weight_bytes(cfg, tensor)
+             + rows * head_bytes_per_token(cfg, "lm", tensor))
 
 
-# ----------------------------------------------------------------------------- a plan
+def scoring_bytes(cfg, rows: int, seq_len: int, tensor: int, platform: str) -> int:
+  """Scoring passes (inference): one layer's forward and the float32 logits."""
+  per_token = (layer_bytes_per_token(cfg, seq_len, tensor, platform)
+               + shared_bytes_per_token(cfg, seq_len, tensor, platform)
+               + head_bytes_per_token(cfg, "lm", tensor))
+  return int(rows * seq_len * per_token + 2 * layer_weight_bytes(cfg, tensor))
 
-def plan(cfg, stage: str, mesh_shape: tuple, batch_size: int, seq_len: int,
-         optimizer_dtype: str = "float32", remat: Optional[bool] = None,
-         minibatch_size: Optional[int] = None, name: str = "") -> Plan:
-  """Per-device memory of `stage` for model `cfg` on a (data, fsdp, tensor) mesh."""
-  from rlhf_jax import sharding
-  if stage not in STAGES:
-    raise UserError(f"stage: expected one of {STAGES}, got {stage!r}")
-  if seq_len < 1 or seq_len > cfg.max_len:
-    raise UserError(f"seq_len: must be in [1, max_len={cfg.max_len}] of the model, got {seq_len}")
-  remat = cfg.remat != "none" if remat is None else remat   # (any remat policy counts as remat)
-  sizes = sharding.mesh_sizes(mesh_shape)
-  dp, tensor = sizes["data"] * sizes["fsdp"], sizes["tensor"]
-  sharding.check_batch_size(batch_size, mesh_shape)
+
+# ----------------------------------------------------------------------------- stages
+
+def _dp_tensor(mesh_shape):
+  return mesh_shape[0] * mesh_shape[1], mesh_shape[2]
+
+
+def train_plan(stage, config, mesh_shape, platform) -> Plan:
+  """Estimate of a pretrain/SFT (lm head) or RM (scalar head) step."""
+  from rlhf_jax import plan_compile  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.models import ModelConfig  # pylint: disable=g-import-not-at-top
+  cfg = ModelConfig.from_dict(config.model)
+  dp, tensor = _dp_tensor(mesh_shape)
   head = "scalar" if stage == "rm" else "lm"
-  params, grads, opt, notes = model_bytes(cfg, head, mesh_shape, optimizer_dtype)
-  frozen = value = 0
+  params, opt, notes = model_bytes(cfg, head, mesh_shape)
+  rows = config.batch_size // config.grad_accum_steps
+  k = plan_compile.rm_k(config) if stage == "rm" else 1
+  act = train_activation_bytes(cfg, head, rows * k // dp, config.seq_len, tensor, platform)
+  shape = (f"{config.batch_size} x {k} x {config.seq_len}" if stage == "rm"
+           else f"{config.batch_size} x {config.seq_len}")
+  grads = params * (2 if config.grad_accum_steps > 1 else 1)   # + the accumulator
+  return Plan(stage, tuple(mesh_shape), shape, params, grads, opt, 0, 0, 0, act, notes)
+
+
+def ppo_activation_bytes(config, cfg, value_cfg, mesh_shape, platform) -> int:
+  """Peak of the iteration's phases besides the models: max(rollout chunk, scoring chunk,
+  update) where update = PPO term (policy + value) on a minibatch, or the ptx term on one chunk
+  of its pretraining rows, whichever is larger."""
+  p = config.ppo
+  dp, tensor = _dp_tensor(mesh_shape)
+  seq = p.prompt_len + p.response_len
+  minibatch = p.batch_size // p.minibatches
+  rollout = rollout_bytes(cfg, p.batch_size // p.rollout_micro_batches // dp, seq, tensor,
+                          platform)
+  scoring = scoring_bytes(cfg, p.batch_size // max(p.minibatches, p.rollout_micro_batches) // dp,
+                          seq, tensor, platform)
+  update = (train_activation_bytes(cfg, "lm", minibatch // dp, seq, tensor, platform)
+            + train_activation_bytes(value_cfg, "scalar", minibatch // dp, seq, tensor, platform))
+  if p.ptx_coef:
+    rows = p.ptx_per_episode * minibatch // p.ptx_micro_batches // dp
+    update = max(update, train_activation_bytes(cfg, "lm", rows, p.ptx_seq_len, tensor, platform))
+  return max(rollout, scoring, update)
+
+
+def ppo_plan(config, mesh_shape, platform) -> Plan:
+  """Estimate of one PPO(-ptx) iteration: the four models, the EMA, the phases' peak."""
+  from rlhf_jax import plan_compile  # pylint: disable=g-import-not-at-top
+  cfg, value_cfg, rm_cfg = plan_compile.ppo_models(config)
+  p = config.ppo
+  params, opt, notes = model_bytes(cfg, "lm", mesh_shape)
+  v_params, v_opt, _ = model_bytes(value_cfg, "scalar", mesh_shape)
+  r_params, _, _ = model_bytes(rm_cfg, "scalar", mesh_shape)
+  scale = _DTYPE_BYTES[p.frozen_dtype] / 4
+  frozen = int((params + r_params) * scale)
+  # Both policy gradients (PPO and ptx terms) are alive when they are clipped and summed, and
+  # chunked ptx rows accumulate into a third.
+  grads = params * ((2 + (p.ptx_micro_batches > 1)) if p.ptx_coef else 1)
+  ema = params if p.ema_decay else 0
+  act = ppo_activation_bytes(config, cfg, value_cfg, mesh_shape, platform)
+  shape = (f"{p.batch_size} x {p.prompt_len}+{p.response_len}, mb {p.batch_size // p.minibatches}"
+           + (f", ptx {p.ptx_per_episode}/ep x {p.ptx_seq_len}" if p.ptx_coef else ""))
+  return Plan("ppo", tuple(mesh_shape), shape, params, grads, opt, frozen,
+              2 * v_params + v_opt, ema, act, notes)
+
+
+def estimate(stage, config, mesh_shape, platform="cpu") -> Plan:
+  """The estimated bytes per device of `stage` of `config` on a (data, fsdp, tensor) mesh."""
+  from rlhf_jax import plan_compile, sharding  # pylint: disable=g-import-not-at-top
+  for rows in plan_compile.batch_rows(stage, config):
+    sharding.check_batch_size(rows, mesh_shape, f"{stage} batch rows per step")
   if stage == "ppo":
-    minibatch = minibatch_size or max(batch_size // 8, dp)
-    sharding.check_batch_size(minibatch, mesh_shape, "minibatch_size")
-    v_params, v_grads, v_opt, _ = model_bytes(cfg, "scalar", mesh_shape, optimizer_dtype)
-    frozen = params + v_params        # reference policy (lm) + reward model (scalar)
-    value = v_params + v_grads + v_opt
-    update = (train_activation_bytes(cfg, "lm", minibatch // dp, seq_len, tensor, remat)
-              + train_activation_bytes(cfg, "scalar", minibatch // dp, seq_len, tensor, remat))
-    act = max(update, rollout_bytes(cfg, batch_size // dp, seq_len, tensor))
-  else:
-    act = train_activation_bytes(cfg, head, batch_size // dp, seq_len, tensor, remat)
-  dtypes = f"{_SHORT[cfg.dtype]}/{_SHORT[cfg.param_dtype]}/{_SHORT[optimizer_dtype]}"
-  return Plan(name, stage, tuple(mesh_shape), batch_size, seq_len, remat, dtypes, params, grads,
-              opt, frozen, value, act, notes)
+    return ppo_plan(config, mesh_shape, platform)
+  return train_plan(stage, config, mesh_shape, platform)
+
+
+# ----------------------------------------------------------------------------- the job
+
+def stage_configs(config) -> dict:
+  """{stage: its config} of a job: a PPO config's pipeline (sft, rm from its sub-configs, then
+  ppo itself), or the one stage of a pretrain/SFT/RM config."""
+  if "ppo" in config:
+    out = {name: config[name] for name in ("sft", "rm") if name in config}
+    out["ppo"] = config
+    return out
+  stage = config.get("stage")
+  if stage not in ("pretrain", "sft", "rm"):
+    raise UserError(f"--config: stage {stage!r} is not planned (expected a pretrain, sft, rm or "
+                    "ppo config)")
+  return {"rm" if stage == "rm" else "sft": config}
+
+
+def stage_label(stage, config) -> str:
+  """The RESULT key of a stage: 'sft', 'rm', 'ppo_ptx' (PPO with the pretraining term), 'ppo'."""
+  return "ppo_ptx" if stage == "ppo" and config.ppo.ptx_coef else stage
+
+
+def paper_config(name: str):
+  """configs/ppo_ptx.py:<name> (the whole pipeline of a config preset)."""
+  from rlhf_jax import config_files  # pylint: disable=g-import-not-at-top
+  if name not in CONFIG_PRESETS:
+    raise UserError(f"--model: expected a config preset ({', '.join(CONFIG_PRESETS)}), got "
+                    f"{name!r}; other shapes: --config=... --config.model.<field>=...")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return config_files.get_config(os.path.join(root, "configs", "ppo_ptx.py"), name)
+
+
+def _devices(opts, name):
+  """(devices or None, their number, platform the estimate assumes)."""
+  if opts.get("topology"):
+    from rlhf_jax import plan_compile  # pylint: disable=g-import-not-at-top
+    devices = plan_compile.topology_devices(opts["topology"])
+    return devices, len(devices), "tpu"
+  n = opts.get("num_devices") or REFERENCE_DEVICES.get(name)
+  if n is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    n = jax.device_count()
+  return None, n, opts.get("platform") or "cpu"
+
+
+def plan_job(config, opts: dict, name: str = "") -> dict:
+  """The RESULT of one job: per stage its mesh, estimate and, with devices, the compiler's
+  figure and the verdict. opts: the flags by name (topology, mesh, num_devices, stage)."""
+  from rlhf_jax import plan_compile  # pylint: disable=g-import-not-at-top
+  devices, n, platform = _devices(opts, name)
+  hbm = plan_compile.device_memory(devices[0]) if devices else None
+  stages = {}
+  for stage, sub in stage_configs(config).items():
+    if opts.get("stage") and opts["stage"] != stage:
+      continue
+    shape = plan_compile.choose_mesh(stage, sub, n, opts.get("mesh"))
+    est = estimate(stage, sub, shape, platform)
+    row = {"mesh": list(shape), "batch": est.shape, "estimate_bytes": est.total,
+           "estimate_parts": {k: getattr(est, k) for k in ("params", "grads", "opt", "frozen",
+                                                           "value", "ema", "act")},
+           "notes": est.notes, "compiled_bytes": None, "hbm_bytes": hbm, "fits": None}
+    if devices:
+      mesh = plan_compile.make_topology_mesh(devices, shape)
+      row.update(plan_compile.compile_stage(stage, sub, mesh, platform))
+      row["fits"] = hbm is not None and row["compiled_bytes"] <= hbm
+      row["estimate_over_compiled"] = round(est.total / row["compiled_bytes"], 3)
+    stages[stage_label(stage, sub)] = row
+  return {"job": name, "topology": opts.get("topology"), "num_devices": n,
+          "device_kind": devices[0].device_kind if devices else None, "stages": stages}
 
 
 # ----------------------------------------------------------------------------- the table
 
-def human(n: float) -> str:
+def human(n) -> str:
+  if n is None:
+    return "-"
   for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
     if n >= size:
-      return f"{n / size:.1f} {unit}"
+      return f"{n / size:.2f} {unit}"
   return f"{int(n)} B"
 
 
-def format_table(plans) -> str:
-  """Aligned text table, one row per plan; sharding fallbacks as notes below their rows."""
-  head = ("model", "stage", "mesh d,f,t", "chips", "batch x seq", "remat", "act/param/opt", "params",
-          "grads", "opt", "frozen", "value", "act", "total/device")
+def format_table(results) -> str:
+  """Aligned text table, one row per stage of every job; sharding fallbacks as notes below."""
+  head = ("job", "stage", "mesh d,f,t", "chips", "batch", "params+opt", "act", "estimate",
+          "compiled", "HBM", "fits", "compile s")
   rows, notes = [], []
-  for p in plans:
-    rows.append((p.model, p.stage, ",".join(map(str, p.mesh)), str(math.prod(p.mesh)),
-                 f"{p.batch_size} x {p.seq_len}", "yes" if p.remat else "no", p.dtypes, human(p.params),
-                 human(p.grads), human(p.opt), human(p.frozen), human(p.value), human(p.act),
-                 human(p.total)))
-    if p.notes and (p.model, tuple(p.notes)) not in notes:
-      notes.append((p.model, tuple(p.notes)))
-  widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-  line = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(r, widths)))
-  out = [line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
-  for model, found in notes:
-    out.append(f"note: {model}: sharding fallbacks: " + "; ".join(found))
+  for r in results:
+    for stage, s in r["stages"].items():
+      parts = s["estimate_parts"]
+      fits = "-" if s["fits"] is None else "yes" if s["fits"] else "NO"
+      rows.append((r["job"], stage, ",".join(map(str, s["mesh"])), str(r["num_devices"]),
+                   s["batch"], human(s["estimate_bytes"] - parts["act"]), human(parts["act"]),
+                   human(s["estimate_bytes"]), human(s["compiled_bytes"]), human(s["hbm_bytes"]),
+                   fits, str(s.get("compile_seconds", "-"))))
+      if s["notes"] and (r["job"], stage, tuple(s["notes"])) not in notes:
+        notes.append((r["job"], stage, tuple(s["notes"])))
+  widths = [max(len(row[i]) for row in rows + [head]) for i in range(len(head))]
+  line = lambda row: "  ".join(c.ljust(w) if i < 5 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths)))
+  out = [line(head), "  ".join("-" * w for w in widths)] + [line(row) for row in rows]
+  for job, stage, found in notes:
+    out.append(f"note: {job} {stage}: sharding fallbacks: " + "; ".join(found))
   return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- command line
 
 def define_flags() -> dict:
-  """The command line's flags (defined only when run as a program, so importing is side-effect free)."""
+  """The command line's flags (defined only when run as a program: importing has no effects)."""
   return {
-      "model": flags.DEFINE_string("model", None, "Model preset (default: every preset)."),
-      "stage": flags.DEFINE_enum("stage", None, STAGES,
-                                 "Stage (default: the config's, else all three)."),
-      "mesh": flags.DEFINE_string("mesh", None, "data,fsdp,tensor mesh shape; -1 = the rest."),
+      "config": config_flags.DEFINE_config_file(
+          "config", None, "Stage config file (path.py[:preset]); a PPO config plans the pipeline.",
+          lock_config=False),
+      "model": flags.DEFINE_string("model", None, "Config preset: --config=configs/ppo_ptx.py:"
+                                   "<model> (default without --config: every preset)."),
+      "stage": flags.DEFINE_enum("stage", None, STAGES, "Only this stage (default: all)."),
+      "topology": flags.DEFINE_string(
+          "topology", None, "TPU slice to compile every stage for (v5e:4x4, v4:4x4x4, "
+          "v5p:8x8x16, v6e:16x16, ...; needs libtpu: pip install -e \".[tpu]\")."),
+      "mesh": flags.DEFINE_string("mesh", None, "data,fsdp,tensor mesh shape; -1 = the rest "
+                                  "(default: the config's when the batches split over it)."),
       "num_devices": flags.DEFINE_integer(
-          "num_devices", None, "Devices a -1 in --mesh divides (default: local devices)."),
-      "batch_size": flags.DEFINE_integer("batch_size", None,
-                                         "Global batch (sequences; ppo: episodes)."),
-      "minibatch_size": flags.DEFINE_integer(
-          "minibatch_size", None,
-          "ppo update minibatch (default: batch / the config's ppo.minibatches, else batch/8)."),
-      "seq_len": flags.DEFINE_integer("seq_len", None,
-                                      "Tokens per sequence (ppo: prompt + response)."),
-      "optimizer_dtype": flags.DEFINE_enum("optimizer_dtype", "float32", list(_DTYPE_BYTES),
-                                           "dtype of the AdamW moments."),
-      "remat": flags.DEFINE_bool("remat", None, "Recompute layers in the backward pass (default: "
-                                 "the model config's; the all-preset table uses DEFAULTS)."),
-      "config": config_flags.DEFINE_config_file("config", None,
-                                                "Stage config file (path.py[:preset]).",
-                                                lock_config=False),
+          "num_devices", None, "Devices to plan for without --topology (default: the preset's "
+          "reference slice, REFERENCE_DEVICES)."),
+      "platform": flags.DEFINE_enum("platform", None, ["cpu", "gpu", "tpu"],
+                                    "Attention kernels the estimate assumes without --topology "
+                                    "(default cpu; tpu with --topology)."),
   }
 
 
-def _config_value(config, name, default=None):
-  if config is None:
-    return default
-  node = config
-  for part in name.split("."):
-    if part not in node:
-      return default
-    node = node[part]
-  return node
-
-
-def _runs_from_flags(f: dict):
-  return requests({k: v.value for k, v in f.items()})
-
-
-def _config_shape(config, batch: int, seq: int):
-  """(batch, seq_len, minibatches) a stage config asks for, `batch`/`seq` where it says nothing.
-
-  The PPO stage (a config with `ppo`): ppo.batch_size episodes of ppo.prompt_len +
-  ppo.response_len tokens, updated in ppo.minibatches minibatches. The other stages: the top-level
-  batch_size and seq_len; minibatches None.
-  """
-  if _config_value(config, "ppo") is None:
-    return _config_value(config, "batch_size", batch), _config_value(config, "seq_len", seq), None
-  p = config.ppo
-  return p.batch_size, p.prompt_len + p.response_len, p.minibatches
-
-
-def requests(opts: dict):
-  """(name, ModelConfig, stages, mesh, batch, seq, remat, minibatch) for every table row group
-  requested; minibatch None = `plan`'s default.
-
-  opts: the flag values by flag name (None = not given); opts['config'] a stage ConfigDict or None.
-  """
-  from rlhf_jax import sharding
-  from rlhf_jax.models import PRESET_NAMES, ModelConfig, get_model_config
+def jobs(opts: dict):
+  """[(name, config)] the flags ask for."""
   config = opts.get("config")
-  if config is not None and "model" not in config:
-    raise UserError("--config: the config has no 'model' field")
-  if opts.get("model") is not None:
-    names, cfgs = [opts.get("model")], [get_model_config(opts.get("model"))]
-  elif config is not None:
-    names, cfgs = [_config_value(config, "name", "config")], [ModelConfig.from_dict(config.model)]
-  else:
-    names = list(PRESET_NAMES)
-    cfgs = [get_model_config(n, **DEFAULTS.get(n, _FALLBACK_DEFAULT)[4]) for n in names]
-  stage = opts.get("stage") or _config_value(config, "stage")
-  stages = STAGES if stage is None else (stage,)
-  runs = []
-  for name, cfg in zip(names, cfgs):
-    mesh, batch, seq, remat, _ = DEFAULTS.get(name, _FALLBACK_DEFAULT)
-    mesh = opts.get("mesh") or _config_value(config, "mesh.shape", mesh)
-    field = "--mesh" if opts.get("mesh") else "mesh.shape"
-    shape = sharding.parse_mesh_shape(mesh, field)
-    devices = opts.get("num_devices") or (math.prod(shape) if -1 not in shape else None)
-    if devices is None:
-      import jax
-      devices = jax.device_count()
-    shape = sharding.resolve_mesh_shape(shape, devices, field)
-    batch, seq, minibatches = _config_shape(config, batch, min(seq, cfg.max_len))
-    batch, seq = opts.get("batch_size") or batch, opts.get("seq_len") or seq
-    minibatch = opts.get("minibatch_size") or (int(batch) // minibatches if minibatches else None)
-    remat = opts.get("remat") if opts.get("remat") is not None else (
-        remat if opts.get("model") is None and config is None else None)
-    runs.append((name, cfg, stages, shape, int(batch), int(seq), remat, minibatch))
-  return runs
+  if config is not None:
+    if "model" not in config:
+      raise UserError("--config: the config has no 'model' field")
+    return [(str(config.get("name", "config")), config)]
+  names = [opts["model"]] if opts.get("model") else list(CONFIG_PRESETS)
+  return [(name, paper_config(name)) for name in names]
 
 
 def main(argv, f: dict):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}; use --model/--config and flags")
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  plans = []
-  for name, cfg, stages, shape, batch, seq, remat, minibatch in _runs_from_flags(f):
-    for stage in stages:
-      plans.append(plan(cfg, stage, shape, batch, seq, f["optimizer_dtype"].value, remat,
-                        minibatch, name))
-  print(format_table(plans))
+  opts = {k: v.value for k, v in f.items()}
+  if opts.get("topology"):
+    from rlhf_jax import plan_compile  # pylint: disable=g-import-not-at-top
+    plan_compile.quiet_libtpu()
+  results = [plan_job(config, opts, name) for name, config in jobs(opts)]
+  print(format_table(results))
+  out = results[0] if len(results) == 1 else {"jobs": results}
+  print("RESULT " + json.dumps(out, sort_keys=True))
 
 
 if __name__ == "__main__":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   _flags = define_flags()
   run_cli(lambda argv: main(argv, _flags))

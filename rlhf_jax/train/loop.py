@@ -141,6 +141,9 @@ class Task:
   skipped: Callable = _nonfinite            # a step's metrics -> > 0 when nothing was applied
   unit: str = "step"         # what one step is called (NonFiniteError's message)
   rate_key: str = "steps_per_s"             # the logged rate of steps per second
+  # (state) -> None: raises a UserError when the step cannot fit the devices' memory
+  # (rlhf_jax.plan_compile.check_fits; nothing on CPU); run before anything is written.
+  check_memory: Optional[Callable] = None
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -342,6 +345,8 @@ def run_loop(task: Task, state, cadence: Cadence, workdir: str, mesh,
   `<workdir>/<task.name>/checkpoints`), logging, evaluating and saving on `cadence`.
   on_eval(step, params, eval metrics) runs after each evaluation. Returns (state, last eval
   metrics, history [(kind 'train'|'eval', step, values)] including the resumed records)."""
+  if task.check_memory is not None:
+    task.check_memory(state)
   stage_dir = os.path.join(workdir, task.name)
   os.makedirs(stage_dir, exist_ok=True)
   batches = task.train_batches()

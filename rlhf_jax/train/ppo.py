@@ -43,6 +43,7 @@ from ml_collections import ConfigDict
 
 from rlhf_jax import collect
 from rlhf_jax import distributed
+from rlhf_jax import plan_compile
 from rlhf_jax import rollout
 from rlhf_jax import sharding
 from rlhf_jax.data import encoding, gold_labeler, loaders, offline_task, shards
@@ -184,6 +185,13 @@ def _optimizer(config, lr, num_iterations, s: ppo_iteration.Settings, clip=True)
     opt["grad_clip"] = 0.0
   steps = num_iterations * s.epochs * s.minibatches
   return optim.make_optimizer(ConfigDict(opt), steps)[0]
+
+
+def make_optimizers(config, s: ppo_iteration.Settings):
+  """{'policy': AdamW without the global clip (the iteration clips each term), 'value': AdamW}."""
+  p = config.ppo
+  return {"policy": _optimizer(config, p.policy_lr, p.num_iterations, s, clip=False),
+          "value": _optimizer(config, p.value_lr, p.num_iterations, s)}
 
 
 # ----------------------------------------------------------------------------- state
@@ -328,15 +336,21 @@ class IterationStep:
     self.samples = []
     self._jitted = None
 
-  def __call__(self, state, host, rng):
-    index = host.pop("index")
+  def jitted(self, host):
+    """The jitted iteration for batches with the keys and ranks of `host` (without 'index');
+    built once (the memory check lowers this same function)."""
     if self._jitted is None:
       self._jitted = jit_iteration(self.iteration, self.shardings, self.frozen_sh, host,
                                    self.mesh)
+    return self._jitted
+
+  def __call__(self, state, host, rng):
+    index = host.pop("index")
+    jitted = self.jitted(host)
     batch = {k: sharding.global_batch(v, self.mesh, self.s.batch_size if not k.startswith("ptx_")
                                       else self.s.ptx_rows) for k, v in host.items()}
     with sharding.activate(self.mesh):
-      state, metrics, (_, resp, lengths) = self._jitted(state, self.frozen, batch, rng)
+      state, metrics, (_, resp, lengths) = jitted(state, self.frozen, batch, rng)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if self.gold is not None:
       metrics["gold_score"] = self._gold_score(index, resp, lengths)
@@ -445,8 +459,7 @@ def run(config, workdir):
   tok, tok_dir = stage_io.load_tokenizer_for(config, model_tok_dir, data_tok_dir, cfg)
   s = settings_from_config(config, tok)
   _check_ptx_rows(s, mesh)
-  txs = {"policy": _optimizer(config, p.policy_lr, p.num_iterations, s, clip=False),
-         "value": _optimizer(config, p.value_lr, p.num_iterations, s)}
+  txs = make_optimizers(config, s)
   shardings = state_shardings(cfg, value_cfg, txs, mesh, ema=s.ema_decay > 0)
   frozen_sh = {"ref": shardings["params"]["policy"]}
   if rm_cfg is not None:
@@ -468,6 +481,8 @@ def run(config, workdir):
                    rng=jax.random.key(config.seed + 2), record=resume_record(config),
                    reduce=loop.mean_over_steps, skipped=skipped_iteration(s), unit="iteration",
                    rate_key="iters_per_s", config=config)
+  task.check_memory = plan_compile.ppo_memory_check(
+      step, frozen, plan_compile.ppo_batch(s, p.ptx_seq_len, mesh), mesh)
   cadence = loop.Cadence(num_steps=p.num_iterations, log_every=p.log_every,
                          checkpoint_every=p.checkpoint_every,
                          keep_checkpoints=p.keep_checkpoints,

@@ -28,6 +28,7 @@ import numpy as np
 
 from rlhf_jax import distributed
 from rlhf_jax import losses
+from rlhf_jax import plan_compile
 from rlhf_jax import rollout
 from rlhf_jax import sharding
 from rlhf_jax.data import builders, gold_labeler, loaders, shards
@@ -343,6 +344,8 @@ def run(config, workdir):
       record=loop.config_record(config), config=config,
       evaluate=lambda p: rm_eval(cfg, p, shardings["params"]),
       reduce=lambda items: summarize(loop.mean_over_applied_steps(items)))
+  task.check_memory = plan_compile.train_memory_check(
+      task.step, stage, plan_compile.rm_batch(config.batch_size, k_max, config.seq_len, mesh), mesh)
   print(f"{stage}: {cfg.flavour} {cfg.num_layers}x{cfg.d_model} + scalar head from {init_from}, "
         f"{num_steps} steps of {config.batch_size} prompts x K<={k_max} x {config.seq_len} "
         f"tokens, mesh {dict(mesh.shape)}; writing {setup.stage_dir}", flush=True)

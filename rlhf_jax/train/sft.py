@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses
+from rlhf_jax import plan_compile
 from rlhf_jax import rollout
 from rlhf_jax import sharding
 from rlhf_jax.data import encoding, loaders, shards
@@ -180,6 +181,8 @@ def run(config, workdir):
           TRAIN_KEYS),
       rng=jax.random.key(config.seed + 1), record=loop.config_record(config), config=config,
       evaluate=make_evaluate(cfg, eval_set, shardings["params"], mesh, selector))
+  task.check_memory = plan_compile.train_memory_check(
+      task.step, stage, plan_compile.sft_batch(config.batch_size, config.seq_len, mesh), mesh)
   print(f"{stage}: {cfg.flavour} {cfg.num_layers}x{cfg.d_model}, {num_steps} steps of "
         f"{config.batch_size}x{config.seq_len} tokens, mesh {dict(mesh.shape)}, init "
         f"{init_from or 'random'}; writing {setup.stage_dir}", flush=True)

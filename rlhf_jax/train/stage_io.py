@@ -147,6 +147,29 @@ def check_checkpoints(config, directory):
                                f"the checkpoint {ckpt.directory}/{latest}")
 
 
+# Config presets (configs/models.py PAPER) too large to train from random initialisation by
+# accident: they need a base model, or init_from='random' to do it on purpose.
+NEEDS_BASE_MODEL = ("1.3b", "6.7b", "175b")
+
+
+def resolve_init(config, workdir, stage, previous):
+  """The model a pretrain/SFT/RM stage starts from ('' = random init): `config.init_from`, with
+  'auto' the `previous` stage's model (random init when there is no previous stage) and
+  'random' random init on purpose. A `NEEDS_BASE_MODEL` preset refuses to start from random
+  init unless init_from is 'random' (one line, before anything is loaded or written)."""
+  init_from = config.init_from
+  if init_from == "random":
+    return ""
+  if init_from == "auto":
+    init_from = (resolve_auto("auto", workdir, previous, "init_from",
+                              " to a model (e.g. smollm2-135m)") if previous else "")
+  if not init_from and config.get("name") in NEEDS_BASE_MODEL:
+    raise UserError(f"config.init_from: the {config.name} preset would start {stage} from random "
+                    "initialisation; set it to a base model (a model directory, GGUF or "
+                    "Hugging Face checkpoint) or to 'random' to train from scratch on purpose")
+  return init_from
+
+
 @dataclasses.dataclass
 class StageSetup:
   """What every stage resolves before it builds anything (see `begin_stage`)."""
@@ -171,10 +194,7 @@ def begin_stage(config, workdir, stage, previous):
   cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh)
   step.check_mesh_batch(config, mesh)
-  init_from = config.init_from   # checked before the offline data are prepared (written)
-  if init_from == "auto":
-    init_from = (resolve_auto("auto", workdir, previous, "init_from",
-                              " to a model (e.g. smollm2-135m)") if previous else "")
+  init_from = resolve_init(config, workdir, stage, previous)   # before data are written
   check_checkpoints(config, os.path.join(workdir, stage, "checkpoints"))
   tfds_dir, data_tok_dir = data_paths(config, workdir)
   return StageSetup(workdir, os.path.join(workdir, stage), cfg, mesh, tfds_dir, data_tok_dir,

@@ -193,11 +193,18 @@ class TrainStep:
     self.grad_accum_steps, self.mesh, self.batch_size = grad_accum_steps, mesh, batch_size
     self._jitted = None
 
-  def __call__(self, state, local, rng):
-    batch = sharding.global_batch(local, self.mesh, self.batch_size)
+  def jitted(self, state, local):
+    """The jitted step for `state` (arrays or ShapeDtypeStructs with shardings) and batches with
+    the keys and ranks of `local`; built once (the memory check lowers this same function, so
+    its compilation is reused by the first step)."""
     if self._jitted is None:
       self._jitted = jit_train_step(
           make_train_step(self.loss_fn, self.tx, self.schedule, self.grad_accum_steps, self.mesh),
           jax.tree.map(lambda x: x.sharding, state), local, self.mesh)
+    return self._jitted
+
+  def __call__(self, state, local, rng):
+    batch = sharding.global_batch(local, self.mesh, self.batch_size)
+    jitted = self.jitted(state, local)
     with sharding.activate(self.mesh):
-      return self._jitted(state, batch, rng)
+      return jitted(state, batch, rng)
