@@ -44,11 +44,14 @@ def is_sequence_classifier(hf_config: dict) -> bool:
   return any(str(a).endswith("ForSequenceClassification") for a in archs)
 
 
-def num_labels(hf_config: dict) -> int:
+def num_labels(hf_config: dict, where: str = "config.json") -> int:
   """transformers' num_labels: len(id2label) when present, else `num_labels`, else 2."""
   if isinstance(hf_config.get("id2label"), dict):
     return len(hf_config["id2label"])
-  return int(hf_config.get("num_labels", 2))
+  value = hf_config.get("num_labels", 2)
+  if not isinstance(value, int) or isinstance(value, bool):
+    raise UserError(f"{where}: num_labels must be an integer, got {value!r}")
+  return value
 
 
 def fold_bias(ln_bias, kernel, bias):
@@ -146,7 +149,7 @@ def from_hf_tensors(cfg: ModelConfig, tensors: dict, hf_config: dict, where: str
   """Our scalar-head parameters (float32 numpy) from a sequence classifier's tensors: the
   backbone by `hf.params_from_hf`, the head from `score.weight` (1, d) and `rlhf_jax_score_bias`."""
   from rlhf_jax.models import abstract_params  # pylint: disable=g-import-not-at-top  (cycle)
-  labels = num_labels(hf_config)
+  labels = num_labels(hf_config, where)
   if labels != 1:
     raise UserError(f"{where}: a sequence classifier with {labels} labels; a reward model has "
                     "one (num_labels 1)")
