@@ -19,6 +19,9 @@ def get_config(preset="tiny"):
   c.batch_size = 32            # prompts per sampler call (x samples_per_prompt rows)
   c.seed = 0
   c.rm_path = "auto"           # the reward model; 'auto' = <workdir>/rm/model
+  # An external judge reward model ('' = none): ours or a Hugging Face *ForSequenceClassification
+  # directory, with its own tokenizer; win rates against SFT under it (rlhf_jax/eval_judge.py).
+  c.judge = ""
   c.pretrain_batches = 8       # packed batches of held-out pretraining text (0 = no pretrain_loss)
   c.pretrain_batch_size = 16
   c.pretrain_seq_len = 1024

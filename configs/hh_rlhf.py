@@ -61,6 +61,8 @@ def get_config_for(source, preset="smollm2"):
   lengths = LENGTHS[source]["smollm2" if preset == "smollm2" else "paper"]
   c.sft.seq_len = lengths["seq_len"]
   c.rm.seq_len = lengths["seq_len"]
+  if "dpo" in c:
+    c.dpo.seq_len = lengths["seq_len"]
   c.ppo.prompt_len = lengths["prompt_len"]
   c.ppo.response_len = lengths["response_len"]
   c.eval.prompt_len = lengths["prompt_len"]

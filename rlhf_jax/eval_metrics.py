@@ -140,3 +140,26 @@ def results_row(gold=None, baseline=None, analysis=None, rm_score=None, kl=None,
   row["rm_score"] = None if rm_score is None else float(np.mean(rm_score))
   row["kl_to_sft"], row["pretrain_loss"], row["probe_score"] = kl, pretrain_loss, probe
   return row, extra
+
+
+def reference_free(rm_score, baseline_rm=None, judge=None, baseline_judge=None):
+  """(row fields, extras) of the metrics that need no gold labeler (real data), from (P, A)
+  samples against (P, B) SFT baseline samples of the same prompts (`win_rate`):
+
+    rm_win_rate_vs_sft     win rate under the trained reward model (when baseline_rm is given)
+    judge_score            mean score of an external judge reward model (when judge is given)
+    judge_win_rate_vs_sft  win rate under that judge (when baseline_judge is given)
+
+  Each win rate comes with `<name>_stderr` and `<name>_interval95` in the extras.
+  """
+  row, extra = {}, {}
+  for name, scores, baseline in (("rm", rm_score, baseline_rm), ("judge", judge, baseline_judge)):
+    if scores is None or baseline is None:
+      continue
+    rate, se = win_rate(scores, baseline)
+    row[f"{name}_win_rate_vs_sft"] = rate
+    extra.update({f"{name}_win_rate_stderr": se,
+                  f"{name}_win_rate_interval95": interval95(rate, se)})
+  if judge is not None:
+    row["judge_score"] = float(np.mean(judge))
+  return row, extra

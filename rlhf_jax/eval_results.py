@@ -86,8 +86,33 @@ def _win(row, extra, interval=True):
   return text
 
 
+def _rate(row, extra, name, interval):
+  """A win rate of the reference-free metrics (`eval_metrics.reference_free`), with its 95%
+  interval when asked for."""
+  text = _num(row.get(f"{name}_win_rate_vs_sft"))
+  ci = extra.get(f"{name}_win_rate_interval95")
+  if interval and ci:
+    text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+  return text
+
+
+def no_gold_table(rows, interval=True):
+  """The table of data without a gold labeler (real data): win rates against SFT under the
+  trained reward model and under the judge (config.eval.judge), their scores, KL, pretrain loss."""
+  lines = ["| policy | RM win rate vs SFT | judge win rate vs SFT | RM score | judge score | "
+           "KL to SFT (nats) | pretrain loss |", "|---|---|---|---|---|---|---|"]
+  for name, r, m in rows:
+    kl = _num(r["kl_to_sft"]) + (" (analytic)" if "selected_by" in m else "")
+    lines.append(f"| {name} | {_rate(r, m, 'rm', interval)} | {_rate(r, m, 'judge', interval)} "
+                 f"| {_num(r['rm_score'])} | {_num(r.get('judge_score'))} | {kl} | "
+                 f"{_num(r['pretrain_loss'])} |")
+  return "\n".join(lines)
+
+
 def table(results, rows):
   """The compact console table (one line per row of `table_rows`)."""
+  if not results["meta"]["gold_labeler"]:
+    return no_gold_table(rows, interval=False)
   lines = ["| policy | win vs SFT | gold | content | RM | KL | halluc. | probe |",
            "|---|---|---|---|---|---|---|---|"]
   for name, r, m in rows:
@@ -141,7 +166,12 @@ def _how_to_read(meta):
              "sample of the same prompt under the gold labeler (win 1, tie 0.5, loss 0); the "
              "95% interval is +-1.96 standard errors over prompts. SFT itself is about 0.5."]
   else:
-    lines = ["* No gold labeler for this data (only the offline task has one): no win rate."]
+    lines = ["* No gold labeler for this data (only the offline task has one). **RM win rate vs "
+             "SFT**: each sample against every independent SFT baseline sample of the same "
+             "prompt under the trained reward model (win 1, tie 0.5, loss 0; 95% interval "
+             "+-1.96 standard errors over prompts). It is what PPO optimised, so it overstates "
+             "real gains; **judge win rate** is the same under config.eval.judge, a reward "
+             "model that did not train the policies (n/a without one)."]
   return lines + [
       "* **bo{N}_rm / bo{N}_gold**: the best of N SFT samples by the reward model / by the gold "
       "labeler (disjoint groups of N of the candidates, ties to the first). bo{N}_rm is what the "
@@ -225,7 +255,7 @@ def format_markdown(results, rows, examples, probe_examples=()):
            f"{meta['samples_per_prompt']} samples per policy, temperature {meta['temperature']}, "
            f"at most {meta['max_new_tokens']} new tokens, seed {meta['seed']}; best-of-N for N = "
            f"{best} from {meta.get('best_of_candidates', 0)} SFT candidates per prompt.", "",
-           full_table(rows), "",
+           full_table(rows) if meta["gold_labeler"] else no_gold_table(rows), "",
            "How to read this:", ""]
   lines += _how_to_read(meta)
   fam = family_table(rows)

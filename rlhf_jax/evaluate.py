@@ -74,6 +74,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import distributed
+from rlhf_jax import eval_judge
 from rlhf_jax import eval_metrics
 from rlhf_jax import eval_results
 from rlhf_jax import eval_rm_accuracy
@@ -106,6 +107,10 @@ def validate(config):
     value = e[field]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
       raise UserError(f"config.eval.{field} must be an integer >= {minimum}, got {value!r}")
+  judge = e.get("judge", "")
+  if not isinstance(judge, str) or (judge and not os.path.exists(judge)):
+    raise UserError(f"config.eval.judge: expected '' or a reward model directory (ours or a "
+                    f"Hugging Face *ForSequenceClassification one), got {judge!r}")
   if not (isinstance(e.temperature, (int, float)) and e.temperature > 0):
     raise UserError(f"config.eval.temperature must be a number > 0, got {e.temperature!r}")
   if "best_of" not in e:
@@ -116,6 +121,15 @@ def validate(config):
       or len(set(best_of)) != len(best_of)):
     raise UserError(f"config.eval.best_of must be a list of distinct integers >= 1 (N of the "
                     f"best-of-N baselines; () = off), got {best_of!r}")
+
+
+def _add_reference_free(row, extra, rm_scores, judge, baseline):
+  """Adds the win rates under the RM (no gold labeler: the baseline has RM scores) and under the
+  judge (config.eval.judge) of samples against the SFT `baseline` to `row` and `extra`."""
+  fields, extras = eval_metrics.reference_free(
+      rm_scores, None if baseline.gold is not None else baseline.rm, judge, baseline.judge)
+  row.update(fields)
+  extra.update(extras)
 
 
 def _load_lm(path, where, mesh, reference_cfg=None):
@@ -157,6 +171,7 @@ class _Sampled:
   def __init__(self):
     self.texts, self.gold, self.rm, self.kl, self.tokens, self.ended = [], None, [], [], [], []
     self.analysis = None
+    self.judge = None          # (P, S) scores of config.eval.judge, when there is one
 
 
 class _Evaluation:
@@ -175,6 +190,8 @@ class _Evaluation:
     self.analyze_fn = analyze_fn or (gold_labeler.analyze if self.offline else None)
     self._load_models(workdir, sft_path, data_tok_dir)
     self._load_prompts()
+    self.judge = (eval_judge.Judge(e.judge, self.mesh, e.prompt_len + e.max_new_tokens,
+                                   e.batch_size) if e.get("judge") else None)
     self.s = e.samples_per_prompt
     self.best_of = sorted(e.best_of)
     self.n_max = max(self.best_of) if self.best_of else 0
@@ -280,6 +297,8 @@ class _Evaluation:
     if self.analyze_fn is not None:
       got.analysis = eval_metrics.analysis_arrays([self.analyze_fn(p, t) for p, t in flat],
                                                   (n, width))
+    if self.judge is not None:
+      got.judge = self.judge.scores(flat).reshape(n, width)
 
   def base_row(self, base_path):
     """(row, meta) of the pretrained base model: pretrain loss and capability probe only."""
@@ -298,6 +317,7 @@ class _Evaluation:
     row, extra = eval_metrics.results_row(
         got.gold, baseline.gold, got.analysis, got.rm, float(np.concatenate(got.kl).mean()),
         self.tax.pretrain_loss(params), self.tax.probe(name, params, self.bar))
+    _add_reference_free(row, extra, got.rm, got.judge, baseline)
     extra.update(path=os.path.abspath(path),
                  mean_response_tokens=float(np.concatenate(got.tokens).mean()),
                  no_eos_fraction=float(1.0 - np.concatenate(got.ended).mean()))
@@ -315,6 +335,7 @@ class _Evaluation:
     n_max = self.n_max
     cand.rm = cand.rm[:, :n_max]
     cand.gold = None if cand.gold is None else cand.gold[:, :n_max]
+    cand.judge = None if cand.judge is None else cand.judge[:, :n_max]
     if cand.analysis is not None:
       cand.analysis = {k: v[:, :n_max] for k, v in cand.analysis.items()}
     for n in self.best_of:
@@ -327,15 +348,18 @@ class _Evaluation:
             baseline.gold,
             None if cand.analysis is None else eval_metrics.take_columns(cand.analysis, pick),
             np.take_along_axis(cand.rm, pick, 1), eval_metrics.best_of_n_kl(n))
+        _add_reference_free(row, extra, np.take_along_axis(cand.rm, pick, 1),
+                            None if cand.judge is None else np.take_along_axis(cand.judge, pick, 1),
+                            baseline)
         name = f"bo{n}_{by}"
         extra.update(n=n, selected_by=by, picks_per_prompt=int(pick.shape[1]))
         rows[name], meta[name] = row, extra
     return rows, meta
 
   def meta(self, meta_policies, meta_best, t0):
-    """results['meta']: what was evaluated, how, on which machine."""
+    """results['meta']: what was evaluated, how, on which machine (and the judge, when one)."""
     e, device = self.e, jax.devices()[0]
-    return {
+    return ({"judge": self.judge.path} if self.judge is not None else {}) | {
         "prompts": len(self.prompts), "samples_per_prompt": self.s, "seed": e.seed,
         "temperature": float(e.temperature), "max_new_tokens": e.max_new_tokens,
         "split": self.config.data.eval_split, "rm_path": os.path.abspath(self.rm_path),
@@ -393,7 +417,8 @@ def evaluate(config, workdir, policies, score_fn=None, base_path=None, analyze_f
   ev.start(names, base_path)
   results, meta_policies, samples = {}, {}, {}
   try:
-    baseline = ev.sample(BASELINE, ev.sft_params, score=False)
+    # Without a gold labeler the baseline is scored by the RM: the policies' RM win rate.
+    baseline = ev.sample(BASELINE, ev.sft_params, score=ev.gold_fn is None, kl=False)
     if base_path is not None:
       results[eval_results.BASE], meta_policies[eval_results.BASE] = ev.base_row(base_path)
     for name in names:

@@ -1,21 +1,29 @@
 """Prepare data sets: JSONL (ours, converted, or the generated offline task) -> TFDS array_record.
 
   python -m rlhf_jax.data.prepare --source=offline --out_dir=work/data
-  python -m rlhf_jax.data.prepare --source=hh_rlhf --input=train.jsonl --out_dir=work/hh
-  python -m rlhf_jax.data.prepare --source=tldr --input=comparisons.jsonl --out_dir=work/tldr
+  python -m rlhf_jax.data.prepare --source=hh_rlhf --input=train.jsonl.gz \
+      --heldout=test.jsonl.gz --ptx=wiki.txt --out_dir=work/hh
+  python -m rlhf_jax.data.prepare --source=tldr --input=comparisons.jsonl \
+      --sft=tldr_3_filtered/train.jsonl --out_dir=work/tldr
   python -m rlhf_jax.data.prepare --source=jsonl --kind=sft \\
       --input=train=a.jsonl,validation=b.jsonl --out_dir=work/mine
 
 JSONL files land in `out_dir`, the TFDS datasets in `out_dir/tfds` (load them with
-`builders.load_source(out_dir + "/tfds", kind, split)`). Bad input ends with a one-line error and
+`builders.load_source(out_dir + "/tfds", kind, split)`). HH-RLHF and TL;DR files (plain or gzip)
+get a train and a validation split by prompt and the ptx corpus of --ptx (`real_data`, the same
+preparation `config.data.source=hh_rlhf|tldr` runs); train on them with
+`--config.data.source=dir --config.data.dir=<out_dir>`. Bad input ends with a one-line error and
 exit status 2.
 """
 import os
+
+import ml_collections
 
 from rlhf_jax.data import builders
 from rlhf_jax.data import formats
 from rlhf_jax.data import offline_dataset
 from rlhf_jax.data import offline_task
+from rlhf_jax.data import real_data
 from rlhf_jax.data import schema
 from rlhf_jax.errors import UserError
 
@@ -50,6 +58,28 @@ def prepare_public(source_format, src, out_dir, overwrite=False):
   return dict(paths, tfds=tfds_dir(out_dir)), skipped
 
 
+def prepare_real(source, out_dir, input_path, heldout="", heldout_fraction=0.05, sft="", ptx="",
+                 limit=0):
+  """Prepares HH-RLHF / TL;DR files as `config.data.source=<source>` does (`real_data`), in
+  `out_dir`; an `out_dir` prepared before from the same files and settings is reused.
+
+  Returns ({kind: {split: records}} counts, or None when reused; skipped counts).
+  """
+  if not 0 < heldout_fraction < 1:
+    raise UserError(f"--heldout_fraction must be in (0, 1), got {heldout_fraction}")
+  data = ml_collections.ConfigDict(dict(source=source, input=input_path, heldout=heldout or "",
+                                        heldout_fraction=heldout_fraction, sft=sft or "",
+                                        ptx=ptx or "", limit=limit))
+  for field in real_data.FILE_FIELDS:
+    if data[field] and not os.path.isfile(data[field]):
+      raise UserError(f"{data[field]}: no such file (--{field})")
+  settings = real_data.settings_of(data)
+  if os.path.isdir(tfds_dir(out_dir)):
+    real_data.check_prepared(os.fspath(out_dir), settings, lambda field: f"--{field}")
+    return None, {}
+  return real_data.prepare(data, os.fspath(out_dir), settings)
+
+
 def parse_split_files(spec):
   """'train=a.jsonl,validation=b.jsonl' (or just 'a.jsonl', the train split) -> {split: path}."""
   files = {}
@@ -81,15 +111,26 @@ def main(argv):
     builders.build_dataset(f.kind, parse_split_files(f.input), tfds_dir(f.out_dir), f.overwrite)
     print(f"{f.kind} dataset built in {tfds_dir(f.out_dir)}")
     return
-  paths, skipped = prepare_public(f.source, f.input, f.out_dir, f.overwrite)
-  print(f"converted {f.input} ({', '.join(f'{n} skipped: {r}' for r, n in skipped.items())}); "
-        f"TFDS datasets in {paths['tfds']}")
+  counts, skipped = prepare_real(f.source, f.out_dir, f.input, f.heldout, f.heldout_fraction,
+                                 f.sft, f.ptx, f.limit)
+  if counts is None:
+    print(f"{f.out_dir} already holds these data; TFDS datasets in {tfds_dir(f.out_dir)}")
+    return
+  shown = ", ".join(f"{k} {c['train']}/{c['validation']}" for k, c in counts.items())
+  print(f"converted {f.input} (train/validation records: {shown}; "
+        f"{', '.join(f'{n} skipped: {r}' for r, n in skipped.items())}); "
+        f"TFDS datasets in {tfds_dir(f.out_dir)}")
 
 
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_enum("source", "offline", SOURCES, "What to prepare.")
   flags.DEFINE_string("input", None, "Input JSONL file (hh_rlhf, tldr) or split=path list (jsonl).")
+  flags.DEFINE_string("heldout", "", "hh_rlhf/tldr: held-out comparisons file ('' = a hash split).")
+  flags.DEFINE_float("heldout_fraction", 0.05, "hh_rlhf/tldr: share of prompts held out.")
+  flags.DEFINE_string("sft", "", "hh_rlhf/tldr: demonstrations file ('' = preferred responses).")
+  flags.DEFINE_string("ptx", "", "hh_rlhf/tldr: pretraining text (.txt or JSONL with 'text').")
+  flags.DEFINE_integer("limit", 0, "hh_rlhf/tldr: first N usable comparisons (0 = all).")
   flags.DEFINE_enum("kind", None, list(schema.KINDS), "Record kind of --source=jsonl files.")
   flags.DEFINE_string("out_dir", None, "Output folder.", required=True)
   flags.DEFINE_integer("seed", 0, "Seed of the offline task.")

@@ -90,19 +90,26 @@ def settings_of(data):
   return out
 
 
-def check_prepared(out_dir, settings):
-  """UserError when `out_dir` holds data prepared from other files or settings."""
+def _describe(field, value):
+  if field not in FILE_FIELDS:
+    return f"with {field} {value!r}"
+  return "without a file" if value is None else f"from the file of sha256 {value[:12]}..."
+
+
+def check_prepared(out_dir, settings, flag=lambda field: f"config.data.{field}"):
+  """UserError when `out_dir` holds data prepared from other files or settings; `flag(field)`
+  names the setting in the message."""
   path = os.path.join(out_dir, DONE_FILE)
   if not os.path.exists(path):
-    raise UserError(f"config.data.dir: {out_dir} holds prepared data but no {DONE_FILE}; it was "
-                    "not made from config.data.input; use another --workdir (or data.dir)")
+    raise UserError(f"{flag('input')}: {out_dir} holds prepared data but no {DONE_FILE}: they "
+                    "were not made from these files; use another --workdir (or data.dir)")
   with open(path, encoding="utf-8") as f:
     found = json.load(f).get("settings", {})
   for field, value in settings.items():
     if found.get(field) != value:
-      what = "another file" if field in FILE_FIELDS else repr(found.get(field))
-      raise UserError(f"config.data.{field}: the data in {out_dir} were prepared from {what}, "
-                      f"not from this one; use another --workdir (or config.data.dir)")
+      raise UserError(f"{flag(field)}: the data in {out_dir} were prepared "
+                      f"{_describe(field, found.get(field))}, not {_describe(field, value)}; use "
+                      "another --workdir (or config.data.dir)")
 
 
 def _hash(text):

@@ -142,13 +142,13 @@ def is_gzip(path):
     return f.read(2) == GZIP_MAGIC
 
 
-def text_lines(path, expected="JSONL records"):
+def text_lines(path, expected="JSONL records", what="file"):
   """Yields (line number, line) of a local text file, gzip-compressed or not (told by its first
   two bytes, not its name); a file that is missing, not UTF-8 or damaged gzip (corrupt,
   truncated) is a one-line UserError naming it."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise UserError(f"{path}: no such file (expected a file of {expected})")
+    raise UserError(f"{path}: no such file (expected a {what} of {expected})")
   gz = is_gzip(path)
   line_number = 0
   try:
@@ -171,7 +171,7 @@ def json_lines(path, expected="JSONL records"):
   """Yields (where, object) for each non-blank line of a local JSONL file (plain or gzip);
   `where` = 'path line N'."""
   path = os.fspath(path)
-  for line_number, line in text_lines(path, expected):
+  for line_number, line in text_lines(path, expected, "JSONL file"):
     if not line.strip():
       continue
     where = f"{path} line {line_number}"
