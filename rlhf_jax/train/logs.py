@@ -189,11 +189,16 @@ class WandbRun:
     try:
       import wandb  # pylint: disable=g-import-not-at-top  (optional: only when W&B is on)
       os.makedirs(stage_dir, exist_ok=True)
+      options = {"console": "off", "silent": True}
+      if settings["mode"]:
+        options["mode"] = settings["mode"]
+      # Process-wide too: with mode 'offline' given to init() alone, wandb 0.31's own usage
+      # telemetry still posts to its server.
+      wandb.setup(settings=wandb.Settings(**options))
       self._run = wandb.init(
           project=settings["project"], entity=settings["entity"] or None,
-          name=f"{group}-{stage}", group=group, job_type=stage,
-          mode=settings["mode"] or None, dir=stage_dir, config=dict(config),
-          settings=wandb.Settings(console="off", silent=True))
+          name=f"{group}-{stage}", group=group, job_type=stage, dir=stage_dir,
+          config=dict(config), settings=wandb.Settings(**options))
     except Exception as e:  # pylint: disable=broad-except  (W&B must not stop training)
       self._fail("cannot start a run", e)
 
