@@ -38,6 +38,7 @@ import numpy as np
 from rlhf_jax.errors import UserError, run_cli
 from rlhf_jax.models import ModelConfig, abstract_params
 from rlhf_jax.models import hf as hf_format
+from rlhf_jax.models import lazy
 from rlhf_jax.models import hf_reward
 
 NATIVE_META = "rlhf_jax_model.json"
@@ -128,10 +129,11 @@ def load_model(path: str, head: Optional[str] = None, mesh=None) -> LoadedModel:
 
   mesh None: the parameters come back as host (numpy) arrays. With a mesh they come back as
   global arrays sharded by the rule table (`rlhf_jax.sharding.param_shardings`), ready for a
-  multi-process run: an rlhf_jax model is restored by orbax straight into those shardings (each
-  process reads only the slices its devices hold); a Hugging Face or GGUF model is read whole on
-  every process (its readers give whole tensors) and placed one tensor at a time
-  (`sharding.put`).
+  multi-process run, and no process ever holds the whole model on the host: an rlhf_jax model is
+  restored by orbax straight into those shardings (each process reads only the slices its devices
+  hold); a Hugging Face or GGUF model is placed one tensor at a time, each device's slice read
+  from the memory-mapped file when it is copied to the device (`rlhf_jax.models.lazy`; a GGUF
+  tensor is dequantized whole, one parameter's worth at a time).
   """
   path = resolve(path)
   fmt = detect_format(path)
@@ -147,14 +149,14 @@ def load_model(path: str, head: Optional[str] = None, mesh=None) -> LoadedModel:
   elif fmt == "hf":
     cfg = hf_format.config_from_hf(_read_json(os.path.join(path, "config.json")),
                                    os.path.join(path, "config.json"))
-    params = hf_format.params_from_hf(cfg, hf_format.read_hf_tensors(path), path,
-                                          abstract_params(cfg))
+    params = hf_format.lazy_params_from_hf(cfg, hf_format.read_hf_tensors(path), path,
+                                           abstract_params(cfg))
     stored_head = "lm"
     if any(os.path.exists(os.path.join(path, f)) for f in hf_format.TOKENIZER_FILES[:2]):
       tokenizer_dir = path
   elif fmt == "gguf":
-    from rlhf_jax.models.gguf_import import read_gguf
-    cfg, params = read_gguf(path, abstract_params)
+    from rlhf_jax.models.gguf_import import read_gguf_lazy
+    cfg, params = read_gguf_lazy(path, abstract_params)
     stored_head = "lm"
     tokenizer_dir = _gguf_tokenizer(path)
   else:
@@ -163,8 +165,8 @@ def load_model(path: str, head: Optional[str] = None, mesh=None) -> LoadedModel:
       tokenizer_dir = path
   if head is not None and head != stored_head:
     raise UserError(f"{path}: holds a model with a {stored_head!r} head, expected {head!r}")
-  if mesh is not None and fmt != "rlhf_jax":
-    params = _place(params, cfg, stored_head, mesh)
+  if fmt != "rlhf_jax":
+    params = lazy.materialize(params) if mesh is None else _place(params, cfg, stored_head, mesh)
   return LoadedModel(cfg, params, tokenizer_dir, stored_head)
 
 
@@ -174,13 +176,13 @@ def _shardings(cfg: ModelConfig, head: str, mesh):
 
 
 def _place(params, cfg: ModelConfig, head: str, mesh):
-  """Host parameters of the model's shape -> global arrays on `mesh`, one tensor at a time."""
-  from rlhf_jax import sharding
+  """Host or lazy (`rlhf_jax.models.lazy`) parameters of the model's shape -> global arrays on
+  `mesh`, one tensor at a time."""
   expected = abstract_params(cfg, head)
   if jax.tree.structure(params) != jax.tree.structure(expected):
     raise UserError(f"the parameters do not have the structure of a {cfg.flavour} model with a "
                     f"{head!r} head")
-  return sharding.put(params, _shardings(cfg, head, mesh))
+  return lazy.place(params, _shardings(cfg, head, mesh))
 
 
 def _read_native(path: str, mesh=None):
@@ -211,7 +213,8 @@ def _read_native(path: str, mesh=None):
     args = ocp.args.StandardRestore(target)
   try:
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler() if mesh is None
-                          else ocp.StandardCheckpointHandler()) as ckptr:
+                          else ocp.StandardCheckpointHandler(
+                              restore_concurrent_gb=one_tensor_gb(target))) as ckptr:
       params = ckptr.restore(params_dir, args=args)
   except Exception as e:  # orbax raises many types for damaged or mismatched checkpoints
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -223,6 +226,15 @@ def _read_native(path: str, mesh=None):
       raise UserError(f"{params_dir}: parameter {jax.tree_util.keystr(where)} has shape "
                       f"{tuple(got.shape)}, the model in {NATIVE_META} needs {tuple(want.shape)}")
   return cfg, params, head
+
+
+def one_tensor_gb(tree) -> float:
+  """Orbax's restore_concurrent_gb that lets one process read at most one whole tensor of `tree`
+  at a time (orbax reads every array's shards concurrently by default, i.e. the process's share
+  of the whole model at once; each read must fit strictly under the limit)."""
+  largest = max((int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)),
+                default=0)
+  return (largest + 1) / 1e9
 
 
 def write_native_params(out: str, params) -> None:

@@ -10,6 +10,10 @@ the loss trajectory and a parameter checksum as JSON to F.
   python tests/multihost_worker.py --mode=data --ckpt=DIR --process_id=I --num_processes=N ...
 
 checkpoints each process's own packed-SFT loader position and restores it (`data_positions`).
+
+  python tests/multihost_worker.py --mode=load --model=PATH [--model=PATH ...] ...
+
+places each model onto the (1,8,1) mesh and writes the bytes this process read (`load_models`).
 """
 import json
 import os
@@ -187,6 +191,33 @@ def data_positions(ckpt_dir: str, consumed: int = 3, rows: int = 4) -> dict:
   return {"state": state, "restored": restored, "same_next": same, "meta": meta}
 
 
+def load_models(paths) -> dict:
+  """Each model placed onto the (1,8,1) mesh: {path: {'bytes_read': bytes of the file's tensors
+  this process read, 'checksum': per-leaf sums of the gathered parameters}}."""
+  from rlhf_jax import convert, sharding
+  from rlhf_jax.models import abstract_params, gguf_import, lazy
+  mesh = sharding.make_mesh((1, -1, 1))
+  counted = [0]
+  original = lazy.Part.read
+
+  def read(part, index):
+    out = original(part, index)
+    counted[0] += out.nbytes
+    return out
+  lazy.Part.read = read
+  out = {}
+  for path in paths:
+    counted[0] = 0
+    if path.endswith(".gguf"):    # (no tokenizer in the test's GGUF: the parameters only)
+      cfg, params = gguf_import.read_gguf_lazy(path, abstract_params)
+      params = lazy.place(params, convert._shardings(cfg, "lm", mesh))
+    else:
+      params = convert.load_model(path, mesh=mesh).params
+    out[path] = {"bytes_read": counted[0], "checksum": param_checksum(params)}
+  lazy.Part.read = original
+  return out
+
+
 def _flag(argv, name, default=None):
   for arg in argv:
     if arg.startswith(f"--{name}="):
@@ -206,6 +237,12 @@ def main(argv):
                                   num_processes=num_processes, process_id=process_id)
   import jax
   assert jax.process_count() == num_processes and jax.local_device_count() == 4
+  if _flag(argv, "mode") == "load":
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--model=")]
+    with open(f"{_flag(argv, 'out')}.{process_id}", "w") as f:
+      json.dump(load_models(paths), f)
+    jax.distributed.shutdown()
+    return
   if _flag(argv, "mode") == "data":
     with open(f"{_flag(argv, 'out')}.{process_id}", "w") as f:
       json.dump(data_positions(_flag(argv, "ckpt")), f)

@@ -10,7 +10,6 @@ import numpy as np
 
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.hf import params_from_hf
 
 # GGUF tensor name (per layer or top level) -> Hugging Face Llama name.
 _LAYER_NAMES = {
@@ -71,7 +70,15 @@ def config_from_gguf(reader, path: str) -> ModelConfig:
 
 def read_gguf(path: str, expected_params_fn):
   """(ModelConfig, params) from a GGUF file. expected_params_fn(cfg) -> abstract param tree."""
-  import gguf
+  from rlhf_jax.models import lazy
+  cfg, params = read_gguf_lazy(path, expected_params_fn)
+  return cfg, lazy.materialize(params)
+
+
+def read_gguf_lazy(path: str, expected_params_fn):
+  """(ModelConfig, params as `lazy.LazyTensor`s): every name and shape is checked now, each tensor
+  is dequantized only when a slice of it is first needed (`lazy.place` / `lazy.materialize`)."""
+  from rlhf_jax.models.hf import lazy_params_from_hf
   reader = _reader(path)
   cfg = config_from_gguf(reader, path)
   tensors = {}
@@ -87,22 +94,51 @@ def read_gguf(path: str, expected_params_fn):
       continue     # llama3 frequency factors; derived from the config instead
     else:
       raise UserError(f"{path}: tensor {t.name!r} is not part of a llama model")
-    try:
-      w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-    except (NotImplementedError, ValueError) as e:
-      raise UserError(f"{path}: cannot dequantize tensor {t.name!r} "
-                      f"({t.tensor_type.name}): {e}") from None
     shape = tuple(int(s) for s in reversed(t.shape))       # GGUF lists dimensions innermost first
-    if w.size != int(np.prod(shape)):
-      raise UserError(f"{path}: tensor {t.name!r} holds {w.size} values, its header says {shape}")
-    w = w.reshape(shape)
-    if t.name.endswith(".attn_q.weight"):
-      w = _unpermute(w, cfg.num_heads)
-    elif t.name.endswith(".attn_k.weight"):
-      w = _unpermute(w, cfg.num_kv_heads)
-    tensors[name] = w
-  return cfg, params_from_hf(cfg, tensors, path, expected_params_fn(cfg))
+    if int(t.n_elements) != int(np.prod(shape)):
+      raise UserError(f"{path}: tensor {t.name!r} holds {int(t.n_elements)} values, its header "
+                      f"says {shape}")
+    heads = (cfg.num_heads if t.name.endswith(".attn_q.weight") else
+             cfg.num_kv_heads if t.name.endswith(".attn_k.weight") else None)
+    tensors[name] = _deferred(path, t, shape, heads)
+  return cfg, lazy_params_from_hf(cfg, tensors, path, expected_params_fn(cfg))
 
+
+def _dequantize(path, t, shape, chunk_values: int = 1 << 16):
+  """The tensor as float32 of `shape`, dequantized a few rows at a time (quantization blocks lie
+  within rows), so the library's temporaries stay small next to the tensor itself."""
+  import gguf
+  data = t.data
+  rows = int(data.shape[0]) if data.ndim == 2 and len(shape) == 2 else -1
+  try:
+    if rows != shape[0]:     # not one row of data per row of the tensor: all at once
+      w = gguf.quants.dequantize(data, t.tensor_type).astype(np.float32)
+      if w.size != int(np.prod(shape)):
+        raise UserError(f"{path}: tensor {t.name!r} holds {w.size} values, its header says "
+                        f"{shape}")
+      return w.reshape(shape)
+    out = np.empty(shape, np.float32)
+    step = max(1, chunk_values // max(1, shape[1]))
+    for r in range(0, rows, step):
+      part = gguf.quants.dequantize(data[r:r + step], t.tensor_type)
+      if part.size != min(step, rows - r) * shape[1]:
+        raise UserError(f"{path}: tensor {t.name!r} holds {part.size} values in rows {r}.., its "
+                        f"header says {shape}")
+      out[r:r + step] = part.reshape(-1, shape[1])
+    return out
+  except (NotImplementedError, ValueError) as e:
+    raise UserError(f"{path}: cannot dequantize tensor {t.name!r} "
+                    f"({t.tensor_type.name}): {e}") from None
+
+
+def _deferred(path, t, shape, heads):
+  """The tensor `t`, dequantized to float32 (and un-permuted for q/k) when first needed."""
+  from rlhf_jax.models.lazy import Deferred
+
+  def load():
+    w = _dequantize(path, t, shape)
+    return w if heads is None else _unpermute(w, heads)
+  return Deferred(shape, load)
 
 
 def tokenizer_metadata(path: str) -> dict:

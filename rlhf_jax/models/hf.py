@@ -261,6 +261,18 @@ def params_from_hf(cfg: ModelConfig, tensors: dict, where: str, expected_params)
 
   expected_params: the abstract parameter tree of `cfg` (shapes to check against).
   """
+  from rlhf_jax.models import lazy
+  return lazy.materialize(lazy_params_from_hf(cfg, tensors, where, expected_params))
+
+
+def lazy_params_from_hf(cfg: ModelConfig, tensors: dict, where: str, expected_params) -> dict:
+  """`params_from_hf` with `lazy.LazyTensor` leaves: nothing is read yet, every shape is checked.
+
+  tensors: HF name -> numpy array (a memory-mapped view: slices read only their pages) or
+  `lazy.Deferred` (computed when first needed). `lazy.place` puts the tree onto a mesh one slice
+  at a time, `lazy.materialize` reads it whole.
+  """
+  from rlhf_jax.models.lazy import LazyTensor, Part
   tensors = dict(tensors)
   if cfg.flavour == "gpt2":   # checkpoints saved from GPT2Model have no 'transformer.' prefix
     tensors = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
@@ -271,21 +283,23 @@ def params_from_hf(cfg: ModelConfig, tensors: dict, where: str, expected_params)
     if name not in tensors:
       raise UserError(f"{where}: missing tensor {name!r} (expected by config.json)")
     used.add(name)
-    return np.asarray(tensors[name], dtype=np.float32)
+    return tensors[name]
 
-  def check(path, value, name):
+  def shape_of(raw):
+    return tuple(int(s) for s in raw.shape)
+
+  def check(path, part, name):
     want = tuple(_get(expected_params, path).shape)
-    if tuple(value.shape) != want:
-      raise UserError(f"{where}: tensor {name!r} has shape {tuple(value.shape)}, config.json implies "
+    if part.shape != want:
+      raise UserError(f"{where}: tensor {name!r} has shape {part.shape}, config.json implies "
                       f"{want}")
-    return value
+    return LazyTensor([part], stacked=False)
 
   params = {}
   for path, name in _top_names(cfg).items():
-    value = take(name)
-    if path == ("lm_head", "kernel"):   # HF (vocab, d) -> ours (d, vocab)
-      value = value.T
-    _set(params, path, check(path, value, name))
+    raw = take(name)
+    part = Part(raw, (lambda w: w.T) if path == ("lm_head", "kernel") else None)  # HF (vocab, d)
+    _set(params, path, check(path, part, name))
 
   d = cfg.d_model
   per_layer = {}
@@ -293,28 +307,33 @@ def params_from_hf(cfg: ModelConfig, tensors: dict, where: str, expected_params)
     prefix = _layer_prefix(cfg, i)
     if cfg.flavour == "gpt2":
       w, b = take(prefix + "attn.c_attn.weight"), take(prefix + "attn.c_attn.bias")
-      if w.shape != (d, 3 * d) or b.shape != (3 * d,):
-        raise UserError(f"{where}: tensor {prefix + 'attn.c_attn.weight'!r} has shape {w.shape}, "
-                        f"config.json implies {(d, 3 * d)}")
-      fused = {"q": (w[:, :d], b[:d]), "k": (w[:, d:2 * d], b[d:2 * d]), "v": (w[:, 2 * d:], b[2 * d:])}
+      if shape_of(w) != (d, 3 * d) or shape_of(b) != (3 * d,):
+        raise UserError(f"{where}: tensor {prefix + 'attn.c_attn.weight'!r} has shape "
+                        f"{shape_of(w)}, config.json implies {(d, 3 * d)}")
+      cols = {"q": slice(0, d), "k": slice(d, 2 * d), "v": slice(2 * d, 3 * d)}
     for path, suffix, _, from_hf in _layer_tensors(cfg):
-      if suffix is None:     # GPT-2 q/k/v, sliced out of c_attn
-        raw = fused[path[1]][0 if path[2] == "kernel" else 1]
-        name = prefix + "attn.c_attn." + ("weight" if path[2] == "kernel" else "bias")
+      if suffix is None:     # GPT-2 q/k/v, sliced out of c_attn (a view)
+        kernel = path[2] == "kernel"
+        raw = w if kernel else b
+        name = prefix + "attn.c_attn." + ("weight" if kernel else "bias")
+        col = cols[path[1]]
+        transform = ((lambda x, col=col, f=from_hf: f(x[:, col])) if kernel else
+                     (lambda x, col=col, f=from_hf: f(x[col])))
       else:
         name = prefix + suffix
         raw = take(name)
+        transform = from_hf
       want = tuple(_get(expected_params, ("layers",) + path).shape[1:])
       try:
-        value = from_hf(raw) if from_hf else raw
+        part = Part(raw, transform)
       except ValueError:
-        value = raw
-      if tuple(value.shape) != want:
-        raise UserError(f"{where}: tensor {name!r} has shape {tuple(raw.shape)}, which does not fit "
+        part = Part(raw)
+      if part.shape != want:
+        raise UserError(f"{where}: tensor {name!r} has shape {shape_of(raw)}, which does not fit "
                         f"config.json (expected {want} in our layout)")
-      per_layer.setdefault(path, []).append(value)
-  for path, values in per_layer.items():
-    _set(params, ("layers",) + path, np.stack(values))
+      per_layer.setdefault(path, []).append(part)
+  for path, parts in per_layer.items():
+    _set(params, ("layers",) + path, LazyTensor(parts, stacked=True))
 
   unused = sorted(k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES)
                   and not (k == "lm_head.weight" and cfg.tie_embeddings))
