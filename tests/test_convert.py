@@ -480,3 +480,37 @@ def test_ppo_from_an_exported_reward_model_equals_ppo_from_ours(tmp_path, offlin
   rewards = [[r["reward"] for r in map(json.loads, open(os.path.join(
       os.path.dirname(final), "metrics.jsonl"))) if "reward" in r] for final in finals]
   assert rewards[0] and rewards[0] == rewards[1], rewards
+
+  # The trained value network comes out of the run's checkpoints (only params/value is read),
+  # as a scalar-head model with value_from's config, and exports like a reward model.
+  import orbax.checkpoint as ocp
+  ckpts = os.path.join(os.path.dirname(finals[1]), "checkpoints")
+  value = load_model(ckpts)
+  assert value.head == "scalar" and value.cfg == load_model(str(tmp_path / "rm_hf")).cfg
+  step = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
+  with ocp.PyTreeCheckpointer() as ckptr:    # everything the checkpoint holds, as saved
+    saved = ckptr.restore(os.path.join(ckpts, str(step), "state"))["params"]["value"]
+  jax.tree.map(np.testing.assert_array_equal, value.params, jax.tree.map(np.asarray, saved))
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), value.params,
+                       back.params)
+  assert max(jax.tree.leaves(moved)) > 0      # PPO trained it
+  out = str(tmp_path / "value_hf")
+  save_model(out, value.cfg, value.params, fmt="hf", head="scalar",
+             tokenizer_dir=value.tokenizer_dir)
+  model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+      out, output_loading_info=True)
+  assert not any(info.values()), info
+  rows = _rm_rows(value.cfg, model.config.pad_token_id, [12, 5], 12)
+  assert np.abs(_hf_scores(model.eval(), *rows) + model.config.rlhf_jax_score_bias
+                - _our_scores(value.cfg, value.params, *rows)).max() < 1e-4
+
+
+def test_value_export_refuses_checkpoints_without_a_value_network(tmp_path):
+  from rlhf_jax.checkpoint import CheckpointManager
+  from rlhf_jax.errors import UserError
+  for name, record in (("sft", {"init_from": "x"}), ("ppo", {"value_from": "auto"})):
+    path = str(tmp_path / name / "checkpoints")
+    with CheckpointManager(path, save_every=1) as ckpt:
+      ckpt.save(1, {"params": {"w": np.zeros(2, np.float32)}}, meta={"config": record})
+    with pytest.raises(UserError, match="not PPO" if name == "sft" else "rm/model"):
+      load_model(path)
