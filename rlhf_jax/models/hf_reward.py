@@ -146,8 +146,10 @@ def write(out: str, cfg: ModelConfig, params, np_dtype, tokenizer_dir=None) -> i
 
 
 def from_hf_tensors(cfg: ModelConfig, tensors: dict, hf_config: dict, where: str) -> dict:
-  """Our scalar-head parameters (float32 numpy) from a sequence classifier's tensors: the
-  backbone by `hf.params_from_hf`, the head from `score.weight` (1, d) and `rlhf_jax_score_bias`."""
+  """Our scalar-head parameters from a sequence classifier's tensors: the
+  backbone by `hf.lazy_params_from_hf` (lazy leaves: `convert.load_model` reads them whole, or
+  places them on a mesh one device slice at a time), the head from `score.weight` (1, d) and
+  `rlhf_jax_score_bias`."""
   from rlhf_jax.models import abstract_params  # pylint: disable=g-import-not-at-top  (cycle)
   labels = num_labels(hf_config, where)
   if labels != 1:
@@ -167,13 +169,15 @@ def from_hf_tensors(cfg: ModelConfig, tensors: dict, hf_config: dict, where: str
     raise UserError(f"{where}: {SCORE_BIAS} must be a number, got "
                     f"{hf_config.get(SCORE_BIAS)!r}") from None
   backbone_cfg = _backbone_cfg(cfg)
-  params = hf_format.params_from_hf(backbone_cfg, tensors, where, abstract_params(backbone_cfg))
+  params = hf_format.lazy_params_from_hf(backbone_cfg, tensors, where,
+                                         abstract_params(backbone_cfg))
   params["scalar_head"] = {"kernel": score.T.copy(), "bias": np.asarray([bias], np.float32)}
   return params
 
 
 def read(path: str, hf_config: dict):
-  """(ModelConfig, scalar-head params) of a Hugging Face sequence-classifier directory."""
+  """(ModelConfig, scalar-head params) of a Hugging Face sequence-classifier directory; the
+  backbone's leaves are lazy (`rlhf_jax.models.lazy.materialize` reads them)."""
   where = os.path.join(path, "config.json")
   cfg = hf_format.config_from_hf(hf_config, where)
   params = from_hf_tensors(cfg, hf_format.read_hf_tensors(path), hf_config, path)
