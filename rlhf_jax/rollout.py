@@ -3,12 +3,9 @@
 Sample K responses per prompt, append them to the prompt, score them at the last token with a
 scalar-head model, take per-token log-probs, decode ids to text, place parameters on the mesh.
 """
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from rlhf_jax import losses
 from rlhf_jax import sharding
@@ -16,6 +13,7 @@ from rlhf_jax.data import loaders
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.sampling import sample
+from rlhf_jax.train import logs
 from rlhf_jax.train import stage_io
 from rlhf_jax.train.step import forward, jit_eval_step
 
@@ -110,9 +108,9 @@ def sample_batch(params, cfg, batch, mesh, batch_size, rng, sc, num_samples):
 
 
 def progress(total, desc):
-  """The progress bar of a sampling run over `total` prompt batches (process 0 only)."""
-  return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, file=sys.stderr,
-              disable=jax.process_index() != 0, mininterval=1.0)
+  """The progress of a sampling run over `total` prompt batches (process 0 only): a tqdm bar on
+  a terminal, else a line every tenth of the way (`logs.progress`)."""
+  return logs.progress(total, desc, enabled=jax.process_index() == 0)
 
 
 # ----------------------------------------------------------------------------- prompt ++ response

@@ -67,7 +67,7 @@ def test_a_stage_without_a_terminal_prints_a_line_every_n_steps(tmp_path, capfd)
   key metrics of the last log and evaluation in it, then one summary line on stdout."""
   toy_loop.run(str(tmp_path), 100, 5, eval_every=50)
   out, err = capfd.readouterr()
-  pattern = re.compile(r"^toy: step (\d+)/100 \((\d+)%\), \d+ s, [0-9.]+ steps/s, loss ([0-9.]+)"
+  pattern = re.compile(r"^toy: step (\d+)/100 \((\d+)%\), \d+ s, [0-9.]+ step/s, loss ([0-9.]+)"
                        r"(?: eval_loss ([0-9.]+))?$")
   lines = [line for line in err.splitlines() if line.strip()]
   matches = [pattern.match(line) for line in lines]
@@ -133,6 +133,23 @@ def test_a_stage_on_a_terminal_shows_one_bar_and_no_step_lines(tmp_path):
   assert frames[-1].endswith(f"step/s, loss={_interval_loss(60, 5):.4f}]")
   assert out.splitlines()[0].startswith("toy: 60 steps in ") and len(out.splitlines()) == 1
   assert [r["step"] for r in _records(tmp_path, "train")] == list(range(5, 61, 5))
+
+
+def test_a_sampler_progress_without_a_terminal_is_a_line_every_tenth(capsys):
+  """collect and evaluate count sampler calls with `progress` (rollout.progress): no metrics, so
+  `update` itself prints, every line_every(total, 1) calls and at the last."""
+  bar = logs.progress(23, "evaluate")
+  for _ in range(23):
+    bar.update(1)
+  bar.close()
+  lines = capsys.readouterr().err.splitlines()
+  got = [re.match(r"^evaluate: batch (\d+)/23 \(\d+%\), \d+ s, [0-9.]+ batch/s$", line)
+         for line in lines]
+  assert all(got), lines
+  assert [int(m[1]) for m in got] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 23]
+  quiet = logs.progress(23, "evaluate", enabled=False)
+  quiet.update(23)
+  assert capsys.readouterr() == ("", "")
 
 
 def test_a_skipped_step_is_a_warning_line_not_lost_in_the_bar(capsys):

@@ -10,7 +10,8 @@ detail is in metrics.jsonl, TensorBoard and W&B):
                          a plain line on stderr every `line_every` steps (about ten per stage, on
                          log steps) and at the last step, with the same metrics
 and after the last step the loop's one summary line on stdout (`summary_line`). A skipped
-(non-finite) step is a warning line either way.
+(non-finite) step is a warning line either way. `progress` is the same display for a loop with no
+metrics (the sampler calls of collect and evaluate, through rollout.progress).
 
 Weights & Biases (`config.wandb`; off unless `project` is set; `pip install 'rlhf_jax[wandb]'`):
 one run per stage (a resumed stage starts a new one), named `<group>-<stage>` in the group
@@ -75,15 +76,19 @@ class Console:
     console.close()
 
   tty=None asks the stream (`isatty`); enabled=False (processes other than 0) shows nothing.
+  lines_on_step: without a terminal, `step` itself prints the line every `every` steps (a
+  progress with no metrics: `progress`, the samplers of collect and evaluate); `update` is `step`
+  (tqdm's name).
   """
 
   def __init__(self, name: str, total: int, start: int, log_every: int, unit: str = "step",
-               stream=None, tty: Optional[bool] = None, enabled: bool = True):
+               stream=None, tty: Optional[bool] = None, enabled: bool = True,
+               lines_on_step: bool = False):
     self.name, self.total, self.unit, self.enabled = name, int(total), unit, enabled
     self.stream = stream if stream is not None else sys.stderr
     self.every = line_every(self.total, max(int(log_every), 1))
     self.start, self.done, self.t0 = int(start), int(start), time.time()
-    self.postfix = {}
+    self.postfix, self.lines_on_step = {}, lines_on_step
     self.bar = None
     is_tty = self.stream.isatty() if tty is None else tty
     if enabled and is_tty:
@@ -91,9 +96,14 @@ class Console:
                       dynamic_ncols=True, file=self.stream, mininterval=1.0)
 
   def step(self, n: int = 1) -> None:
-    self.done += n
+    before, self.done = self.done, self.done + n
     if self.bar is not None:
       self.bar.update(n)
+    elif self.lines_on_step and self.enabled and (
+        self.done // self.every > before // self.every or self.done == self.total):
+      self._write(self.progress_line(self.done))
+
+  update = step
 
   def metrics(self, kind: str, step: int, values: Mapping) -> None:
     """Keeps the key metrics of a record; the bar shows them, or a line falls due."""
@@ -108,12 +118,13 @@ class Console:
       self._write(self.progress_line(step))
 
   def progress_line(self, step: int) -> str:
-    """'<name>: <unit> <step>/<total> (<pct>%), <s> s, <rate> <unit>s/s, <key metrics>'."""
+    """'<name>: <unit> <step>/<total> (<pct>%), <s> s, <rate> <unit>/s, <key metrics>'."""
     seconds = time.time() - self.t0
     rate = (step - self.start) / max(seconds, 1e-9)
-    shown = " ".join(f"{k} {v}" for k, v in self.postfix.items())
+    shown = "".join(f"{', ' if i == 0 else ' '}{k} {v}" for i, (k, v) in
+                    enumerate(self.postfix.items()))
     return (f"{self.name}: {self.unit} {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)"
-            f", {seconds:.0f} s, {rate:.2f} {self.unit}s/s, {shown}")
+            f", {seconds:.0f} s, {rate:.2f} {self.unit}/s{shown}")
 
   def note(self, line: str) -> None:
     if self.enabled:
@@ -130,6 +141,12 @@ class Console:
     if self.bar is not None:
       self.bar.close()
       self.bar = None
+
+
+def progress(total: int, desc: str, unit: str = "batch", enabled: bool = True) -> Console:
+  """The progress of a loop without metrics over `total` items (e.g. sampler calls): a tqdm bar on
+  a terminal, else a line every tenth of the way."""
+  return Console(desc, total, 0, 1, unit=unit, enabled=enabled, lines_on_step=True)
 
 
 def summary_line(name: str, unit: str, steps: int, seconds: float, train: Mapping,
