@@ -321,6 +321,10 @@ def test_reward_model_export_scores_like_ours_and_reimports(preset, tmp_path):
   assert np.abs(_our_scores(back.cfg, back.params, *left) - ours).max() < 1e-5
   rm_cfg, rm_params = stage_io.load_scalar_model(out, cfg, "reward_model")
   assert np.abs(_our_scores(rm_cfg, rm_params, *left) - ours).max() < 1e-5
+  from rlhf_jax import sharding
+  mesh = sharding.make_mesh((2, 2, 2))      # as PPO loads it: placed on the mesh, same values
+  _, placed = stage_io.load_scalar_model(out, cfg, "value_from", mesh)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), placed, rm_params)
   save_model(str(tmp_path / "native"), back.cfg, back.params, fmt="rlhf_jax", head="scalar")
   again = load_model(str(tmp_path / "native"), head="scalar")
   assert np.abs(_our_scores(again.cfg, again.params, *left) - ours).max() < 1e-5
