@@ -15,13 +15,18 @@ import ml_collections
 from rlhf_jax.data import offline_dataset
 from rlhf_jax.models import preset as model_preset
 
+# The paper presets' vocabulary (50257) padded to 50304 rows so it divides the tensor axis
+# (embeddings and logits sharded, not replicated), and the losses' float32 logits computed 256
+# positions at a time (model.vocab_multiple, model.logits_chunk; rlhf_jax/logprobs.py).
+_SCALE = {"vocab_multiple": 128, "logits_chunk": 256}
+
 # config preset -> model preset, model overrides
 MODELS = {
     "tiny": ("tiny", {}),
     "smollm2": ("smollm2-135m", {}),
-    "1.3b": ("1.3b", {"dtype": "bfloat16", "remat": "full", "attention_impl": "auto"}),
-    "6.7b": ("6.7b", {"dtype": "bfloat16", "remat": "full", "attention_impl": "auto"}),
-    "175b": ("175b", {"dtype": "bfloat16", "remat": "full", "attention_impl": "auto"}),
+    "1.3b": ("1.3b", {"dtype": "bfloat16", "remat": "full", "attention_impl": "auto", **_SCALE}),
+    "6.7b": ("6.7b", {"dtype": "bfloat16", "remat": "full", "attention_impl": "auto", **_SCALE}),
+    "175b": ("175b", {"dtype": "bfloat16", "remat": "full", "attention_impl": "auto", **_SCALE}),
 }
 PAPER = ("1.3b", "6.7b", "175b")
 

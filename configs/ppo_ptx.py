@@ -72,6 +72,13 @@ def ppo_fields():
       # The frozen reference policy and reward model stored in 'bfloat16' (half the memory; the
       # compute dtype is config.model.dtype) or 'float32'.
       "frozen_dtype": "float32",
+      # Decoding at scale (the sampled tokens only; PPO's log-probs come from the float32
+      # training weights): the policy's weights for the rollout in 'bfloat16' or 'float32', in
+      # the layout they were trained in ('train': FSDP shards gathered as used), resharded once
+      # per rollout into the decode layout ('decode': tensor-parallel, replicated over data and
+      # fsdp), or 'auto': 'decode' where that copy takes at most a quarter of device memory.
+      "rollout_dtype": "float32",
+      "rollout_layout": "train",
       "log_every": 1,
       "checkpoint_every": 10,
       "keep_checkpoints": 2,
@@ -151,4 +158,6 @@ def get_config(preset="tiny"):
     # 512 pretraining rows of 2048 tokens per minibatch in 8 chunks of 64 (python -m rlhf_jax.plan
     # --topology=... shows what one chip needs with and without).
     p.ptx_micro_batches = 8
+    p.rollout_dtype = "bfloat16"
+    p.rollout_layout = "auto"
   return c

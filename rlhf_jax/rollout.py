@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import logprobs
 from rlhf_jax import losses
 from rlhf_jax import sharding
 from rlhf_jax.data import loaders
@@ -201,9 +202,10 @@ def response_outputs(cfg: ModelConfig, head, params, tokens, segment_ids, prompt
 
 
 def policy_logprobs(cfg, params, tokens, segment_ids, prompt_len, temperature):
-  """(log pi(y_t), entropy_t), each (B, N), at the sampling temperature."""
-  logits = response_outputs(cfg, "lm", params, tokens, segment_ids, prompt_len)
-  return losses.token_logprobs(logits, tokens[:, prompt_len:], temperature)
+  """(log pi(y_t), entropy_t), each (B, N), at the sampling temperature (the head from column
+  P - 1 on, as `response_outputs`; its logits in chunks when cfg.logits_chunk)."""
+  return logprobs.next_token_logprobs(cfg, params, {"tokens": tokens, "segment_ids": segment_ids},
+                                      temperature, head_from=prompt_len - 1)
 
 
 def make_logprob_fn(cfg, num_new, temperature):

@@ -19,6 +19,9 @@ in one call on the whole batch, so the samples do not depend on how the batch is
 
 Returned log-probs are log softmax(l / temperature)[token], with no top-k/top-p mask: exactly what a
 fresh forward pass at the same temperature gives, which is what the PPO ratio needs.
+
+`decode_weights` prepares the weights for decoding at scale (per layer, cast, resharded into the
+decode layout) once, where a jitted caller samples many tokens (PPO's rollout).
 """
 import dataclasses
 import functools
@@ -28,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import sharding
 from rlhf_jax.errors import UserError
-from rlhf_jax.models import ModelConfig, Transformer, init_cache, unstack_layers
+from rlhf_jax.models import ModelConfig, Transformer, abstract_params, init_cache, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +110,27 @@ def choose_token(logits: jax.Array, rng, sc: SamplingConfig, draw_rows=None):
     token = jnp.where(probs[jnp.arange(z.shape[0]), token] > 0, token, jnp.argmax(filtered, -1))
   logprob = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
   return token.astype(jnp.int32), logprob
+
+
+def decode_weights(params, cfg: ModelConfig, dtype: str = "", mesh=None):
+  """(cfg, params) for `sample`, made ONCE per rollout inside the jitted caller (a PPO
+  iteration): the stacked weights split per layer (`unstack_layers`), cast to `dtype` (e.g.
+  'bfloat16'; '' keeps them), and with a mesh constrained to the decode layout
+  (`sharding.decode_param_shardings`: tensor-parallel, replicated over data and fsdp), so the
+  decode loop reads local weights instead of all-gathering FSDP shards every token. Slice, cast
+  and reshard are one pass per leaf: the decode copy is the only extra copy of the weights.
+  The returned cfg decodes layer by layer (scan_layers False) with activations and the KV cache
+  in `dtype`."""
+  dcfg = cfg.replace(scan_layers=False)
+  if dtype:
+    dcfg = dcfg.replace(dtype=dtype, param_dtype=dtype)
+  params = unstack_layers(params) if cfg.scan_layers else params
+  if dtype:
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+  if mesh is not None:
+    shardings = sharding.decode_param_shardings(abstract_params(dcfg, "lm", boxed=True), mesh)
+    params = jax.lax.with_sharding_constraint(params, shardings)
+  return dcfg, params
 
 
 def _repeat_rows(cache, k: int):

@@ -39,7 +39,14 @@ LOGICAL_AXIS_RULES = (
     ("head_dim", None),
     ("mlp", ("tensor",)),
     ("layers", None),
+    ("cache_length", None),     # the KV cache's slots (transformer.CACHE_AXES)
 )
+
+# The decode layout (`decode_param_shardings`): the same table with the weights' 'embed' axis
+# replicated, so a decode step reads local weights (tensor-parallel only) instead of
+# all-gathering FSDP shards for every token.
+DECODE_AXIS_RULES = tuple((name, None if name == "embed" else axes)
+                          for name, axes in LOGICAL_AXIS_RULES)
 
 
 # ----------------------------------------------------------------------------- mesh
@@ -208,6 +215,30 @@ def opt_state_shardings(tx, boxed_params: Any, mesh: jax.sharding.Mesh,
   `jax.eval_shape`) on the boxed parameters keeps each parameter's logical names on its moments.
   """
   return logical_to_mesh_sharding(jax.eval_shape(tx.init, boxed_params), mesh, rules)
+
+
+def decode_param_shardings(boxed_params: Any, mesh: jax.sharding.Mesh):
+  """Shardings of a model's parameters for decoding (`DECODE_AXIS_RULES`: tensor-parallel,
+  replicated over 'data' and 'fsdp'), from `abstract_params(cfg, head, boxed=True)`."""
+  return logical_to_mesh_sharding(boxed_params, mesh, DECODE_AXIS_RULES)
+
+
+def decode_layout_fits(boxed_params: Any, dtype: str, mesh: jax.sharding.Mesh,
+                       fraction: float = 0.25) -> bool:
+  """Whether each device's part of the decode copy of the weights (`decode_param_shardings`,
+  in `dtype`) is at most `fraction` of its memory (`memory_stats()['bytes_limit']`); False
+  where the devices do not report their memory (CPU)."""
+  try:
+    limit = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+  except Exception:  # pylint: disable=broad-except   (a backend without memory statistics)
+    limit = None
+  if not limit:
+    return False
+  shardings = decode_param_shardings(boxed_params, mesh)
+  shapes = jax.tree.leaves(nn.unbox(boxed_params))
+  per_device = sum(math.prod(s.shard_shape(x.shape)) * np.dtype(dtype).itemsize
+                   for x, s in zip(shapes, jax.tree.leaves(shardings)))
+  return per_device <= fraction * limit
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -59,6 +59,13 @@ class ModelConfig:
   remat: str = "none"
   attention_impl: str = "einsum"   # ATTENTION_IMPLS
   scan_layers: bool = True      # False: layers one by one with per-layer params (the decode path)
+  # Embedding and LM-head rows padded to a multiple of this (0 or 1: none), so that the
+  # vocabulary divides the tensor axis; the padded ids' logits are masked (transformer._MASKED)
+  # in every output, so nothing samples or scores them. `padded_vocab` is the row count.
+  vocab_multiple: int = 0
+  # The LM losses and log-probs compute the head's float32 logits this many positions at a time
+  # (0: all at once), so (tokens x vocab) logits never exist whole (losses.chunked_token_logprobs).
+  logits_chunk: int = 0
   bos_token_id: int = 1
   eos_token_id: int = 2
   pad_token_id: int = 0
@@ -78,6 +85,10 @@ class ModelConfig:
                  "d_ff", "max_len"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
         problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+    for name in ("vocab_multiple", "logits_chunk"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+        problems.append(f"{name} must be a non-negative integer (0 = off), got "
+                        f"{getattr(self, name)!r}")
     if not problems and self.num_heads % self.num_kv_heads:
       problems.append(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                       f"({self.num_kv_heads})")
@@ -95,6 +106,12 @@ class ModelConfig:
   @property
   def num_groups(self) -> int:
     return self.num_heads // self.num_kv_heads
+
+  @property
+  def padded_vocab(self) -> int:
+    """Rows of the embedding (and LM-head columns): vocab_size rounded up to vocab_multiple."""
+    m = max(self.vocab_multiple, 1)
+    return -(-self.vocab_size // m) * m
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":

@@ -14,6 +14,7 @@ import numpy as np
 
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import resize_vocab
 
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -344,7 +345,9 @@ def lazy_params_from_hf(cfg: ModelConfig, tensors: dict, where: str, expected_pa
 
 
 def params_to_hf(cfg: ModelConfig, params) -> dict:
-  """HF-named numpy tensors from our parameter tree (the inverse of `params_from_hf`)."""
+  """HF-named numpy tensors from our parameter tree (the inverse of `params_from_hf`); the
+  vocabulary padding (`vocab_multiple`) is stripped: HF tensors have vocab_size rows."""
+  params = resize_vocab(params, cfg, cfg.vocab_size)
   out = {}
   for path, name in _top_names(cfg).items():
     value = np.asarray(_get(params, path))

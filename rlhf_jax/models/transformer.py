@@ -32,6 +32,11 @@ in the kernel, no scores in HBM); 'auto' picks per backend. Where a fused kernel
 it falls back (see `attention_impl`).
 
 Rematerialisation (`cfg.remat`): a policy name of `REMAT_POLICIES` (config.py describes them).
+
+Vocabulary padding (`cfg.vocab_multiple`): the embedding has `cfg.padded_vocab` rows (and an
+untied LM head as many columns); the logits of ids >= vocab_size are _MASKED in every output
+(`mask_padded_vocab`), so they have probability 0 in every softmax. `lm_head_logits` is the LM
+head as a pure function (what chunked losses call); `resize_vocab` pads or strips the rows.
 """
 import contextlib
 import functools
@@ -41,6 +46,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.models.config import ModelConfig
 
@@ -55,6 +61,9 @@ except ImportError:
   cudnn_attention = None
 
 HEADS = ("lm", "scalar", "none")
+# Logical axes of one layer's KV-cache buffer (B, kv_heads, S, head_dim); `rlhf_jax.sharding`
+# maps them (batch over the data axes, kv_heads over 'tensor', the slots whole).
+CACHE_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
 _MASKED = -1e30  # finite, so a fully masked (padding) query row gives uniform weights, not NaN
 
 # cfg.remat -> what a layer saves for the backward pass (None: nothing, nn.remat's default).
@@ -135,6 +144,13 @@ class Norm(nn.Module):
     return y.astype(_dtype(cfg.dtype))
 
 
+def _project(x, kernel, n_in: int, dtype: str):
+  """x @ kernel in `dtype`, contracting the last n_in axes of x with the first n_in of kernel."""
+  x = x.astype(_dtype(dtype))
+  return jax.lax.dot_general(x, kernel.astype(x.dtype),
+                             ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+
+
 class Projection(nn.Module):
   """y = x @ W (+ b) with W of shape in_shape + out_shape, contracting all of in_shape."""
   in_shape: tuple
@@ -151,10 +167,7 @@ class Projection(nn.Module):
     pdt = _dtype(self.param_dtype)
     kernel = _param(self, "kernel", _dense_init(self.std), self.in_shape + self.out_shape,
                     self.in_axes + self.out_axes, pdt)
-    n_in = len(self.in_shape)
-    x = x.astype(_dtype(self.dtype))
-    y = jax.lax.dot_general(x, kernel.astype(x.dtype),
-                            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+    y = _project(x, kernel, len(self.in_shape), self.dtype)
     if self.use_bias:
       y = y + _param(self, "bias", nn.initializers.zeros, self.out_shape, self.out_axes,
                      pdt).astype(y.dtype)
@@ -332,7 +345,8 @@ class Attention(nn.Module):
       # XLA updates it in place inside the decode loop.
       write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
           buf, new.astype(buf.dtype).transpose(0, 2, 1, 3), ctx["index"], axis=2)
-      keys, values = write(layer_cache["k"], k), write(layer_cache["v"], v)
+      keys, values = (nn.with_logical_constraint(write(layer_cache[n], new), CACHE_AXES)
+                      for n, new in (("k", k), ("v", v)))
       new_kv, layout = {"k": keys, "v": values}, "bksd"
     dropout = bool(cfg.dropout_attn) and not deterministic
     impl = attention_impl(cfg, t, cached=layer_cache is not None, dropout=dropout)
@@ -422,14 +436,19 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
 
   The slot axis sits next to head_dim so attention reads the cache with no transpose.
 
+  The buffers carry the logical axes CACHE_AXES (sharded as `rlhf_jax.sharding`'s rules say when
+  traced under `sharding.activate`).
+
   index: next slot to write (shared by the batch); segment_ids (B, S): 0 on empty or padding slots;
   pos (B,): number of real tokens seen per row, so new tokens get the right positions.
   """
   shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+  buffer = lambda: nn.with_logical_constraint(jnp.zeros(shape, _dtype(cfg.dtype)), CACHE_AXES)
   if cfg.scan_layers:
-    zeros = lambda: jnp.zeros((cfg.num_layers,) + shape, _dtype(cfg.dtype))
+    zeros = lambda: nn.with_logical_constraint(
+        jnp.zeros((cfg.num_layers,) + shape, _dtype(cfg.dtype)), ("layers",) + CACHE_AXES)
   else:   # one buffer per layer
-    zeros = lambda: tuple(jnp.zeros(shape, _dtype(cfg.dtype)) for _ in range(cfg.num_layers))
+    zeros = lambda: tuple(buffer() for _ in range(cfg.num_layers))
   return {"k": zeros(), "v": zeros(),
           "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
           "index": jnp.zeros((), jnp.int32), "pos": jnp.zeros((batch_size,), jnp.int32)}
@@ -476,7 +495,7 @@ class Transformer(nn.Module):
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
     ctx = _attention_context(cfg, segment_ids, positions, cache)
 
-    embedding = _param(self, "embed", _dense_init(0.02), (cfg.vocab_size, cfg.d_model),
+    embedding = _param(self, "embed", _dense_init(0.02), (cfg.padded_vocab, cfg.d_model),
                        ("vocab", "embed"), pdt)
     x = jnp.take(embedding, tokens, axis=0).astype(_dtype(cfg.dtype))
     if cfg.flavour == "gpt2":
@@ -519,9 +538,56 @@ class Transformer(nn.Module):
                        cfg.param_dtype, name="scalar_head")(x)
       return out[..., 0], new_cache
     if cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+      logits = _tied_logits(x, embedding)
     else:
-      logits = Projection((cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",), False, 0.02,
+      logits = Projection((cfg.d_model,), (cfg.padded_vocab,), ("embed",), ("vocab",), False, 0.02,
                           cfg.dtype, cfg.param_dtype, name="lm_head")(x).astype(jnp.float32)
-    return logits, new_cache
+    return mask_padded_vocab(logits, cfg), new_cache
+
+
+def _tied_logits(x, embedding):
+  """Float32 logits x @ embedding^T (the tied LM head)."""
+  return jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def mask_padded_vocab(logits: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """logits (..., padded_vocab) with the padded ids (>= cfg.vocab_size) set to _MASKED: after any
+  softmax or log-softmax (at any temperature) their probability is exactly 0, so no sampler,
+  greedy argmax, loss or log-prob can pick them. The identity without padding."""
+  if cfg.padded_vocab == cfg.vocab_size:
+    return logits
+  real = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
+  return jnp.where(real, logits, jnp.asarray(_MASKED, logits.dtype))
+
+
+def lm_head_logits(cfg: ModelConfig, params, x: jax.Array) -> jax.Array:
+  """The LM head of `Transformer(cfg)` on final hidden states x (B, T, d_model) (the output of
+  head='none'), as a pure function of the parameters: the same float32 logits (padded ids
+  masked) as head='lm'. What chunked losses call on a few positions at a time."""
+  if cfg.tie_embeddings:
+    logits = _tied_logits(x, params["embed"])
+  else:
+    logits = _project(x, params["lm_head"]["kernel"], 1, cfg.dtype).astype(jnp.float32)
+  return mask_padded_vocab(logits, cfg)
+
+
+def resize_vocab(params, cfg: ModelConfig, rows: int):
+  """`params` of `cfg` with the embedding rows (and untied LM-head columns) cut or zero-padded to
+  `rows`: from a checkpoint of the real vocabulary into a padded model (rows = padded_vocab), or
+  padding stripped for export (rows = vocab_size). Rows >= vocab_size are never used (their
+  logits are masked), so either way the network computes the same function. numpy or jax
+  arrays; other parameters are returned as they are."""
+  def fit(x, axis):
+    have = x.shape[axis]
+    if have == rows:
+      return x
+    if have > rows:
+      return x[:rows] if axis == 0 else x[:, :rows]
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, rows - have)
+    return (np if isinstance(x, np.ndarray) else jnp).pad(x, widths)
+  out = dict(params, embed=fit(params["embed"], 0))
+  if "lm_head" in params:
+    out["lm_head"] = dict(params["lm_head"], kernel=fit(params["lm_head"]["kernel"], 1))
+  return out

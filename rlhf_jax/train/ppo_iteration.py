@@ -10,7 +10,9 @@ jitted pure function:
   1. rollout: B prompts -> B responses of at most N tokens with the jitted sampler (temperature T;
      log-probs are taken at the same temperature everywhere), in `rollout_micro_batches` chunks
      one after the other (`lax.map`); each row draws the random numbers it would draw in one
-     call on the whole batch, so the samples do not depend on the chunking;
+     call on the whole batch, so the samples do not depend on the chunking. The policy's weights
+     are first cast to `rollout_dtype` and resharded into the decode layout (`rollout_layout`,
+     `sampling.decode_weights`), once per rollout, when the config asks;
   2. score: old log-probs and entropy (policy), reference log-probs, old values (value function,
      the state before each response token), the reward at the last token (reward model), minus
      `missing_eos_penalty` for a response that never emitted EOS; in max(minibatches,
@@ -63,11 +65,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax import logprobs
 from rlhf_jax import losses
-from rlhf_jax.models import ModelConfig
+from rlhf_jax import sharding
+from rlhf_jax.errors import UserError
+from rlhf_jax.models import ModelConfig, abstract_params
 from rlhf_jax.rollout import append_responses, last_token_scores, policy_logprobs, response_outputs
-from rlhf_jax.sampling import SamplingConfig, sample
-from rlhf_jax.train.step import forward, guard_nonfinite, split_micro_batches
+from rlhf_jax.sampling import SamplingConfig, decode_weights, sample
+from rlhf_jax.train.step import guard_nonfinite, split_micro_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,10 +104,42 @@ class Settings:
   # rows in this many chunks (1: all at once).
   rollout_micro_batches: int = 1
   ptx_micro_batches: int = 1
+  # Decoding at scale (`sampling.decode_weights`): the policy's weights for the rollout cast to
+  # rollout_dtype ('float32': as they are) and, with rollout_layout 'decode', resharded once per
+  # rollout into the decode layout (tensor-parallel, replicated over data and fsdp); 'train'
+  # decodes from the training layout; 'auto' is 'decode' where it fits (`decode_mesh`). Only
+  # the sampled tokens depend on it: the PPO log-probs come from the training weights (step 2).
+  rollout_dtype: str = "float32"
+  rollout_layout: str = "train"
 
   @property
   def use_ptx(self):
     return self.ptx_coef != 0.0 and self.ptx_rows > 0
+
+
+ROLLOUT_DTYPES = ("float32", "bfloat16")
+ROLLOUT_LAYOUTS = ("train", "decode", "auto")
+
+
+def check_rollout_fields(dtype, layout):
+  """One-line UserError unless config.ppo.rollout_dtype / rollout_layout are known values."""
+  if dtype not in ROLLOUT_DTYPES:
+    raise UserError(f"config.ppo.rollout_dtype must be one of {ROLLOUT_DTYPES}, got {dtype!r}")
+  if layout not in ROLLOUT_LAYOUTS:
+    raise UserError(f"config.ppo.rollout_layout must be one of {ROLLOUT_LAYOUTS}, got "
+                    f"{layout!r}")
+
+
+def decode_mesh(cfg: ModelConfig, s: Settings, mesh):
+  """The mesh the rollout's weights are resharded on (`sampling.decode_weights`), or None to
+  decode from the training layout: rollout_layout 'decode', or 'auto' where the decode copy
+  takes at most a quarter of each device's memory (`sharding.decode_layout_fits`)."""
+  if mesh is None or s.rollout_layout == "train":
+    return None
+  if s.rollout_layout == "auto" and not sharding.decode_layout_fits(
+      abstract_params(cfg.replace(scan_layers=False), "lm", boxed=True), s.rollout_dtype, mesh):
+    return None
+  return mesh
 
 
 def _unsplit(x):
@@ -127,6 +164,7 @@ class _Iteration:
   def __init__(self, policy_cfg, value_cfg, rm_cfg, s: Settings, txs, mesh, score_fn):
     self.policy_cfg, self.value_cfg, self.rm_cfg, self.s = policy_cfg, value_cfg, rm_cfg, s
     self.txs, self.mesh, self.score_fn = txs, mesh, score_fn
+    self.decode_mesh = decode_mesh(policy_cfg, s, mesh)
     self.sc = SamplingConfig(max_new_tokens=s.response_len, temperature=s.temperature,
                              eos_token_id=s.eos_token_id, pad_token_id=s.pad_token_id)
 
@@ -153,14 +191,18 @@ class _Iteration:
   def rollout(self, policy_params, batch, sample_rng):
     """(sampler output, prompt ++ response tokens, their segment ids, whether each has EOS)."""
     prompts, prompt_seg = batch["prompts"], batch["prompt_segment_ids"]
-    chunks = self.s.rollout_micro_batches
+    chunks, cfg, s = self.s.rollout_micro_batches, self.policy_cfg, self.s
+    if s.rollout_dtype != "float32" or self.decode_mesh is not None:   # once, before any chunk
+      cfg, policy_params = decode_weights(
+          policy_params, cfg, "" if s.rollout_dtype == "float32" else s.rollout_dtype,
+          self.decode_mesh)
     if chunks == 1:
-      out = sample(policy_params, self.policy_cfg, prompts, prompt_seg, sample_rng, self.sc)
+      out = sample(policy_params, cfg, prompts, prompt_seg, sample_rng, self.sc)
     else:   # chunk c = rows c, c + chunks, ... (split_micro_batches), sampled one after another
       b = prompts.shape[0]
       rows = {"prompts": prompts, "segment_ids": prompt_seg, "index": jnp.arange(b)}
       out = jax.tree.map(_unsplit, jax.lax.map(
-          lambda c: sample(policy_params, self.policy_cfg, c["prompts"], c["segment_ids"],
+          lambda c: sample(policy_params, cfg, c["prompts"], c["segment_ids"],
                            sample_rng, self.sc, batch_rows=c["index"], total_batch=b),
           split_micro_batches(rows, chunks, self.mesh)))
     mask = out.mask
@@ -247,8 +289,7 @@ class _Iteration:
 
   def ptx_term(self, policy_params, ptx):
     """ptx_coef x the LM loss on this minibatch's pretraining rows (the policy only)."""
-    logits = forward(self.policy_cfg, "lm", policy_params, ptx)
-    ptx_sum, ptx_count = losses.lm_loss(logits, ptx["tokens"], ptx["loss_mask"])
+    ptx_sum, ptx_count = logprobs.lm_loss(self.policy_cfg, policy_params, ptx)
     ptx_loss = ptx_sum / jnp.maximum(ptx_count, 1.0)
     return self.s.ptx_coef * ptx_loss, ptx_loss
 
@@ -261,8 +302,7 @@ class _Iteration:
       return jax.value_and_grad(self.ptx_term, has_aux=True)(policy_params, ptx)
 
     def sum_and_count(params, rows):
-      logits = forward(self.policy_cfg, "lm", params, rows)
-      return losses.lm_loss(logits, rows["tokens"], rows["loss_mask"])
+      return logprobs.lm_loss(self.policy_cfg, params, rows)
 
     def body(acc, rows):
       (total, count), grad = jax.value_and_grad(sum_and_count, has_aux=True)(policy_params, rows)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import losses
+from rlhf_jax import logprobs
 from rlhf_jax import plan_compile
 from rlhf_jax import rollout
 from rlhf_jax import sharding
@@ -34,7 +34,7 @@ from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import loop
 from rlhf_jax.train import optim
 from rlhf_jax.train import stage_io
-from rlhf_jax.train.step import TrainStep, forward, jit_eval_step
+from rlhf_jax.train.step import TrainStep, jit_eval_step
 
 TRAIN_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
 
@@ -42,16 +42,14 @@ TRAIN_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
 def make_loss_fn(cfg: ModelConfig):
   """(params, batch, rng) -> (token loss sum, target count, {}): the masked next-token loss."""
   def loss_fn(params, batch, rng):
-    logits = forward(cfg, "lm", params, batch, rng=rng, train=True)
-    loss_sum, count = losses.lm_loss(logits, batch["tokens"], batch["loss_mask"])
+    loss_sum, count = logprobs.lm_loss(cfg, params, batch, rng=rng, train=True)
     return loss_sum, count, {}
   return loss_fn
 
 
 def make_eval_fn(cfg: ModelConfig):
   def eval_fn(params, batch):
-    logits = forward(cfg, "lm", params, batch)
-    return losses.lm_loss(logits, batch["tokens"], batch["loss_mask"])
+    return logprobs.lm_loss(cfg, params, batch)
   return eval_fn
 
 

@@ -22,6 +22,7 @@ from rlhf_jax.convert import load_model
 from rlhf_jax.data import builders, load_tokenizer, offline_dataset, prepare, real_data
 from rlhf_jax.errors import UserError, check_int, check_positive
 from rlhf_jax.models import ModelConfig, abstract_params
+from rlhf_jax.models.transformer import resize_vocab
 from rlhf_jax.train import STAGE_NAMES
 from rlhf_jax.train import loop
 from rlhf_jax.train import optim
@@ -297,8 +298,27 @@ def load_init_model(path, cfg, where, mesh=None):
   if differ:
     raise UserError(f"{where}: {path} holds a model of another shape than config.model "
                     f"({'; '.join(differ)})")
-  check_same_shapes(model.params, abstract_params(cfg, "lm"), f"{where}: {path}")
-  return model.params, model.tokenizer_dir
+  params = fit_vocab_rows(model.params, model.cfg, cfg, mesh)
+  check_same_shapes(params, abstract_params(cfg, "lm"), f"{where}: {path}")
+  return params, model.tokenizer_dir
+
+
+def fit_vocab_rows(params, loaded_cfg: ModelConfig, cfg: ModelConfig, mesh=None):
+  """An LM's parameters with the embedding rows (and LM-head columns) padded with zeros (or cut)
+  from loaded_cfg.padded_vocab to cfg.padded_vocab (`config.model.vocab_multiple`; e.g. HF or
+  GGUF weights of 50257 rows into a model of 50304); only those leaves change, placed on `mesh`
+  with the model's shardings."""
+  if loaded_cfg.padded_vocab == cfg.padded_vocab:
+    return params
+  rows = cfg.padded_vocab
+  head = {k: params[k] for k in ("embed", "lm_head") if k in params}
+  if mesh is None:
+    head = resize_vocab(head, cfg, rows)
+  else:
+    shardings = sharding.param_shardings(abstract_params(cfg, "lm", boxed=True), mesh)
+    head = jax.jit(lambda h: resize_vocab(h, cfg, rows),
+                   out_shardings={k: shardings[k] for k in head})(head)
+  return {**params, **head}
 
 
 def _load(path, where, mesh):
