@@ -44,8 +44,8 @@ TIMING = ("steps_per_s", "iters_per_s", "eval_seconds")
 
 # The pipeline, tiny: a 1-layer model, the offline task at a few hundred records, a few steps per
 # stage (SFT long enough that its samples differ in gold score: collect drops all-tie prompts),
-# checkpoints within SFT and PPO-ptx to resume from. No oracle run (the gold reward's host
-# callback runs on one process only).
+# checkpoints within SFT and PPO-ptx to resume from. No oracle run here (it takes a PPO stage more
+# in each of the three runs; tests/test_multihost_oracle.py runs it on 2 processes against 1).
 ARGS = [
     "--config=configs/ppo_ptx.py", "--config.data.shards=2", "--config.oracle_run=False",
     "--config.model.num_layers=1", "--config.rm.model.num_layers=1",

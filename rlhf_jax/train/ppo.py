@@ -34,6 +34,7 @@ gold score of the samples added, the log interval averaged over every iteration
 import dataclasses
 import functools
 import json
+import math
 import os
 
 import jax
@@ -285,8 +286,12 @@ class _Batches:
 
 def gold_score_fn(tok, scale=1.0, shift=0.0):
   """A `make_iteration` score_fn: scale x (`gold_labeler.gold_score(prompt, response)` - shift) of
-  the decoded texts, computed on the host by `jax.pure_callback` (one process; the callback sees
-  the whole batch)."""
+  the decoded texts, computed on the host by `jax.pure_callback`, row by row.
+
+  One process: the callback sees the whole batch. Several processes (no process can see another's
+  rows): the callback runs inside a `shard_map` over the batch axes of the active mesh, each
+  device scoring its own rows on its own host; the scores are the same numbers (each row's score
+  depends on that row only)."""
 
   def host(tokens, lengths, prompt_len):
     episodes = rollout.episode_texts(tok, tokens, lengths, prompt_len)
@@ -294,9 +299,21 @@ def gold_score_fn(tok, scale=1.0, shift=0.0):
                       np.float32)
 
   def score_fn(tokens, lengths, prompt_len):
-    return jax.pure_callback(functools.partial(host, prompt_len=prompt_len),
-                             jax.ShapeDtypeStruct(lengths.shape, jnp.float32), tokens, lengths,
-                             vmap_method="sequential")
+    def call(t, n):
+      return jax.pure_callback(functools.partial(host, prompt_len=prompt_len),
+                               jax.ShapeDtypeStruct(n.shape, jnp.float32), t, n,
+                               vmap_method="sequential")
+    mesh = jax.sharding.get_abstract_mesh()
+    if jax.process_count() == 1 or mesh.empty:
+      return call(tokens, lengths)
+    rows = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    if tokens.shape[0] % rows:
+      raise UserError(f"config.reward_model 'gold' on {jax.process_count()} processes: the "
+                      f"rollout's {tokens.shape[0]} rows per micro-batch must divide over the "
+                      f"mesh's data x fsdp = {rows} devices")
+    spec = jax.sharding.PartitionSpec(sharding.BATCH_AXES)
+    return jax.shard_map(call, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
+                         check_vma=False)(tokens, lengths)
   return score_fn
 
 
@@ -380,9 +397,6 @@ def _model_paths(config, workdir):
   """(init_from, reward model path or 'gold', value_from) with 'auto' resolved."""
   init_from = stage_io.resolve_auto(config.init_from, workdir, "sft", "init_from")
   gold_reward = is_gold(config)
-  if gold_reward and jax.process_count() > 1:
-    raise UserError("config.reward_model 'gold' scores on the host of a single process; run it "
-                    f"on one host (got {jax.process_count()} processes)")
   rm_path = "gold" if gold_reward else stage_io.resolve_auto(config.reward_model, workdir, "rm",
                                                              "reward_model")
   value_path = stage_io.resolve_auto(config.value_from, workdir, "rm", "value_from")
