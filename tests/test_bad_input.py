@@ -21,10 +21,15 @@ import pytest
 import kill_resume as kr
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 SFT = "--config=configs/sft.py:tiny"
 RM = "--config=configs/rm.py:tiny"
 PPO = "--config=configs/ppo_ptx.py"
 COLLECT = "--config=configs/collect.py:tiny"
+# Real data (issue 17): the HH-RLHF pipeline from SmolLM2 on files written by `_real_data_files`;
+# every case fails before a model is loaded.
+HH = ["--config=configs/hh_rlhf.py:smollm2", "--config.data.ptx={fixtures}/ptx.txt"]
+TLDR = ["--config=configs/tldr.py:smollm2", "--config.data.ptx={fixtures}/ptx.txt"]
 # The checkpointed run the checkpoint cases resume (see the `shared` fixture).
 PRETRAIN = [SFT, "--config.stage=pretrain", "--config.data.dir={data}",
             "--config.model.num_layers=1", "--config.num_steps=4", "--config.checkpoint_every=2",
@@ -75,6 +80,48 @@ def _garbage_marker(workdir, shared):
 def _file_in_workdir(workdir, shared):
   with open(os.path.join(workdir, "file"), "w") as f:
     f.write("not a directory\n")
+
+
+def _prepared_from_train(workdir, shared):
+  """<workdir>/data prepared from the HH fixture's train file (a run that then changes files)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.data import real_data  # pylint: disable=g-import-not-at-top
+  fixtures = shared["fixtures"]
+  real_data.prepared_tfds_dir(ml_collections.ConfigDict(dict(
+      source="hh_rlhf", input=os.path.join(fixtures, "hh_rlhf", "train.jsonl.gz"), heldout="",
+      heldout_fraction=0.05, sft="", ptx=os.path.join(fixtures, "ptx.txt"), limit=0)),
+      os.path.join(workdir, "data"))
+
+
+def _real_data_files(root):
+  """Bad HH-RLHF / TL;DR files with the real layout: damaged gzip, malformed records, empty."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  good = {"chosen": "\n\nHuman: hi?\n\nAssistant: Hello, how can I help?",
+          "rejected": "\n\nHuman: hi?\n\nAssistant: no."}
+  hh = lambda *records: "".join(json.dumps(r) + "\n" for r in records).encode()
+  with open(os.path.join(FIXTURES, "hh_rlhf", "train.jsonl.gz"), "rb") as f:
+    data = f.read()
+  files = {
+      "corrupt.jsonl.gz": data[:12] + bytes(40) + data[52:],
+      "truncated.jsonl.gz": data[:len(data) // 2],
+      "no_chosen.jsonl.gz": gzip.compress(hh(good, {"rejected": good["rejected"]})),
+      "same.jsonl": hh({"chosen": good["chosen"], "rejected": good["chosen"]}),
+      "no_turn.jsonl": hh({"chosen": "\n\nHuman: hi?", "rejected": "\n\nHuman: hi?"}),
+      "empty.jsonl.gz": gzip.compress(b""),
+  }
+  info = {"id": "t3_1", "subreddit": "tifu", "title": "TIFU", "post": "I fell."}
+  summaries = [{"text": "fell", "policy": "ref", "note": None},
+               {"text": "I fell down", "policy": "sup2", "note": None}]
+  files["choice_2.jsonl"] = hh({"info": info, "summaries": summaries, "choice": 2,
+                                "split": "train", "worker": "w", "batch": "b"})
+  files["no_summaries.jsonl"] = hh({"info": info, "choice": 0, "split": "train", "worker": "w",
+                                    "batch": "b"})
+  os.makedirs(os.path.join(root, "real"))
+  for name, content in files.items():
+    with open(os.path.join(root, "real", name), "wb") as f:
+      f.write(content)
+  return os.path.join(root, "real")
 
 
 def _damaged_model(workdir, shared):
@@ -173,6 +220,54 @@ CASES = [
          ("config.init_from", "'scalar' head")),
     Case("rm-without-sft-model", [RM, "--config.data.dir={data}"],
          ("config.init_from", "sft")),
+    # ---- issue 17: flag typos (one line with the field it may have meant)
+    Case("flag-typo-top-level", [SFT, "--config.lrr=1"],
+         ("--config.lrr: no such field; did you mean --config.optimizer.lr?",)),
+    Case("flag-typo-nested", [SFT, "--config.optimizer.lrr=1"],
+         ("--config.optimizer.lrr: no such field; did you mean --config.optimizer.lr?",)),
+    Case("flag-typo-section", [PPO, "--config.optimzer.lr=1"],
+         ("--config.optimzer.lr: no such field; did you mean --config.optimizer.lr?",)),
+    Case("flag-wrong-type", [SFT, "--config.optimizer.lr=fast"],
+         ("--config.optimizer.lr: expected a number, got 'fast'",)),
+    # ---- issue 17: real data files as distributed (HH-RLHF, TL;DR)
+    Case("hh-corrupt-gzip", HH + ["--config.data.input={real}/corrupt.jsonl.gz"],
+         ("corrupt.jsonl.gz: damaged gzip file", "corrupt")),
+    Case("hh-truncated-gzip", HH + ["--config.data.input={real}/truncated.jsonl.gz"],
+         ("truncated.jsonl.gz: damaged gzip file", "truncated")),
+    Case("hh-missing-chosen", HH + ["--config.data.input={real}/no_chosen.jsonl.gz"],
+         ("no_chosen.jsonl.gz line 2", "missing field 'chosen'")),
+    Case("hh-chosen-equals-rejected", HH + ["--config.data.input={real}/same.jsonl"],
+         ("same.jsonl: no usable comparisons", "1 identical responses")),
+    Case("hh-no-assistant-turn", HH + ["--config.data.input={real}/no_turn.jsonl"],
+         ("no_turn.jsonl line 1 field 'chosen'", "no '\\n\\nAssistant:' turn")),
+    Case("hh-empty-input", HH + ["--config.data.input={real}/empty.jsonl.gz"],
+         ("empty.jsonl.gz: holds no records",)),
+    Case("tldr-choice-out-of-range", TLDR + ["--config.data.input={real}/choice_2.jsonl"],
+         ("choice_2.jsonl line 1", "field 'choice' must be 0 or 1 (got 2)")),
+    Case("tldr-missing-summaries", TLDR + ["--config.data.input={real}/no_summaries.jsonl"],
+         ("no_summaries.jsonl line 1", "missing field 'summaries'")),
+    Case("ptx-file-missing", ["--config=configs/hh_rlhf.py:smollm2",
+                              "--config.data.input={fixtures}/hh_rlhf/train.jsonl.gz",
+                              "--config.data.ptx={workdir}/no_such_ptx.txt"],
+         ("config.data.ptx", "no_such_ptx.txt is not a file")),
+    Case("hh-input-missing", HH, ("config.data.input", "required")),
+    Case("ppo-ptx-without-ptx", ["--config=configs/hh_rlhf.py:smollm2",
+                                 "--config.data.input={fixtures}/hh_rlhf/train.jsonl.gz"],
+         ("config.data.ptx", "config.ppo.ptx_coef=0")),
+    Case("heldout-fraction-out-of-range", HH + [
+        "--config.data.input={fixtures}/hh_rlhf/train.jsonl.gz",
+        "--config.data.heldout_fraction=1.5"], ("config.data.heldout_fraction", "(0, 1)")),
+    Case("data-prepared-from-other-files", HH + [
+        "--config.data.input={fixtures}/hh_rlhf/test.jsonl.gz"],
+         ("config.data.input: the data in", "prepared from the file of sha256"),
+         setup=_prepared_from_train),
+    Case("judge-missing", HH + ["--config.data.input={fixtures}/hh_rlhf/train.jsonl.gz",
+                                "--config.eval.judge={workdir}/no_judge"],
+         ("config.eval.judge", "no_judge")),
+    Case("prepare-cli-truncated-gzip", ["--source=hh_rlhf", "--input={real}/truncated.jsonl.gz",
+                                        "--out_dir={workdir}/out"],
+         ("truncated.jsonl.gz: damaged gzip file",), module="rlhf_jax.data.prepare",
+         workdir_flag=False),
 ]
 
 
@@ -214,6 +309,7 @@ def shared(tmp_path_factory, offline_data_dir):
                             "eval_batches": 1}), run)
   shutil.rmtree(os.path.join(run, "pretrain", "model"))
   return {"data": data, "sft_only": str(sft_only), "shared": str(root), "run": run,
+          "real": _real_data_files(str(root)), "fixtures": FIXTURES,
           "lm": kr.save_random_model(str(root / "lm"), tok),
           "scalar": kr.save_random_model(str(root / "rm"), tok, head="scalar")}
 

@@ -137,6 +137,9 @@ def convert_demonstrations(path):
 
 
 def _check_not_empty(path, records, skipped, what="comparisons"):
+  if not records and not any(skipped.values()):
+    raise UserError(f"{os.fspath(path)}: holds no records (expected JSON lines of {what}, "
+                    "plain or gzip)")
   if not records:
     reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.items() if n)
     raise UserError(f"{os.fspath(path)}: no usable {what} (skipped: {reasons or 'none'})")
