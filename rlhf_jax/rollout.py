@@ -214,8 +214,11 @@ def make_logprob_fn(cfg, num_new, temperature):
   LM head runs at every position (the numbers evaluation has always reported)."""
 
   def fn(params, batch):
-    logits = forward(cfg, "lm", params, batch)
     width = batch["tokens"].shape[1]
+    if cfg.logits_chunk:   # the head from the first predicting position on, in chunks
+      return logprobs.next_token_logprobs(cfg, params, batch, temperature,
+                                          head_from=width - num_new - 1)[0]
+    logits = forward(cfg, "lm", params, batch)
     return losses.token_logprobs(logits[:, width - num_new - 1:width - 1],
                                  batch["tokens"][:, width - num_new:], temperature)[0]
   return fn

@@ -74,7 +74,8 @@ def settings_from_config(config, tok=None):
       ema_decay=float(p.ema_decay), grad_clip=float(config.optimizer.grad_clip or 0.0),
       eos_token_id=tok.eos_id if tok is not None else 2,
       pad_token_id=tok.pad_id if tok is not None else 0,
-      rollout_micro_batches=p.rollout_micro_batches, ptx_micro_batches=p.ptx_micro_batches)
+      rollout_micro_batches=p.rollout_micro_batches, ptx_micro_batches=p.ptx_micro_batches,
+      rollout_dtype=p.rollout_dtype, rollout_layout=p.rollout_layout)
 
 
 def validate_ppo_config(config):
@@ -113,6 +114,7 @@ def validate_ppo_config(config):
   if p.frozen_dtype not in ("float32", "bfloat16"):
     raise UserError(f"config.ppo.frozen_dtype must be 'float32' or 'bfloat16', got "
                     f"{p.frozen_dtype!r}")
+  ppo_iteration.check_rollout_fields(p.rollout_dtype, p.rollout_layout)
   if p.prompt_len + p.response_len > config.model.max_len:
     raise UserError(f"config.ppo.prompt_len + config.ppo.response_len ({p.prompt_len} + "
                     f"{p.response_len}) exceeds config.model.max_len ({config.model.max_len})")
@@ -164,7 +166,7 @@ def resume_record(config):
           "data_seed", "data.")
   free = ("ppo.log_every", "ppo.checkpoint_every", "ppo.keep_checkpoints", "data.dir",
           "data.prefetch", "model.remat", "model.attention_impl", "ppo.rollout_micro_batches",
-          "ppo.ptx_micro_batches")
+          "ppo.ptx_micro_batches", "model.logits_chunk", "ppo.rollout_layout")
   return {k: v for k, v in loop.config_record(config).items()
           if k.startswith(keep) and k not in free}
 
