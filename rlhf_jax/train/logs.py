@@ -88,6 +88,7 @@ class Console:
     self.stream = stream if stream is not None else sys.stderr
     self.every = line_every(self.total, max(int(log_every), 1))
     self.start, self.done, self.t0 = int(start), int(start), time.time()
+    self._last_line = (self.start, self.t0)     # (step, time) of the previous line: the rate
     self.postfix, self.lines_on_step = {}, lines_on_step
     self.bar = None
     is_tty = self.stream.isatty() if tty is None else tty
@@ -118,9 +119,12 @@ class Console:
       self._write(self.progress_line(step))
 
   def progress_line(self, step: int) -> str:
-    """'<name>: <unit> <step>/<total> (<pct>%), <s> s, <rate> <unit>/s, <key metrics>'."""
-    seconds = time.time() - self.t0
-    rate = (step - self.start) / max(seconds, 1e-9)
+    """'<name>: <unit> <step>/<total> (<pct>%), <s> s, <rate> <unit>/s, <key metrics>': seconds
+    since the start, the rate since the previous line."""
+    now = time.time()
+    seconds = now - self.t0
+    rate = (step - self._last_line[0]) / max(now - self._last_line[1], 1e-9)
+    self._last_line = (step, now)
     shown = "".join(f"{', ' if i == 0 else ' '}{k} {v}" for i, (k, v) in
                     enumerate(self.postfix.items()))
     return (f"{self.name}: {self.unit} {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)"
