@@ -62,7 +62,7 @@ except ImportError:
 
 HEADS = ("lm", "scalar", "none")
 # Logical axes of one layer's KV-cache buffer (B, kv_heads, S, head_dim); `rlhf_jax.sharding`
-# maps them (batch over the data axes, kv_heads over 'tensor', the slots whole).
+# maps them (batch over the data axes, kv_heads over the tensor axis, the slots whole).
 CACHE_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
 _MASKED = -1e30  # finite, so a fully masked (padding) query row gives uniform weights, not NaN
 
