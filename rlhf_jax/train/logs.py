@@ -5,7 +5,7 @@ Biases run, and the console. The loop makes them on process 0 only (`primary`).
 The console shows ONE progress display per stage, never a line per logged step (the per-step
 detail is in metrics.jsonl, TensorBoard and W&B):
   stderr is a terminal   a tqdm bar with the key metrics of the last log as its postfix
-                         (`key_metrics`: loss, accuracy, reward, kl; eval_loss, eval_accuracy)
+                         (`key_metrics`: loss, acc, reward, kl; eval_loss, eval_acc)
   otherwise (CI, logs)   tqdm's carriage-return redraws would pile up in the file, so no bar:
                          a plain line on stderr every `line_every` steps (about ten per stage, on
                          log steps) and at the last step, with the same metrics
@@ -46,7 +46,7 @@ _ORDER = [label for pairs in KEY_METRICS.values() for _, label in pairs]
 # ----------------------------------------------------------------------------- console
 
 def fmt(v) -> str:
-  """A metric for the console: 4 decimals, or 3 significant digits in e-notation when tiny or
+  """A metric for the console: 4 decimals, or 4 significant digits in e-notation when tiny or
   huge."""
   if isinstance(v, float):
     if v != 0 and math.isfinite(v) and (abs(v) < 1e-3 or abs(v) >= 1e5):
