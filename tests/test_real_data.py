@@ -235,3 +235,33 @@ def test_no_gold_table_shows_rm_and_judge_win_rates():
   assert "| ppo | 0.750 [0.600, 0.900] | 0.600 | 1.500 | 0.250 | 2.000 | n/a |" in text
   results = {"meta": {"gold_labeler": False}}
   assert "| ppo | 0.750 | 0.600 |" in eval_results.table(results, [("ppo", row, extra)])
+
+
+def test_judge_scores_the_rows_the_reward_model_stage_trains_on(tmp_path, offline_data_dir):
+  """An external judge reads each (prompt, response) text with its own tokenizer as the row
+  `[bos] prompt response [eos]` of the RM stage (a long prompt cut on the left), at the last
+  token: its scores equal the RM loss's own forward on the comparison loader's rows."""
+  import kill_resume as kr  # pylint: disable=g-import-not-at-top
+  from rlhf_jax import eval_judge, sharding  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.convert import load_model  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.data import load_tokenizer, loaders  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.train import rm  # pylint: disable=g-import-not-at-top
+  tok_dir = os.path.join(offline_data_dir, "tokenizer")
+  path = kr.save_random_model(str(tmp_path / "judge"), tok_dir, head="scalar", num_layers=1)
+  judge = eval_judge.Judge(path, sharding.make_mesh({"shape": (1, -1, 1)}), 32, 8)
+  pairs = [("Sort the words: fig plum apple", " apple fig plum"), ("What is 2 plus 3?", " 5"),
+           ("Reverse the words: " + "kiwi pear " * 12, " pear kiwi"), ("", " fig"),
+           ("How many times does fig appear in: fig fig?", "")]
+  got = judge.scores(pairs)
+  # (both responses the same: the RM stage cuts a long prompt by the longest response of a record)
+  records = [{"prompt": p, "responses": [r, r], "ranks": [0, 1]} for p, r in pairs]
+  batch = next(iter(loaders.comparison_loader(records, load_tokenizer(tok_dir), batch_size=5,
+                                              seq_len=32, k_max=2, shuffle=False,
+                                              num_epochs=1)))
+  model = load_model(path)
+  want = np.asarray(rm.response_rewards(model.cfg, model.params, batch))[:, 0]
+  assert got.shape == (5,) and len(set(np.round(got, 6))) == 5
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  lm = kr.save_random_model(str(tmp_path / "lm"), tok_dir, num_layers=1)
+  with pytest.raises(UserError, match="config.eval.judge: .* 'lm' head; expected a reward model"):
+    eval_judge.Judge(lm, sharding.make_mesh({"shape": (1, -1, 1)}), 32, 8)
