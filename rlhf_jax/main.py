@@ -10,8 +10,10 @@ r"""Entry point: runs the stage named by an ml-collections config.
 
 --workdir defaults to runs/<config.name>; every stage writes `<workdir>/<stage>/` (metrics.jsonl,
 checkpoints/, model/), and a stage whose `model/` exists is skipped. The offline data are prepared
-under `<workdir>/data` on first use. Multi-host runs take --coordinator_address, --num_processes,
---process_id (see rlhf_jax.distributed). Bad configs end with one line on stderr and exit status 2.
+under `<workdir>/data` on first use. --workdir is a local path (a URL such as gs://... is refused:
+mount the bucket, see rlhf_jax.workdir). Multi-host runs take --coordinator_address,
+--num_processes, --process_id (see rlhf_jax.distributed) and a --workdir every process sees.
+Bad configs end with one line on stderr and exit status 2.
 """
 import os
 
@@ -19,6 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from rlhf_jax import distributed  # noqa: F401  (defines the multi-host flags)
+from rlhf_jax import workdir as workdir_lib
 from rlhf_jax.errors import UserError, run_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (path.py[:preset]).",
@@ -72,8 +75,9 @@ def main(argv):
     cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
     raise UserError(f"--config: cannot load the config file ({cause})") from None
   validate(config)
+  workdir = workdir_lib.resolve(workdir_for(config))   # a URL: one line, nothing created
   distributed.initialize_from_flags()
-  workdir = os.path.abspath(workdir_for(config))
+  workdir_lib.check_shared(workdir)                    # several processes: one directory for all
   if config.get("pipeline"):
     from rlhf_jax import pipeline  # pylint: disable=g-import-not-at-top
     pipeline.run(config, workdir)

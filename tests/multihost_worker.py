@@ -14,6 +14,10 @@ checkpoints each process's own packed-SFT loader position and restores it (`data
   python tests/multihost_worker.py --mode=load --model=PATH [--model=PATH ...] ...
 
 places each model onto the (1,8,1) mesh and writes the bytes this process read (`load_models`).
+
+  python tests/multihost_worker.py --mode=workdir --workdir=DIR [--apart=1] ...
+
+runs `rlhf_jax.workdir.check_shared(DIR)` (with --apart each process gets DIR/<its id>: not shared).
 """
 import json
 import os
@@ -237,6 +241,22 @@ def main(argv):
                                   num_processes=num_processes, process_id=process_id)
   import jax
   assert jax.process_count() == num_processes and jax.local_device_count() == 4
+  if _flag(argv, "mode") == "workdir":    # --workdir=DIR, each process DIR/<its id> if --apart
+    from rlhf_jax import workdir
+    from rlhf_jax.errors import UserError
+    path = _flag(argv, "workdir")
+    if _flag(argv, "apart"):
+      path = os.path.join(path, str(process_id))
+    try:
+      workdir.check_shared(path)
+      result = {"error": None}
+    except UserError as e:
+      result = {"error": str(e)}
+    result["left"] = sorted(os.listdir(path)) if os.path.isdir(path) else None
+    with open(f"{_flag(argv, 'out')}.{process_id}", "w") as f:
+      json.dump(result, f)
+    jax.distributed.shutdown()
+    return
   if _flag(argv, "mode") == "load":
     paths = [a.split("=", 1)[1] for a in argv if a.startswith("--model=")]
     with open(f"{_flag(argv, 'out')}.{process_id}", "w") as f:
