@@ -27,7 +27,6 @@ import time
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from rlhf_jax.errors import UserError
 
@@ -59,7 +58,8 @@ class EventWriter:
 
   Logging never stops or blocks training: if the logdir cannot be created, or writing fails
   later (a full disk; also inside SummaryWriter's thread, whose failures are caught so its queue
-  keeps draining), ONE warning goes to stderr and every later call is a no-op.
+  keeps draining), or tensorboardX is missing, ONE warning goes to stderr and every later call is
+  a no-op.
   """
 
   def __init__(self, logdir: str, purge_step: Optional[int] = None, flush_secs: int = 5):
@@ -68,11 +68,14 @@ class EventWriter:
     self._failed = None       # the first error of SummaryWriter's writing thread
     self._warned = False
     try:
+      # Here, not at the top: tensorboardX imports torch when it is installed (seconds), which
+      # only a process that logs should pay.
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._writer = SummaryWriter(logdir, purge_step=purge_step, flush_secs=flush_secs,
                                    filename_suffix=f".{os.getpid()}.{next(_file_counter)}")
       # pylint: disable-next=protected-access
       self._events = self._writer.file_writer.event_writer._ev_writer
-    except OSError as e:
+    except (OSError, ImportError) as e:
       self._writer = None
       self._disable(e)
       return
