@@ -13,12 +13,17 @@ gets rlhf_jax.distributed's flags
 
 (no flags for a single process). A host named localhost / 127.0.0.1 runs its processes here, in
 this checkout; any other host runs `ssh HOST 'cd REMOTE_DIR && ...'` (the code and its environment
-must already be there; --remote_dir defaults to this checkout's path). --dry-run prints one command
-per process and runs nothing. Otherwise all processes start at once; when one fails the others are
-stopped and the launcher exits with status 1 and one line; bad flags exit with status 2.
-Processes on remote hosts stop when the job's coordinator goes away, not when ssh is killed.
+must already be there, with a Python jax supports, 3.11+; --remote_dir defaults to this checkout's
+path). With several hosts a `--workdir=DIR` after `--` is required: one directory every host mounts
+(NFS, a gcsfuse-mounted bucket; not a gs:// URL), as process 0 prepares the data the others read
+and every process writes its own checkpoint shards there; rlhf_jax checks at start-up that all
+processes see it. --dry-run prints one command per process and runs nothing. Otherwise all
+processes start at once; when one fails the others are stopped and the launcher exits with status
+1 and one line; bad flags exit with status 2. Processes on remote hosts stop when the job's
+coordinator goes away, not when ssh is killed.
 """
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -77,8 +82,25 @@ def parse_args(argv):
             "(the address they reach this machine at)")
   if not args.config or any(c.isspace() for c in args.config):
     p.error(f"--config: expected a path[:preset] without spaces, got {args.config!r}")
+  workdir = workdir_arg(extra)
+  if workdir is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", workdir):
+    p.error(f"--workdir: {workdir} is a URL; give a directory every host mounts (NFS, or the "
+            "bucket mounted with gcsfuse)")
+  if len(args.hosts) > 1 and args.module == "rlhf_jax.main" and not workdir:
+    p.error("--workdir: several hosts need `-- --workdir=DIR`, a directory every host mounts "
+            "(NFS, a gcsfuse-mounted bucket): the default runs/<name> would be each host's own")
   args.extra = extra
   return args
+
+
+def workdir_arg(extra):
+  """The --workdir value among the program's arguments (`--workdir=D` or `--workdir D`)."""
+  for i, arg in enumerate(extra):
+    if arg.startswith("--workdir="):
+      return arg.split("=", 1)[1]
+    if arg == "--workdir" and i + 1 < len(extra):
+      return extra[i + 1]
+  return None
 
 
 def count_local_gpus() -> int:

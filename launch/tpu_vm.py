@@ -1,27 +1,39 @@
 r"""Run an rlhf_jax stage on a Cloud TPU VM slice (one or many hosts) with gcloud.
 
   python launch/tpu_vm.py --name=rlhf --zone=us-central2-b --accelerator_type=v4-32 \
-      [--project=P] [--runtime_version=tpu-ubuntu2204-base] [--spot] \
-      [--config=configs/ppo_ptx.py] [--git_url=URL [--git_ref=REF]] \
-      [--steps=create,copy,install,run] [--detach] [--dry-run] -- [args for rlhf_jax.main]
+      [--project=P] [--runtime_version=tpu-ubuntu2204-base] [--spot] [--python_version=3.11] \
+      [--config=configs/ppo_ptx.py] [--git_url=URL [--git_ref=REF]] [--gcs_mount=/mnt/gcs] \
+      [--steps=create,copy,install,mount,run] [--detach] [--dry-run] \
+      -- [--workdir=gs://BUCKET/PATH] [other args for rlhf_jax.main]
 
 Steps (all by default, in this order; --steps picks some):
   create   `tpu-vm describe`; if the TPU does not exist, `tpu-vm create` (reused when READY).
   copy     this checkout as a tarball (no .git, runs/, caches) scp'd to every worker and unpacked
            into ~/rlhf_jax; or, with --git_url, cloned (then checked out at --git_ref) there.
-  install  `pip install -e . jax[tpu]` on every worker.
-  run      on every worker at once (`--worker=all`): `launch/tpu_worker.py -- python3 -m
-           rlhf_jax.main --config=...`. tpu_worker.py reads the worker's number and the slice's
-           worker addresses from the TPU VM metadata and adds --coordinator_address (worker 0),
-           --num_processes and --process_id (rlhf_jax.distributed's flags), so every host joins
-           the same JAX job. --detach runs it under nohup (log: ~/rlhf_jax/run.log).
+  install  on every worker, a virtual environment ~/rlhf_jax/.venv with Python --python_version
+           made by uv (pip-installed for the user; uv fetches that Python: the TPU VM images'
+           python3 is 3.10 on Ubuntu 22.04, too old for jax), and `uv pip install -e . jax[tpu]`
+           into it (jax with libtpu).
+  mount    only with a `--workdir=gs://BUCKET/PATH` after `--`: on every worker gcsfuse (installed
+           from Google's apt repository if missing) mounts BUCKET at --gcs_mount/BUCKET, and the
+           run gets --workdir=<--gcs_mount>/BUCKET/PATH: one directory every host reads and writes
+           (rlhf_jax itself works on local paths and refuses gs:// URLs).
+  run      on every worker at once (`--worker=all`): `.venv/bin/python launch/tpu_worker.py --
+           .venv/bin/python -m rlhf_jax.main --config=...`. tpu_worker.py reads the worker's number
+           and the slice's worker addresses from the TPU VM metadata and adds
+           --coordinator_address (worker 0), --num_processes and --process_id
+           (rlhf_jax.distributed's flags), so every host joins the same JAX job. --detach runs it
+           under nohup (log: ~/rlhf_jax/run.log).
 
 --dry-run prints every command and runs nothing. Otherwise the commands run in order and the first
 failure stops the launch with one line on stderr (exit status 1); bad flags exit with status 2.
-On a slice of several hosts, give a --workdir every host can write (a shared disk or gs://...) in
-the args after `--`, as orbax checkpoints of a multi-host run are written by every host.
+On a slice of several hosts the workdir must be one directory every host sees (process 0 prepares
+the data, every host writes its own checkpoint shards): a gs:// --workdir (mounted as above) or a
+shared disk; rlhf_jax checks this at start-up and stops in one line on every host if it is not.
 """
 import os
+import posixpath
+import re
 import shlex
 import sys
 import tempfile
@@ -29,11 +41,13 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import launch_util as lu  # noqa: E402  pylint: disable=g-import-not-at-top
 
-STEPS = ("create", "copy", "install", "run")
+STEPS = ("create", "copy", "install", "mount", "run")
 REMOTE_DIR = "rlhf_jax"            # relative to the worker's home directory
 TARBALL = "rlhf_jax_code.tgz"
 EXCLUDES = (".git", "runs", "__pycache__", "*.egg-info", ".venv", "venv", ".pytest_cache",
             ".jax_cache", "build", "dist")
+VENV_PYTHON = ".venv/bin/python"   # relative to REMOTE_DIR
+MIN_PYTHON = (3, 11)               # what jax needs
 
 
 def parse_args(argv):
@@ -55,6 +69,11 @@ def parse_args(argv):
   p.add_argument("--steps", default=",".join(STEPS), help="Comma-separated subset of "
                  f"{','.join(STEPS)}.")
   p.add_argument("--port", type=int, default=8476, help="JAX coordinator port on worker 0.")
+  p.add_argument("--python_version", default="3.11",
+                 help="Python of the workers' virtual environment (uv installs it; at least "
+                      f"{MIN_PYTHON[0]}.{MIN_PYTHON[1]}).")
+  p.add_argument("--gcs_mount", default="/mnt/gcs",
+                 help="Where a gs:// --workdir's bucket is mounted on every worker (gcsfuse).")
   p.add_argument("--detach", action="store_true", help="Run under nohup; log in ~/rlhf_jax/run.log.")
   p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                  help="Print every command, run nothing.")
@@ -70,8 +89,41 @@ def parse_args(argv):
       p.error(f"--{field}: expected a non-empty value without spaces, got {value!r}")
   if not 0 < args.port < 65536:
     p.error(f"--port: expected 1..65535, got {args.port}")
-  args.extra = extra
+  version = re.fullmatch(r"3\.(\d+)", args.python_version)
+  if not version or (3, int(version.group(1))) < MIN_PYTHON:
+    p.error(f"--python_version: expected 3.N with N >= {MIN_PYTHON[1]} (jax's minimum), got "
+            f"{args.python_version!r}")
+  if not args.gcs_mount.startswith("/") or any(c.isspace() for c in args.gcs_mount):
+    p.error(f"--gcs_mount: expected an absolute path without spaces, got {args.gcs_mount!r}")
+  args.gcs_mount = args.gcs_mount.rstrip("/") or "/"
+  try:
+    args.bucket, args.extra = gcs_workdir(extra, args.gcs_mount)
+  except ValueError as e:
+    p.error(str(e))
   return args
+
+
+def gcs_workdir(extra, mount):
+  """(bucket or None, rlhf_jax.main args with a `--workdir=gs://BUCKET/PATH` turned into
+  `--workdir=<mount>/BUCKET/PATH`). ValueError for a gs:// workdir without a bucket."""
+  out, bucket, i = [], None, 0
+  while i < len(extra):
+    arg = extra[i]
+    value = None
+    if arg.startswith("--workdir="):
+      value = arg.split("=", 1)[1]
+    elif arg == "--workdir" and i + 1 < len(extra):
+      value, i = extra[i + 1], i + 1
+    if value is not None and value.startswith("gs://"):
+      name, _, path = value[len("gs://"):].partition("/")
+      if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]", name):
+        raise ValueError(f"--workdir: {value!r} does not name a Cloud Storage bucket "
+                         "(gs://BUCKET/PATH)")
+      bucket = name
+      value = posixpath.join(mount, name, path.strip("/"))
+    out.append(f"--workdir={value}" if value is not None else arg)
+    i += 1
+  return bucket, out
 
 
 def _gcloud(args, verb, *rest):
@@ -113,14 +165,37 @@ def copy_commands(args, tarball):
 
 
 def install_command(args):
-  return ssh_all(args, f"cd {REMOTE_DIR} && python3 -m pip install --quiet --upgrade pip && "
-                       "python3 -m pip install --quiet -e . 'jax[tpu]'")
+  """A fresh ~/rlhf_jax/.venv with Python --python_version (uv, pip-installed for the user, brings
+  it), then rlhf_jax and jax[tpu] into it."""
+  uv = "python3 -m uv"
+  return ssh_all(args, f"cd {REMOTE_DIR} && python3 -m pip install --quiet --user --upgrade uv && "
+                       f"rm -rf .venv && {uv} venv --quiet --python {args.python_version} .venv && "
+                       f"{uv} pip install --quiet --python {VENV_PYTHON} -e . 'jax[tpu]'")
+
+
+def mount_command(args):
+  """On every worker: gcsfuse (from Google's apt repository when missing) mounts the workdir's
+  bucket at <--gcs_mount>/BUCKET, unless it is mounted already."""
+  where = shlex.quote(posixpath.join(args.gcs_mount, args.bucket))
+  keyring = "/usr/share/keyrings/cloud.google.gpg"
+  install = (
+      "command -v gcsfuse >/dev/null || (curl -fsSL "
+      "https://packages.cloud.google.com/apt/doc/apt-key.gpg | "
+      f"sudo gpg --dearmor --yes -o {keyring} && "
+      f"echo \"deb [signed-by={keyring}] https://packages.cloud.google.com/apt "
+      "gcsfuse-$(lsb_release -c -s) main\" | "
+      "sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && "
+      "sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse)")
+  mount = (f"mountpoint -q {where} || (sudo mkdir -p {where} && "
+           f"sudo chown \"$(id -u):$(id -g)\" {where} && gcsfuse --implicit-dirs "
+           f"--rename-dir-limit=1000000 {shlex.quote(args.bucket)} {where})")
+  return ssh_all(args, f"({install}) && {mount}")
 
 
 def run_command(args):
   """The training command, run on every worker; tpu_worker.py adds the multi-host flags."""
-  program = ["python3", "launch/tpu_worker.py", f"--port={args.port}", "--",
-             "python3", "-m", "rlhf_jax.main", f"--config={args.config}"] + args.extra
+  program = [VENV_PYTHON, "launch/tpu_worker.py", f"--port={args.port}", "--",
+             VENV_PYTHON, "-m", "rlhf_jax.main", f"--config={args.config}"] + args.extra
   line = lu.shell_line(program)
   if args.detach:
     line = f"nohup {line} > run.log 2>&1 < /dev/null &"
@@ -159,6 +234,8 @@ def main(argv):
       os.rmdir(tmp)
   if "install" in args.steps:
     lu.run(install_command(args), "install", args.dry_run)
+  if "mount" in args.steps and args.bucket:
+    lu.run(mount_command(args), "mount", args.dry_run)
   if "run" in args.steps:
     lu.run(run_command(args), "run", args.dry_run)
   return 0

@@ -106,13 +106,19 @@ def test_gpu_dry_run_local_one_process_per_gpu():
     (["--gpus_per_host=4", "--processes_per_host=3"], "--processes_per_host: must divide"),
     (["--gpus_per_host=0"], "--gpus_per_host: expected at least 1"),
     (["--gpus_per_host=x"], "--gpus_per_host: invalid int value"),
-    (["--hosts=a,b"], "--gpus_per_host: required with remote hosts"),
+    (["--hosts=a,b", "--", "--workdir=/w"], "--gpus_per_host: required with remote hosts"),
     (["--hosts=localhost,b", "--gpus_per_host=1"], "--coordinator_host: required"),
     (["--hosts=a,a", "--gpus_per_host=1"], "listed twice"),
     (["--gpus_per_host=1", "--port=70000"], "--port: expected 1..65535"),
+    # Several hosts: a --workdir they all mount is required (no shared-directory luck), never a URL.
+    (["--hosts=a,b", "--gpus_per_host=1"], "--workdir: several hosts need `-- --workdir=DIR`"),
+    (["--hosts=a,b", "--gpus_per_host=1", "--", "--config.x=1"], "--workdir: several hosts"),
+    (["--gpus_per_host=1", "--", "--workdir=gs://b/run"], "--workdir: gs://b/run is a URL"),
+    (["--gpus_per_host=1", "--", "--workdir", "s3://b/run"], "--workdir: s3://b/run is a URL"),
 ])
 def test_gpu_bad_flags_one_line_exit_2(args, message):
-  r = _run("gpu.py", *args, "--dry-run")
+  own, extra = (args[:args.index("--")], args[args.index("--"):]) if "--" in args else (args, [])
+  r = _run("gpu.py", *own, "--dry-run", *extra)
   assert r.returncode == 2 and r.stdout == ""
   assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr
 
@@ -174,12 +180,25 @@ def test_tpu_vm_dry_run_prints_every_step():
   for cmd in cmds[4:]:
     assert cmd[:-1] == ssh and cmd[-1].startswith("--command=")
   assert "tar -xzf rlhf_jax_code.tgz -C rlhf_jax" in cmds[4][-1]
-  assert "pip install --quiet -e . 'jax[tpu]'" in cmds[5][-1]
-  run = shlex.split(cmds[6][-1][len("--command="):])
-  assert run == ["cd", "rlhf_jax", "&&", "python3", "launch/tpu_worker.py", "--port=8476", "--",
-                 "python3", "-m", "rlhf_jax.main", "--config=configs/ppo_ptx.py",
-                 "--workdir=gs://bucket/run", "--config.ppo.batch_size=512"]
-  assert len(cmds) == 7
+  # install: uv (for the user, with the image's python3) makes .venv with Python 3.11, jax[tpu] in it
+  assert cmds[5][-1] == (
+      "--command=cd rlhf_jax && python3 -m pip install --quiet --user --upgrade uv && "
+      "rm -rf .venv && python3 -m uv venv --quiet --python 3.11 .venv && "
+      "python3 -m uv pip install --quiet --python .venv/bin/python -e . 'jax[tpu]'")
+  # mount: the gs:// workdir's bucket, by gcsfuse, on every worker
+  mount = cmds[6][-1][len("--command="):]
+  assert "sudo apt-get install -y -qq gcsfuse" in mount and mount.startswith(
+      "(command -v gcsfuse >/dev/null || ")
+  assert mount.endswith(") && mountpoint -q /mnt/gcs/bucket || (sudo mkdir -p /mnt/gcs/bucket && "
+                        "sudo chown \"$(id -u):$(id -g)\" /mnt/gcs/bucket && gcsfuse "
+                        "--implicit-dirs --rename-dir-limit=1000000 bucket /mnt/gcs/bucket)")
+  # run: the venv's Python; the workdir is the mounted bucket (rlhf_jax refuses gs:// URLs)
+  run = shlex.split(cmds[7][-1][len("--command="):])
+  assert run == ["cd", "rlhf_jax", "&&", ".venv/bin/python", "launch/tpu_worker.py",
+                 "--port=8476", "--", ".venv/bin/python", "-m", "rlhf_jax.main",
+                 "--config=configs/ppo_ptx.py", "--workdir=/mnt/gcs/bucket/run",
+                 "--config.ppo.batch_size=512"]
+  assert len(cmds) == 8
   assert not os.path.exists(os.path.dirname(tarball))       # its temporary directory is gone
 
 
@@ -191,8 +210,25 @@ def test_tpu_vm_dry_run_git_clone_and_detach():
   assert copy == ("(test -d rlhf_jax/.git || git clone https://example.com/r.git rlhf_jax) && "
                   "git -C rlhf_jax fetch --quiet origin && "
                   "git -C rlhf_jax checkout --quiet --detach abc123")
-  assert run.startswith("cd rlhf_jax && nohup python3 launch/tpu_worker.py")
+  assert run.startswith("cd rlhf_jax && nohup .venv/bin/python launch/tpu_worker.py")
   assert run.endswith("> run.log 2>&1 < /dev/null &")
+
+
+def test_tpu_vm_dry_run_python_version_mount_point_and_local_workdir():
+  r = _run("tpu_vm.py", *TPU_ARGS, "--steps=install,mount,run", "--python_version=3.12",
+           "--gcs_mount=/data/gcs/", "--dry-run", "--", "--workdir", "gs://b-1/x/y/")
+  assert r.returncode == 0, r.stderr
+  install, mount, run = [c[-1][len("--command="):] for c in _commands(r.stdout)]
+  assert "uv venv --quiet --python 3.12 .venv" in install
+  assert "gcsfuse --implicit-dirs --rename-dir-limit=1000000 b-1 /data/gcs/b-1)" in mount
+  assert shlex.split(run)[-1] == "--workdir=/data/gcs/b-1/x/y"
+  # No gs:// workdir: no mount step; the workdir is passed as given (rlhf_jax checks at start-up
+  # that every host sees it).
+  r = _run("tpu_vm.py", *TPU_ARGS, "--steps=install,mount,run", "--dry-run", "--",
+           "--workdir=/shared/run")
+  assert r.returncode == 0, r.stderr
+  install, run = [c[-1][len("--command="):] for c in _commands(r.stdout)]
+  assert "gcsfuse" not in install + run and shlex.split(run)[-1] == "--workdir=/shared/run"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -202,9 +238,15 @@ def test_tpu_vm_dry_run_git_clone_and_detach():
     (["--name=a b", "--zone=z"], "--name: expected a non-empty value without spaces"),
     (["--name=a", "--zone=z", "--port=0"], "--port: expected 1..65535"),
     (["--name=a", "--zone=z", "--wat"], "unrecognized arguments: --wat"),
+    (["--name=a", "--zone=z", "--python_version=3.10"], "--python_version: expected 3.N with N >= 11"),
+    (["--name=a", "--zone=z", "--python_version=py3"], "--python_version: expected 3.N"),
+    (["--name=a", "--zone=z", "--gcs_mount=mnt"], "--gcs_mount: expected an absolute path"),
+    (["--name=a", "--zone=z", "--", "--workdir=gs://"], "does not name a Cloud Storage bucket"),
+    (["--name=a", "--zone=z", "--", "--workdir=gs://A_B/run"], "does not name a Cloud Storage"),
 ])
 def test_tpu_vm_bad_flags_one_line_exit_2(args, message):
-  r = _run("tpu_vm.py", *args, "--dry-run")
+  own, extra = (args[:args.index("--")], args[args.index("--"):]) if "--" in args else (args, [])
+  r = _run("tpu_vm.py", *own, "--dry-run", *extra)
   assert r.returncode == 2 and r.stdout == ""
   assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr
 
@@ -261,6 +303,13 @@ def test_tpu_vm_runs_create_copy_install_run_in_order(tmp_path):
   r = _run("tpu_vm.py", *TPU_ARGS, "--steps=create,run", env=env)
   assert r.returncode == 0, r.stderr
   assert _verbs(log) == ["describe", "ssh"] and "reusing TPU rlhf-1" in r.stdout
+  # A gs:// workdir adds the mount step, between install and run.
+  env, log = _fake_gcloud(tmp_path, FAKE_STATE="READY")
+  r = _run("tpu_vm.py", *TPU_ARGS, "--steps=install,run,mount", "--", "--workdir=gs://bkt/run",
+           env=env)
+  assert r.returncode == 0, r.stderr
+  install, mount, run = [json.loads(line)[-1] for line in open(log)]
+  assert "uv venv" in install and "gcsfuse" in mount and "--workdir=/mnt/gcs/bkt/run" in run
 
 
 def test_tpu_vm_stops_at_the_first_failure_with_one_line(tmp_path):
