@@ -163,11 +163,16 @@ def shared_bytes_per_token(cfg, seq_len: int, tensor: int, platform: str) -> flo
   return out
 
 
-def head_bytes_per_token(cfg, head: str, tensor: int) -> float:
-  """Final norm and, for the LM head, float32 logits, log-softmax and their gradient."""
-  out = 4 * cfg.d_model
+def head_bytes(cfg, head: str, rows: int, positions: int, tensor: int) -> float:
+  """The head on `positions` positions of `rows` rows: the final norm (4d per position) and, for
+  the LM head, the float32 logits and their gradient, 2*4*V per position (V = the padded
+  vocabulary over the tensor axis where it divides it), for at most cfg.logits_chunk positions at
+  a time when the logits are chunked."""
+  out = rows * positions * 4 * cfg.d_model
   if head == "lm":
-    out += 3 * 4 * _split(cfg.vocab_size, tensor)
+    vocab = _split(getattr(cfg, "padded_vocab", cfg.vocab_size), tensor)
+    chunk = getattr(cfg, "logits_chunk", 0) or positions
+    out += rows * min(chunk, positions) * 2 * 4 * vocab
   return out
 
 
@@ -180,38 +185,52 @@ def layer_weight_bytes(cfg, tensor: int) -> float:
   return 4 * (d * (2 * h + 2 * k) * hd + mlp)
 
 
-def train_activation_bytes(cfg, head: str, rows: int, seq_len: int, tensor: int,
-                           platform: str) -> int:
-  """Peak activation bytes per device of a forward+backward pass on `rows` local sequences:
-    no remat:  rows * s * (L * saved_layer + shared + head)
-    remat:     rows * s * (L * a*d + shared + max(saved_layer, head))
+def train_activation_bytes(cfg, head: str, rows: int, seq_len: int, tensor: int, platform: str,
+                           head_len: Optional[int] = None) -> int:
+  """Peak activation bytes per device of a forward+backward pass on `rows` local sequences of
+  seq_len tokens, the head on the last `head_len` positions (all by default):
+    no remat:  rows * s * (L * saved_layer + shared) + head
+    remat:     rows * s * (L * a*d + shared) + max(rows * s * saved_layer, head)
                (the layer inputs stay; one layer's residuals are rebuilt at a time, after the
                head's buffers are gone)
   plus 2 gathered layers of weights (`layer_weight_bytes`)."""
   layer = layer_bytes_per_token(cfg, seq_len, tensor, platform)
   shared = shared_bytes_per_token(cfg, seq_len, tensor, platform)
-  top = head_bytes_per_token(cfg, head, tensor)
+  top = head_bytes(cfg, head, rows, seq_len if head_len is None else head_len, tensor)
+  tokens = rows * seq_len
   if cfg.remat != "none":
-    per_token = cfg.num_layers * _DTYPE_BYTES[cfg.dtype] * cfg.d_model + shared + max(layer, top)
+    act = tokens * (cfg.num_layers * _DTYPE_BYTES[cfg.dtype] * cfg.d_model + shared)
+    act += max(tokens * layer, top)
   else:
-    per_token = cfg.num_layers * layer + shared + top
-  return int(rows * seq_len * per_token + 2 * layer_weight_bytes(cfg, tensor))
+    act = tokens * (cfg.num_layers * layer + shared) + top
+  return int(act + 2 * layer_weight_bytes(cfg, tensor))
 
 
-def rollout_bytes(cfg, rows: int, seq_len: int, tensor: int, platform: str) -> int:
-  """The rollout: the KV cache, 2 * L * rows * s * k * hd * a, and one layer's inference."""
+def rollout_bytes(cfg, rows: int, seq_len: int, tensor: int, weights: int = 0) -> int:
+  """The rollout: the KV cache, 2 * L * rows * s * k * hd * a, a layer's weights, the logits of
+  one decode step, and `weights`: the decode copy of the policy (`decode_copy_bytes`)."""
   a = _DTYPE_BYTES[cfg.dtype]
   cache = 2 * cfg.num_layers * rows * seq_len * _split(cfg.num_kv_heads, tensor) * cfg.head_dim * a
-  return int(cache + 2 * layer_weight_bytes(cfg, tensor)
-             + rows * head_bytes_per_token(cfg, "lm", tensor))
+  return int(cache + 2 * layer_weight_bytes(cfg, tensor) + head_bytes(cfg, "lm", rows, 1, tensor)
+             + weights)
 
 
-def scoring_bytes(cfg, rows: int, seq_len: int, tensor: int, platform: str) -> int:
-  """Scoring passes (inference): one layer's forward and the float32 logits."""
+def decode_copy_bytes(ppo_config, policy_params: int, dp: int) -> int:
+  """The policy's weights as the rollout decodes them (`sampling.decode_weights`): one copy in
+  ppo.rollout_dtype, laid out as in training ('train'; also 'auto', which picks 'decode' only on
+  devices that report their memory) or replicated over data x fsdp ('decode'). `policy_params`:
+  the policy's float32 bytes per device in the training layout."""
+  dtype = ppo_config.get("rollout_dtype", "float32")
+  layout = ppo_config.get("rollout_layout", "train")
+  return int(policy_params * _DTYPE_BYTES[dtype] / 4 * (dp if layout == "decode" else 1))
+
+
+def scoring_bytes(cfg, rows: int, seq_len: int, head_len: int, tensor: int, platform: str) -> int:
+  """A scoring pass (inference): one layer's forward and the logits of `head_len` positions."""
   per_token = (layer_bytes_per_token(cfg, seq_len, tensor, platform)
-               + shared_bytes_per_token(cfg, seq_len, tensor, platform)
-               + head_bytes_per_token(cfg, "lm", tensor))
-  return int(rows * seq_len * per_token + 2 * layer_weight_bytes(cfg, tensor))
+               + shared_bytes_per_token(cfg, seq_len, tensor, platform))
+  return int(rows * seq_len * per_token + head_bytes(cfg, "lm", rows, head_len, tensor)
+             + 2 * layer_weight_bytes(cfg, tensor))
 
 
 # ----------------------------------------------------------------------------- stages
@@ -237,7 +256,7 @@ def train_plan(stage, config, mesh_shape, platform) -> Plan:
   return Plan(stage, tuple(mesh_shape), shape, params, grads, opt, 0, 0, 0, act, notes)
 
 
-def ppo_activation_bytes(config, cfg, value_cfg, mesh_shape, platform) -> int:
+def ppo_activation_bytes(config, cfg, value_cfg, mesh_shape, platform, policy_params) -> int:
   """Peak of the iteration's phases besides the models: max(rollout chunk, scoring chunk,
   update) where update = PPO term (policy + value) on a minibatch, or the ptx term on one chunk
   of its pretraining rows, whichever is larger."""
@@ -246,10 +265,11 @@ def ppo_activation_bytes(config, cfg, value_cfg, mesh_shape, platform) -> int:
   seq = p.prompt_len + p.response_len
   minibatch = p.batch_size // p.minibatches
   rollout = rollout_bytes(cfg, p.batch_size // p.rollout_micro_batches // dp, seq, tensor,
-                          platform)
+                          decode_copy_bytes(p, policy_params, dp))
   scoring = scoring_bytes(cfg, p.batch_size // max(p.minibatches, p.rollout_micro_batches) // dp,
-                          seq, tensor, platform)
-  update = (train_activation_bytes(cfg, "lm", minibatch // dp, seq, tensor, platform)
+                          seq, p.response_len + 1, tensor, platform)
+  update = (train_activation_bytes(cfg, "lm", minibatch // dp, seq, tensor, platform,
+                                   p.response_len + 1)
             + train_activation_bytes(value_cfg, "scalar", minibatch // dp, seq, tensor, platform))
   if p.ptx_coef:
     rows = p.ptx_per_episode * minibatch // p.ptx_micro_batches // dp
@@ -271,7 +291,7 @@ def ppo_plan(config, mesh_shape, platform) -> Plan:
   # chunked ptx rows accumulate into a third.
   grads = params * ((2 + (p.ptx_micro_batches > 1)) if p.ptx_coef else 1)
   ema = params if p.ema_decay else 0
-  act = ppo_activation_bytes(config, cfg, value_cfg, mesh_shape, platform)
+  act = ppo_activation_bytes(config, cfg, value_cfg, mesh_shape, platform, params)
   shape = (f"{p.batch_size} x {p.prompt_len}+{p.response_len}, mb {p.batch_size // p.minibatches}"
            + (f", ptx {p.ptx_per_episode}/ep x {p.ptx_seq_len}" if p.ptx_coef else ""))
   return Plan("ppo", tuple(mesh_shape), shape, params, grads, opt, frozen,

@@ -310,6 +310,12 @@ def ppo_memory_check(step, frozen, batch, mesh):
 
 
 def make_topology_mesh(devices, shape):
-  """The ('data', 'fsdp', 'tensor') mesh of `shape` over compile-only `devices`."""
-  return sharding.make_mesh(shape, devices=devices)
+  """The ('data', 'fsdp', 'tensor') mesh of `shape` over compile-only `devices`, laid out on the
+  slice's physical axes (split where a mesh axis is smaller than one, e.g. tensor 2 on a 4x4x4
+  v4 slice)."""
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  grid = mesh_utils.create_device_mesh(tuple(shape), devices=devices,
+                                       allow_split_physical_axes=True)
+  return jax.sharding.Mesh(grid, sharding.MESH_AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
 
