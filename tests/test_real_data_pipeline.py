@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
 # A few steps of every stage, short sequences, one device (the 8 fake devices of the test
-# process would shard a 135M model 8 ways on 2 cores).
+# process would shard a 135M model 8 ways on 2 cores); PPO keeps its frozen reference and reward
+# model in bfloat16 (the run peaks near 8 GB of host memory otherwise).
 SHORT = {
     "sft": ["num_epochs=0", "num_steps=2", "batch_size=4", "eval_batch_size=4", "seq_len=64",
             "eval_batches=1", "log_every=1"],
@@ -27,7 +28,7 @@ SHORT = {
     "dpo": ["num_epochs=0", "num_steps=1", "batch_size=4", "eval_batch_size=4", "seq_len=64",
             "grad_accum_steps=1", "eval_batches=1", "log_every=1"],
     "ppo": ["num_iterations=1", "batch_size=4", "minibatches=1", "prompt_len=32",
-            "response_len=8", "ptx_seq_len=32"],
+            "response_len=8", "ptx_seq_len=32", "frozen_dtype=bfloat16"],
     "eval": ["num_prompts=2", "samples_per_prompt=2", "batch_size=2", "prompt_len=32",
              "max_new_tokens=8", "best_of=2", "pretrain_batches=1", "pretrain_batch_size=1",
              "pretrain_seq_len=32"],
