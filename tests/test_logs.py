@@ -22,6 +22,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import toy_loop
+from rlhf_jax import config_files, pipeline
 from rlhf_jax.errors import UserError
 from rlhf_jax.train import logs
 
@@ -291,7 +292,6 @@ def test_wandb_config_is_checked(monkeypatch):
 
 
 def test_every_training_config_has_the_wandb_section_off():
-  from rlhf_jax import config_files  # pylint: disable=g-import-not-at-top
   want = {"project": "", "entity": "", "name": "", "mode": ""}
   for name in ("sft", "rm", "ppo_ptx"):
     c = config_files.get_config(os.path.join(ROOT, "configs", f"{name}.py"))
@@ -299,6 +299,12 @@ def test_every_training_config_has_the_wandb_section_off():
   c = config_files.get_config(os.path.join(ROOT, "configs", "ppo_ptx.py"))
   for stage in ("pretrain", "sft", "rm"):
     assert c[stage].wandb.to_dict() == want
+  # One --config.wandb.* override of the pipeline reaches every stage that trains.
+  c.wandb.project, c.wandb.mode = "my-rlhf", "offline"
+  for stage in pipeline.stages_of(c):
+    sub = pipeline.stage_config(c, stage, "/tmp/unused")
+    if stage not in ("collect", "eval"):
+      assert (sub.wandb.project, sub.wandb.mode) == ("my-rlhf", "offline"), stage
 
 
 @pytest.mark.slow
