@@ -17,7 +17,7 @@ from rlhf_jax.train import loop, stage_io, step
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 PRESETS = ("tiny", "smollm2", "1.3b", "6.7b", "175b")
-STAGE_FILES = ("sft", "rm", "collect", "ppo_ptx")
+STAGE_FILES = ("sft", "rm", "collect", "dpo", "ppo_ptx")
 
 
 def _config(name, preset="tiny"):
@@ -61,7 +61,7 @@ def test_every_preset_passes_its_stage_validation(preset):
     config = _config(name, preset)
     main.validate(config)
   ppo = _config("ppo_ptx", preset)
-  for sub in ("pretrain", "sft", "collect", "rm"):
+  for sub in ("pretrain", "sft", "collect", "rm", "dpo"):
     main.validate(ppo[sub])
   evaluate.validate(ppo)
 
@@ -83,6 +83,13 @@ def test_a_ppo_config_with_a_field_of_another_stage_is_refused():
   config.batch_size = 8       # e.g. a config file written for the SFT stage's fields
   with pytest.raises(UserError, match=r"^config\.batch_size: the ppo stage does not read it"):
     stage_io.validate_config(config)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_dpo_config_is_the_pipelines(preset):
+  config = _config("dpo", preset)
+  assert config.stage == "dpo" and config.beta == 0.1
+  assert config.to_dict() == _config("ppo_ptx", preset).dpo.to_dict()
 
 
 @pytest.mark.parametrize("preset", PRESETS)
