@@ -74,7 +74,8 @@ def _contains(carried, wanted):
   return True
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (1, 4, 2)])
+@pytest.mark.parametrize("mesh_shape", [pytest.param((1, 8, 1), marks=pytest.mark.slow),
+                                        (1, 4, 2)])
 def test_decode_layout_samples_the_same_and_carries_decode_weights(mesh_shape):
   """float32 weights in the decode layout give today's tokens exactly and log-probs to 1e-6;
   the compiled decode loop carries every weight as its decode-layout shard (replicated over
@@ -102,6 +103,7 @@ def test_decode_layout_samples_the_same_and_carries_decode_weights(mesh_shape):
     assert fsdp_shards & {n for _, n in _loop_carried(train_hlo)}
 
 
+@pytest.mark.slow
 def test_bfloat16_rollout_weights():
   """bfloat16 decode weights on 1 x 4 x 2: the loop carries the decode-layout shards and a
   bfloat16 KV cache (XLA:CPU has no bfloat16 matmul: it converts the bfloat16 weights to float32
@@ -136,6 +138,7 @@ def test_bfloat16_rollout_weights():
   assert np.mean(np.asarray(f32.tokens) == np.asarray(bf16.tokens)) >= 0.9
 
 
+@pytest.mark.slow
 def test_ppo_iteration_with_decode_layout_gives_the_same_update():
   """A whole PPO-ptx iteration (2 x 2 x 2 mesh, rollout in 2 chunks) with rollout_layout
   'decode' (float32): the same responses bit for bit and the same update to 1e-6 as the
@@ -161,6 +164,7 @@ def test_rollout_fields_are_checked():
     ppo_iteration.check_rollout_fields("bfloat16", "tp")
 
 
+@pytest.mark.slow
 def test_kv_cache_follows_the_rule_table():
   """The KV cache buffers are sharded by the logical rules (batch over data x fsdp, kv_heads
   over tensor), in the prefill's output and inside the decode loop."""

@@ -5,6 +5,8 @@ unpadded model on the same real weights: the same log-probs, losses and greedy/s
 never a padded id; HF export strips the rows, loading pads them. The chunked head must give the
 losses and gradients of the whole logits, in less memory.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,7 +64,7 @@ def test_padded_config_rows_and_validation():
     CFG.replace(logits_chunk=1.5)
 
 
-@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("tie", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_padded_model_computes_the_unpadded_function(tie):
   """Same real weights, padded rows random: the real logits agree to float rounding (measured
   0 on CPU), padded logits are the mask value, and log-probs, entropy and the LM loss (whole and
@@ -71,25 +73,27 @@ def test_padded_model_computes_the_unpadded_function(tie):
   params = init_params(cfg, jax.random.key(0))
   pparams = _padded_params(pcfg, params)
   batch = _batch()
-  logits = forward(cfg, "lm", params, batch)
-  plogits = forward(pcfg, "lm", pparams, batch)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def outputs(c, p):
+    lp, ent = logprobs.next_token_logprobs(c, p, batch, 0.7, head_from=4)
+    return (forward(c, "lm", p, batch), lm_head_logits(c, p, forward(c, "none", p, batch)), lp,
+            ent, logprobs.lm_loss(c, p, batch))
+  logits, _, ref_lp, ref_ent, ref_loss = outputs(cfg, params)
+  plogits, head, _, _, _ = outputs(pcfg, pparams)
   assert plogits.shape[-1] == 512
   np.testing.assert_allclose(plogits[..., :500], logits, atol=1e-6, rtol=0)
   assert float(jnp.max(plogits[..., 500:])) <= -1e29
-  np.testing.assert_allclose(lm_head_logits(pcfg, pparams, forward(pcfg, "none", pparams, batch)),
-                             plogits, atol=1e-6, rtol=0)
-  ref_lp, ref_ent = logprobs.next_token_logprobs(cfg, params, batch, 0.7, head_from=4)
-  ref_loss = logprobs.lm_loss(cfg, params, batch)
+  np.testing.assert_allclose(head, plogits, atol=1e-6, rtol=0)
   for chunk in (0, 5):
-    c = pcfg.replace(logits_chunk=chunk)
-    lp, ent = logprobs.next_token_logprobs(c, pparams, batch, 0.7, head_from=4)
+    _, _, lp, ent, loss = outputs(pcfg.replace(logits_chunk=chunk), pparams)
     np.testing.assert_allclose(lp, ref_lp, atol=1e-6, rtol=0)
     np.testing.assert_allclose(ent, ref_ent, atol=1e-6, rtol=0)
-    loss = logprobs.lm_loss(c, pparams, batch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, atol=0)
     assert np.all(np.isfinite(np.asarray(lp))) and np.all(np.isfinite(np.asarray(ent)))
 
 
+@pytest.mark.slow
 def test_padded_model_samples_the_same_tokens_and_never_a_padded_id():
   """Greedy, plain and top-k/top-p sampling from the padded model give the unpadded model's
   tokens and log-probs; a hot sampler (T = 5) over many rows never draws an id >= vocab_size,
@@ -141,7 +145,7 @@ def test_hf_export_strips_and_loading_pads(tmp_path):
   assert host["embed"].shape == (512, 32)
 
 
-@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("tie", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_chunked_logits_give_the_same_loss_and_gradient(tie):
   """logits_chunk 5 on 11 predicting positions (two full chunks and a padded one) against the
   whole logits: the LM loss and its gradient (every parameter), and PPO-style log-probs from
@@ -152,14 +156,15 @@ def test_chunked_logits_give_the_same_loss_and_gradient(tie):
   params = init_params(cfg, jax.random.key(1))
   batch = _batch(3)
 
-  def ppo_like(c):
-    def f(p):
+  def losses_of(c):
+    def lm(p):
+      return logprobs.lm_loss(c, p, batch)[0]
+
+    def ppo_like(p):
       lp, ent = logprobs.next_token_logprobs(c, p, batch, 0.7, head_from=3)
       return jnp.sum(lp * batch["loss_mask"][:, 4:]) + 0.1 * jnp.sum(ent)
-    return f
-  for fn in (lambda c: lambda p: logprobs.lm_loss(c, p, batch)[0], ppo_like):
-    ref, ref_grad = jax.value_and_grad(fn(cfg))(params)
-    got, grad = jax.value_and_grad(fn(chunked))(params)
+    return jax.jit(lambda p: [jax.value_and_grad(f)(p) for f in (lm, ppo_like)])(params)
+  for (ref, ref_grad), (got, grad) in zip(losses_of(cfg), losses_of(chunked)):
     np.testing.assert_allclose(got, ref, rtol=1e-6)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref_grad))
     for g, r in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
