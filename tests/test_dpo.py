@@ -16,7 +16,7 @@ from rlhf_jax import config_files, sharding
 from rlhf_jax.convert import save_model
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import Transformer, get_model_config, init_params
-from rlhf_jax.train import dpo, optim, stage_io
+from rlhf_jax.train import dpo, loop, optim, stage_io
 from stage_steps import assert_same_training, sgd
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -185,3 +185,18 @@ def test_dpo_stage_on_the_offline_comparisons(tmp_path, offline_data_dir):
     train = [json.loads(l) for l in f if '"train"' in l]
   assert [r["step"] for r in train] == [2, 4] and all("accuracy" in r for r in train)
   assert dpo.run(config, str(tmp_path / "run")) == path     # finished: skipped
+
+
+def test_a_ppo_checkpoint_resumes_whatever_the_dpo_section_says():
+  """The PPO stage's config record carries `dpo`/`dpo_run` (the pipeline's config) without reading
+  them: a checkpoint written before they existed, or with another beta, resumes."""
+  config = config_files.get_config(os.path.join(ROOT, "configs", "ppo_ptx.py"), "tiny")
+  record = loop.config_record(config)
+  before = {k: v for k, v in record.items() if k != "dpo_run" and not k.startswith("dpo.")}
+  assert len(before) < len(record)
+  loop.check_resume_config(before, config, "the checkpoint")
+  config.dpo.beta = 0.5
+  loop.check_resume_config(record, config, "the checkpoint")
+  config.ppo.kl_coef = 0.3                    # a PPO field still has to match
+  with pytest.raises(UserError, match=r"^config\.ppo\.kl_coef is 0\.3 but the checkpoint"):
+    loop.check_resume_config(record, config, "the checkpoint")

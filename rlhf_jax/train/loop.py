@@ -272,10 +272,11 @@ class KeyedBatches:
 # Config fields that may differ between a run and its resumption (they do not change the
 # trained parameters): logging (W&B too), evaluation, checkpointing, prefetch, the mesh (checkpoints
 # restore onto another mesh), where the data folder lives, rematerialisation, the attention
-# implementation (same function, another kernel).
+# implementation (same function, another kernel), and the DPO stage's section of the pipeline
+# config (`dpo`, `dpo_run`: the PPO stage carries them but does not read them).
 RESUME_MAY_DIFFER = ("log_every", "eval_every", "eval_batches", "checkpoint_every",
                      "keep_checkpoints", "max_nonfinite_steps", "data.prefetch", "data.dir",
-                     "mesh", "model.remat", "model.attention_impl", "wandb")
+                     "mesh", "model.remat", "model.attention_impl", "wandb", "dpo", "dpo_run")
 
 
 # Config fields added after checkpoints were first written, with the value such a checkpoint's
