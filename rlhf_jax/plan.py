@@ -18,7 +18,8 @@ rollout_micro_batches chunks. `--config.<field>=` overrides any of them.
 Devices: --topology (a TPU slice name, `plan_compile.topology_devices`), else --num_devices, else
 the preset's reference slice (`REFERENCE_DEVICES`). The mesh of each stage: --mesh, else the
 config's mesh.shape when its batches split over it, else fsdp over as many devices as every batch
-allows and tensor over the rest (`plan_compile.choose_mesh`).
+allows and tensor over the rest (`plan_compile.choose_mesh`). attention_impl 'auto' is resolved
+for --platform (default tpu: the splash kernel, no attention scores in memory).
 
 Estimate (per device, from `jax.eval_shape` shapes and the sharding rule table; a dimension the
 mesh does not divide counts replicated and is listed under "notes"). P = the trained model's
@@ -340,7 +341,7 @@ def paper_config(name: str):
 
 
 def _devices(opts, name):
-  """(devices or None, their number, platform the estimate assumes)."""
+  """(devices or None, their number, the platform the estimate resolves attention for)."""
   if opts.get("topology"):
     from rlhf_jax import plan_compile  # pylint: disable=g-import-not-at-top
     devices = plan_compile.topology_devices(opts["topology"])
@@ -349,7 +350,7 @@ def _devices(opts, name):
   if n is None:
     import jax  # pylint: disable=g-import-not-at-top
     n = jax.device_count()
-  return None, n, opts.get("platform") or "cpu"
+  return None, n, opts.get("platform") or "tpu"
 
 
 def plan_job(config, opts: dict, name: str = "") -> dict:
@@ -433,8 +434,8 @@ def define_flags() -> dict:
           "num_devices", None, "Devices to plan for without --topology (default: the preset's "
           "reference slice, REFERENCE_DEVICES)."),
       "platform": flags.DEFINE_enum("platform", None, ["cpu", "gpu", "tpu"],
-                                    "Attention kernels the estimate assumes without --topology "
-                                    "(default cpu; tpu with --topology)."),
+                                    "Kernels the estimate assumes for attention_impl 'auto' "
+                                    "(default tpu: splash; gpu: cuDNN; cpu: einsum)."),
   }
 
 
