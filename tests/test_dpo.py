@@ -48,40 +48,42 @@ def dpo_batch(seed, batch=8, k_max=4, seq_len=14, vocab=512):
 
 
 def naive_pairwise(cfg, params, ref_params, batch, beta):
-  """The chosen/rejected way: each pair (w, l) forwards its two responses unpadded, one model
-  call per response and model; loss = mean over prompts of -1/C(K,2) sum log sigmoid(beta
-  ((logpi_w - logref_w) - (logpi_l - logref_l))), gradients summed pair by pair."""
+  """The chosen/rejected way: each pair (w, l) forwards its two responses, one model call per
+  response and model (one jitted function of fixed shape); loss = mean over prompts of
+  -1/C(K,2) sum log sigmoid(beta ((logpi_w - logref_w) - (logpi_l - logref_l))), gradients summed
+  pair by pair."""
   model = Transformer(cfg, head="lm")
 
-  def logp(p, row, start):
-    logits, _ = model.apply({"params": p}, row[None])
+  def row_logp(p, row):
+    tokens, seg, pos, mask = row
+    logits, _ = model.apply({"params": p}, tokens[None], segment_ids=seg[None],
+                            positions=pos[None])
     lp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(lp, row[1:, None], axis=-1)[:, 0]
-    return jnp.sum(picked[start - 1:])
+    return jnp.sum(jnp.take_along_axis(lp, tokens[1:, None], axis=-1)[:, 0] * mask[1:])
+
+  @jax.jit
+  def pair(p, ref, w, l, weight):
+    def loss(q):
+      z = beta * ((row_logp(q, w) - row_logp(ref, w)) - (row_logp(q, l) - row_logp(ref, l)))
+      return -jax.nn.log_sigmoid(z) * weight
+    return jax.value_and_grad(loss)(p)
 
   prompts = batch["tokens"].shape[0]
   total, grads = 0.0, jax.tree.map(np.zeros_like, params)
   for b in range(prompts):
     k = int(batch["response_valid"][b].sum())
-    rows, starts = [], []
-    for j in range(k):
-      n = int(batch["segment_ids"][b, j].sum())
-      rows.append(jnp.asarray(batch["tokens"][b, j, :n]))
-      starts.append(int(np.argmax(batch["response_mask"][b, j])))
+    rows = [tuple(batch[key][b, j] for key in ("tokens", "segment_ids", "positions",
+                                                 "response_mask")) for j in range(k)]
     for w, l in itertools.permutations(range(k), 2):
       if batch["ranks"][b, w] >= batch["ranks"][b, l]:
         continue
-
-      def pair_loss(p):
-        z = beta * ((logp(p, rows[w], starts[w]) - logp(ref_params, rows[w], starts[w]))
-                    - (logp(p, rows[l], starts[l]) - logp(ref_params, rows[l], starts[l])))
-        return -jax.nn.log_sigmoid(z) / (k * (k - 1) / 2) / prompts
-      loss, g = jax.value_and_grad(pair_loss)(params)
+      loss, g = pair(params, ref_params, rows[w], rows[l], 1.0 / (k * (k - 1) / 2) / prompts)
       total += float(loss)
       grads = jax.tree.map(lambda a, x: a + np.asarray(x, np.float64), grads, g)
   return total, grads
 
 
+@pytest.mark.slow   # 2 min on the shared 2-core machine at load 30 (one compile, 20 pair calls)
 def test_dpo_loss_equals_naive_chosen_rejected_pairs():
   cfg = get_model_config("tiny")
   params = init_params(cfg, jax.random.key(0))
@@ -132,6 +134,7 @@ def _run_dpo_steps(mesh, accum, steps=2, batch_size=8):
   return jax.device_get(state["params"]), metrics, init
 
 
+@pytest.mark.slow   # 77 s on the shared 2-core machine at load 30 (two meshes, two compiles each)
 def test_sharded_accumulated_step_equals_single_device():
   """2 micro-batches (of the train step and of the reference's forward) on a (2, 2, 2) mesh ==
   the whole batch on one device."""
