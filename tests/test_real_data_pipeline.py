@@ -122,14 +122,18 @@ def test_tldr_prepared_by_the_cli_trains_sft(tmp_path):
       [sys.executable, "-m", "rlhf_jax.data.prepare", "--source=tldr",
        f"--input={os.path.join(FIXTURES, 'tldr', 'comparisons.jsonl')}",
        f"--sft={os.path.join(FIXTURES, 'tldr', 'sft_train.jsonl')}",
-       f"--ptx={os.path.join(FIXTURES, 'ptx.txt')}", f"--out_dir={data}"],
+       f"--ptx={os.path.join(FIXTURES, 'ptx.txt')}", "--heldout_fraction=0.3",
+       f"--out_dir={data}"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert prep.returncode == 0, prep.stderr[-3000:]
-  assert "sft 11/1" in prep.stdout and "1 skipped: no reddit post" in prep.stdout
+  assert "sft 9/3" in prep.stdout and "1 skipped: no reddit post" in prep.stdout
   run = subprocess.run(
       [sys.executable, "-m", "rlhf_jax.main", "--config=configs/sft.py:smollm2",
        f"--workdir={tmp_path / 'run'}", "--config.data.source=dir", f"--config.data.dir={data}",
-       *[f"--config.{arg}" for arg in SHORT["sft"]]],
+       *[f"--config.{arg}" for arg in SHORT["sft"]
+         if not arg.startswith(("eval_batch_size", "seq_len"))],
+       "--config.eval_batch_size=1",      # 3 validation demonstrations
+       "--config.seq_len=160"],           # a Reddit post does not fit in 64 tokens
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
   assert run.returncode == 0, run.stderr[-3000:]
   with open(tmp_path / "run" / "sft" / "model" / "rlhf_jax_stage.json", encoding="utf-8") as f:

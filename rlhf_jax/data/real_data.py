@@ -16,9 +16,11 @@ summarize-from-feedback (TL;DR), prepared for the pipeline under `<workdir>/data
                     (.jsonl / .json, optionally .gz)
   limit             use only the first `limit` usable comparisons of `input` (0 = all)
 
-The held-out split is by prompt: a prompt is held out when the CRC-32 of its text falls below
-`heldout_fraction` of the hash space (`offline_dataset.held_out`, seed 0), so every record of one
-prompt lands on the same side, in every kind (comparisons, sft, prompts). With a `heldout` file,
+The held-out split is by prompt: a prompt is held out when the first 4 bytes of the sha256 of its
+text, read as an integer, fall below `heldout_fraction` of 2^32, so every record of one prompt
+lands on the same side, in every kind (comparisons, sft, prompts). (CRC-32, which the offline task
+uses, is linear: prompts that differ in a few words, like the templated TL;DR posts of a fixture,
+land on one side far more often than the fraction says.) With a `heldout` file,
 its records whose prompt also occurs in the training data are dropped (counted). Every train
 split then loses the records whose prompt is held out anywhere: no prompt is in both splits. Each
 side keeps at least one prompt (on tiny data the prompt with the lowest / highest hash moves over).
@@ -33,7 +35,6 @@ import hashlib
 import json
 import os
 import shutil
-import zlib
 
 from rlhf_jax import distributed
 from rlhf_jax.data import builders
@@ -113,8 +114,8 @@ def check_prepared(out_dir, settings, flag=lambda field: f"config.data.{field}")
 
 
 def _hash(text):
-  """The held-out hash of a prompt or document (`offline_dataset.held_out` with seed 0)."""
-  return zlib.crc32(f"0\x00{text}".encode())
+  """The held-out hash of a prompt or document: sha256's first 4 bytes, big-endian, in [0, 2^32)."""
+  return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
 
 
 def held_out_keys(keys, fraction):
