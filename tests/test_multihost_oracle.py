@@ -65,7 +65,8 @@ def test_oracle_run_on_two_processes_equals_one(inputs, tmp_path):
   procs, logs = [], []
   port = _free_port()
   for i in range(2):
-    env = dict(os.environ, XLA_FLAGS=XLA + "4", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env = dict(os.environ, XLA_FLAGS=XLA + "4", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               JAX_ENABLE_COMPILATION_CACHE="false")   # (as in test_multihost_pipeline.Run)
     logs.append(f"{two}.{i}.log")
     procs.append(_start([sys.executable, "-m", "rlhf_jax.main",
                          f"--coordinator_address=localhost:{port}", "--num_processes=2",

@@ -1,5 +1,5 @@
 """Multi-host for real (issue 15): the whole pipeline (data -> pretrain -> SFT -> collect -> RM ->
-PPO -> PPO-ptx -> eval) as 2 processes x 4 CPU devices (jax.distributed, gloo) is the pipeline as
+PPO -> PPO-ptx -> DPO -> eval) as 2 processes x 4 CPU devices (jax.distributed, gloo) is the pipeline as
 1 process x 8 devices, bit for bit, on the same mesh (1, 8, 1); and it survives SIGKILLs.
 
 Three runs of `python -m rlhf_jax.main --config=configs/ppo_ptx.py` with the same tiny overrides
@@ -39,7 +39,7 @@ import kill_resume as kr
 
 ROOT = kr.ROOT
 ONE_PROCESS = os.path.join(ROOT, "tests", "one_process_gloo.py")
-STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
+STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "dpo")
 TIMING = ("steps_per_s", "iters_per_s", "eval_seconds")
 
 # The pipeline, tiny: a 1-layer model, the offline task at a few hundred records, a few steps per
@@ -75,6 +75,9 @@ ARGS = [
     "--config.eval.pretrain_seq_len=32", "--config.eval.best_of=(2,)",
     "--config.eval.probe_prompts=8", "--config.eval.probe_new_tokens=2",
     "--config.eval.num_examples=1",
+    "--config.dpo.num_steps=4", "--config.dpo.checkpoint_every=2", "--config.dpo.eval_every=2",
+    "--config.dpo.log_every=2", "--config.dpo.eval_batches=1", "--config.dpo.batch_size=8",
+    "--config.dpo.eval_batch_size=8",
 ]
 # LLVM at -O0: the tiny programs compile in less time than they would save running (each process
 # of a multi-process run compiles for itself: JAX's persistent cache serves process 0 only).
@@ -99,6 +102,10 @@ class Run:
     port, self.starts = _free_port(), self.starts + 1
     env = dict(os.environ, XLA_FLAGS=XLA + str(8 // self.n), JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT)
+    if self.n > 1:   # JAX's persistent cache serves process 0 only: a process 0 that loads a step
+      # from it waits at the step's first collective while process 1 compiles, and gloo gives up
+      # after 30 s (seen on a loaded 2-core machine, in the killed run's resumed PPO-ptx).
+      env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     self.procs = []
     for i in range(self.n):
       if self.n == 1:
