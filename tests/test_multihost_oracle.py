@@ -1,7 +1,7 @@
 """The oracle run (PPO against the offline task's gold labeler, `config.reward_model='gold'`) on
 2 processes x 4 CPU devices equals it on 1 process x 8 devices (gloo collectives in both, as in
 tests/test_multihost_pipeline.py): the gold reward is a host callback, which on several processes
-runs per device on that device's own rows (`ppo.gold_score_fn`); the logged gold score covers
+runs per device on that device's own rows (`ppo_gold.gold_score_fn`); the logged gold score covers
 every process's rows.
 """
 import json

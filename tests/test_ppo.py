@@ -11,7 +11,7 @@ import pytest
 from ppo_settings import tiny_settings
 from rlhf_jax import losses, rollout, sharding
 from rlhf_jax.models import ModelConfig, init_params
-from rlhf_jax.train import ppo, ppo_iteration
+from rlhf_jax.train import ppo, ppo_gold, ppo_iteration
 
 
 def _mask(rng, b, n):
@@ -518,20 +518,20 @@ def test_gold_score_fn_is_the_gold_labeler_on_decoded_texts(ppo_inputs):
   assert lengths[1] == n and tokens[1, -1] != tok.eos_id     # a response cut without EOS
   expect = [scale * gold_labeler.gold_score(q, a) for q, a in zip(prompts, texts)]
   assert expect[0] == scale and expect[2] == 0.0
-  fn = ppo.gold_score_fn(tok, scale)
+  fn = ppo_gold.gold_score_fn(tok, scale)
   got = jax.jit(lambda t, l: fn(t, l, p_len))(tokens, lengths)
   np.testing.assert_allclose(np.asarray(got), expect, rtol=1e-6)
   # As the iteration calls it: inside lax.map over minibatches.
   split = jax.jit(lambda t, l: jax.lax.map(lambda x: fn(x[0], x[1], p_len),
                                            (t.reshape(2, 2, -1), l.reshape(2, 2))))
   np.testing.assert_allclose(np.asarray(split(tokens, lengths)).reshape(-1), expect, rtol=1e-6)
-  shifted = ppo.gold_score_fn(tok, scale, shift=0.25)
+  shifted = ppo_gold.gold_score_fn(tok, scale, shift=0.25)
   np.testing.assert_allclose(np.asarray(jax.jit(lambda t, l: shifted(t, l, p_len))(
       tokens, lengths)), [e - scale * 0.25 for e in expect], rtol=1e-6)
   assert [q for q, _ in rollout.episode_texts(tok, tokens, lengths, p_len)] == prompts
-  ppo.check_gold_prompts(source, tok, p_len)
+  ppo_gold.check_gold_prompts(source, tok, p_len)
   with pytest.raises(UserError, match="config.ppo.prompt_len"):
-    ppo.check_gold_prompts(source, tok, 6)
+    ppo_gold.check_gold_prompts(source, tok, 6)
 
 
 def test_gold_reward_run_writes_ppo_oracle(ppo_inputs, tmp_path):
@@ -563,10 +563,10 @@ def test_gold_reward_is_normalised_by_the_collect_stage(tmp_path):
   config = ml_collections.ConfigDict({"ppo": {"gold_reward_scale": 0.0},
                                       "data": {"train_split": "train"}})
   with pytest.raises(UserError, match="config.ppo.gold_reward_scale: 0 normalises"):
-    ppo.gold_reward_norm(config, str(tmp_path))
+    ppo_gold.gold_reward_norm(config, str(tmp_path))
   (tmp_path / "collect").mkdir()
   stats = {"splits": {"train": {"mean_gold_score": 0.4, "gold_score_std": 0.25}}}
   (tmp_path / "collect" / "collect.json").write_text(json.dumps(stats))
-  assert ppo.gold_reward_norm(config, str(tmp_path)) == (0.4, 4.0)
+  assert ppo_gold.gold_reward_norm(config, str(tmp_path)) == (0.4, 4.0)
   config.ppo.gold_reward_scale = 2.0
-  assert ppo.gold_reward_norm(config, str(tmp_path)) == (0.0, 2.0)
+  assert ppo_gold.gold_reward_norm(config, str(tmp_path)) == (0.0, 2.0)

@@ -15,12 +15,9 @@ the formulas are there); this module is the stage around it.
 
 The reward of a finished episode is pluggable (`ppo_iteration.make_iteration(score_fn=...)`): by
 default the reward model at the last token; with `config.reward_model = 'gold'` the offline task's
-gold labeler itself, called on the host through `jax.pure_callback` on the decoded prompt and
-response (`gold_score_fn`): PPO against the true objective, the upper bound of PPO on this task
-(stage `ppo_oracle`). Its reward is normalised like the reward model's (`gold_reward_norm`): with
-`config.ppo.gold_reward_scale` 0 (the default), (gold - m) / s with m and s the mean and standard
-deviation of the gold score of the SFT samples the collect stage ranked (`collect/collect.json`),
-so the same KL coefficient weighs the same against it; a scale > 0 gives scale x gold instead.
+gold labeler itself (`ppo_gold`: called on the host through `jax.pure_callback`, normalised like
+the reward model's reward): PPO against the true objective, the upper bound of PPO on this task
+(stage `ppo_oracle`).
 
 Reading order: the config (`settings_from_config`: `ppo_iteration.Settings` from `config.ppo`,
 their one source), the state (policy and value networks with their own AdamW, one pytree), the
@@ -32,9 +29,6 @@ gold score of the samples added, the log interval averaged over every iteration
 (`skipped_iteration`).
 """
 import dataclasses
-import functools
-import json
-import math
 import os
 
 import jax
@@ -42,16 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from rlhf_jax import collect
 from rlhf_jax import distributed
 from rlhf_jax import plan_compile
 from rlhf_jax import rollout
 from rlhf_jax import sharding
-from rlhf_jax.data import encoding, gold_labeler, loaders, offline_task, shards
+from rlhf_jax.data import gold_labeler, loaders, shards
 from rlhf_jax.errors import UserError, check_positive, config_field
 from rlhf_jax.models import ModelConfig, abstract_params
 from rlhf_jax.train import loop
 from rlhf_jax.train import optim
+from rlhf_jax.train import ppo_gold
 from rlhf_jax.train import ppo_iteration
 from rlhf_jax.train import stage_io
 
@@ -121,42 +115,13 @@ def validate_ppo_config(config):
   if p.ptx_coef and p.ptx_seq_len > config.model.max_len:
     raise UserError(f"config.ppo.ptx_seq_len ({p.ptx_seq_len}) exceeds config.model.max_len "
                     f"({config.model.max_len})")
-  if is_gold(config) and config.data.source != "offline":
+  if ppo_gold.is_gold(config) and config.data.source != "offline":
     raise UserError(f"config.reward_model 'gold' is the offline task's gold labeler: it needs "
                     f"config.data.source 'offline', got {config.data.source!r}")
-  scale = gold_reward_scale(config)
+  scale = ppo_gold.gold_reward_scale(config)
   if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale >= 0:
     raise UserError(f"config.ppo.gold_reward_scale must be a number >= 0 (0 = normalised by the "
                     f"collect stage's statistics), got {scale!r}")
-
-
-def is_gold(config):
-  """True when the reward is the offline task's gold labeler (`config.reward_model = 'gold'`)."""
-  return config.get("reward_model") == "gold"
-
-
-def gold_reward_scale(config):
-  return config.ppo.get("gold_reward_scale", 0.0)
-
-
-def gold_reward_norm(config, workdir):
-  """(shift, scale) of the oracle reward scale x (gold - shift): with gold_reward_scale 0, the
-  mean and 1 / standard deviation of the gold score of the SFT samples of the collect stage's
-  train split (the reward model's normalisation: SFT samples with unit spread); else (0, scale)."""
-  scale = float(gold_reward_scale(config))
-  if scale:
-    return 0.0, scale
-  path = os.path.join(collect.collect_dir(workdir), collect.DONE_FILE)
-  if not os.path.exists(path):
-    raise UserError(f"config.ppo.gold_reward_scale: 0 normalises the gold reward by the collect "
-                    f"stage's statistics, but {path} does not exist; run collect or set a scale")
-  with open(path, encoding="utf-8") as f:
-    stats = json.load(f)["splits"].get(config.data.train_split, {})
-  std = stats.get("gold_score_std") or 0.0
-  if not std > 0:
-    raise UserError(f"config.ppo.gold_reward_scale: {path} records no spread of the gold score "
-                    "of the SFT samples; set a scale")
-  return float(stats["mean_gold_score"]), 1.0 / std
 
 
 def resume_record(config):
@@ -174,7 +139,7 @@ def resume_record(config):
 def stage_name(config):
   """The stage directory under the workdir: 'ppo_oracle' with the gold labeler as the reward
   (`config.reward_model = 'gold'`), else 'ppo_ptx' with the pretraining term, 'ppo' without."""
-  if is_gold(config):
+  if ppo_gold.is_gold(config):
     return "ppo_oracle"
   return "ppo_ptx" if config.ppo.ptx_coef else "ppo"
 
@@ -286,54 +251,6 @@ class _Batches:
         it.close()
 
 
-def gold_score_fn(tok, scale=1.0, shift=0.0):
-  """A `make_iteration` score_fn: scale x (`gold_labeler.gold_score(prompt, response)` - shift) of
-  the decoded texts, computed on the host by `jax.pure_callback`, row by row.
-
-  One process: the callback sees the whole batch. Several processes (no process can see another's
-  rows): the callback runs inside a `shard_map` over the batch axes of the active mesh, each
-  device scoring its own rows on its own host; the scores are the same numbers (each row's score
-  depends on that row only)."""
-
-  def host(tokens, lengths, prompt_len):
-    episodes = rollout.episode_texts(tok, tokens, lengths, prompt_len)
-    return np.asarray([scale * (gold_labeler.gold_score(q, a) - shift) for q, a in episodes],
-                      np.float32)
-
-  def score_fn(tokens, lengths, prompt_len):
-    def call(t, n):
-      return jax.pure_callback(functools.partial(host, prompt_len=prompt_len),
-                               jax.ShapeDtypeStruct(n.shape, jnp.float32), t, n,
-                               vmap_method="sequential")
-    mesh = jax.sharding.get_abstract_mesh()
-    if jax.process_count() == 1 or mesh.empty:
-      return call(tokens, lengths)
-    rows = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
-    if tokens.shape[0] % rows:
-      raise UserError(f"config.reward_model 'gold' on {jax.process_count()} processes: the "
-                      f"rollout's {tokens.shape[0]} rows per micro-batch must divide over the "
-                      f"mesh's data x fsdp = {rows} devices")
-    spec = jax.sharding.PartitionSpec(sharding.BATCH_AXES)
-    return jax.shard_map(call, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
-                         check_vma=False)(tokens, lengths)
-  return score_fn
-
-
-def check_gold_prompts(prompt_source, tok, prompt_len):
-  """Every training prompt, as the iteration sees it (encoded, cut to prompt_len, decoded), must
-  be the same offline-task instruction, else the gold labeler cannot score it: a one-line
-  UserError now instead of an error inside the jitted iteration."""
-  for i in range(len(prompt_source)):
-    text = loaders.text_of(prompt_source[i]["prompt"])
-    row = encoding.prompt_row(tok.encode(text), tok.bos_id, tok.pad_id, prompt_len)
-    parsed = offline_task.parse_prompt(text)
-    seen = offline_task.parse_prompt(rollout.prompt_text(tok, row["tokens"]))
-    if parsed is None or seen != parsed:
-      raise UserError(f"config.reward_model 'gold': prompt {i} ({text[:50]!r}) is not an "
-                      f"offline-task instruction once encoded into config.ppo.prompt_len "
-                      f"({prompt_len}) tokens")
-
-
 # ----------------------------------------------------------------------------- the loop's step
 
 class IterationStep:
@@ -398,7 +315,7 @@ def skipped_iteration(s: ppo_iteration.Settings):
 def _model_paths(config, workdir):
   """(init_from, reward model path or 'gold', value_from) with 'auto' resolved."""
   init_from = stage_io.resolve_auto(config.init_from, workdir, "sft", "init_from")
-  gold_reward = is_gold(config)
+  gold_reward = ppo_gold.is_gold(config)
   rm_path = "gold" if gold_reward else stage_io.resolve_auto(config.reward_model, workdir, "rm",
                                                              "reward_model")
   value_path = stage_io.resolve_auto(config.value_from, workdir, "rm", "value_from")
@@ -413,15 +330,6 @@ def _check_ptx_rows(s: ppo_iteration.Settings, mesh):
     if s.ptx_rows % s.minibatches:
       raise UserError(f"config.ppo.minibatches ({s.minibatches}) must divide the pretraining "
                       f"rows per iteration ({s.ptx_rows})")
-
-
-def _gold_reward(config, workdir, prompt_source, tok):
-  """(score_fn, {'scale', 'shift'}) of the oracle run, or (None, None) with a reward model."""
-  if not is_gold(config):
-    return None, None
-  check_gold_prompts(prompt_source, tok, config.ppo.prompt_len)
-  shift, scale = gold_reward_norm(config, workdir)
-  return gold_score_fn(tok, scale, shift), {"scale": scale, "shift": shift}
 
 
 def _batches(config, tfds_dir, prompt_source, tok, s: ppo_iteration.Settings, mesh):
@@ -487,7 +395,7 @@ def run(config, workdir):
 
   # The one loop, one iteration per step.
   prompt_source = stage_io.load_split(tfds_dir, "prompts", config.data.train_split, "train_split")
-  score_fn, gold_norm = _gold_reward(config, workdir, prompt_source, tok)
+  score_fn, gold_norm = ppo_gold.gold_reward(config, workdir, prompt_source, tok)
   batches = _batches(config, tfds_dir, prompt_source, tok, s, mesh)
   iteration = ppo_iteration.make_iteration(cfg, value_cfg, rm_cfg, s, txs, mesh, score_fn)
   step = IterationStep(iteration, shardings, frozen, frozen_sh, mesh, s,

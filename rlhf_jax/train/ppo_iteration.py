@@ -48,8 +48,8 @@ jitted pure function:
      every applied optimizer step (ema <- d ema + (1 - d) policy), not once per iteration.
 
 The reward of a finished episode is pluggable (`make_iteration(score_fn=...)`): by default the
-reward model at the last token (`rollout.last_token_scores`); `ppo.gold_score_fn` is the offline
-task's gold labeler (the oracle run).
+reward model at the last token (`rollout.last_token_scores`); `ppo_gold.gold_score_fn` is the
+offline task's gold labeler (the oracle run).
 
 The policy and value function are separate networks with their own AdamW (own learning rates),
 one state pytree: {'params': {'policy', 'value'}, 'opt_state': {'policy', 'value'}, 'step',
