@@ -4,7 +4,7 @@ A baseline next to PPO-ptx on the same data: the policy starts from the SFT mode
 reference is the same SFT model, and the batches are the reward model's (`rm.comparison_batches`:
 B prompts x K_max ranked responses x T tokens, all C(K, 2) pairs of a prompt one batch element).
 The step forwards every response ONCE, sums its log-probs over the response tokens (eos included;
-`losses.sequence_logprobs`) and applies `losses.dpo_loss`:
+`logprobs.next_token_logprobs`, chunked when `model.logits_chunk`) and applies `losses.dpo_loss`:
 
   loss_b = -1/C(K_b, 2) sum_{(w, l): rank_w < rank_l}
                log sigmoid(beta ((log pi_w - log ref_w) - (log pi_l - log ref_l)))
@@ -26,6 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax import logprobs
 from rlhf_jax import losses
 from rlhf_jax import sharding
 from rlhf_jax.errors import UserError
@@ -34,7 +35,7 @@ from rlhf_jax.train import loop
 from rlhf_jax.train import optim
 from rlhf_jax.train import rm
 from rlhf_jax.train import stage_io
-from rlhf_jax.train.step import TrainStep, forward, split_micro_batches
+from rlhf_jax.train.step import TrainStep, split_micro_batches
 
 TRAIN_KEYS = ("tokens", "segment_ids", "positions", "response_mask", "ranks", "response_valid")
 
@@ -43,9 +44,9 @@ def response_logprobs(cfg: ModelConfig, params, batch, *, rng=None, train=False)
   """(B, K) summed log-probs of every response of a (B, K, T) batch, all B*K rows in ONE forward."""
   b, k, t = batch["tokens"].shape
   flat = {name: batch[name].reshape(b * k, t) for name in ("tokens", "segment_ids", "positions")}
-  logits = forward(cfg, "lm", params, flat, rng=rng, train=train)
-  return losses.sequence_logprobs(logits, flat["tokens"],
-                                  batch["response_mask"].reshape(b * k, t)).reshape(b, k)
+  logp, _ = logprobs.next_token_logprobs(cfg, params, flat, rng=rng, train=train)
+  mask = batch["response_mask"].reshape(b * k, t)[:, 1:].astype(jnp.float32)
+  return jnp.sum(logp * mask, axis=1).reshape(b, k)
 
 
 def _terms(logp, ref_logp, batch, beta):
