@@ -129,24 +129,35 @@ def _split(n: int, t: int) -> float:
 
 def scores_kept(cfg, seq_len: int, platform: str) -> bool:
   """Whether attention materialises (B, H, T, T) scores: the einsum reference and XLA's
-  dot_product_attention do, the fused kernels (splash, cuDNN) do not."""
+  dot_product_attention do; the fused kernels (splash, cuDNN) and the blocked CPU attention
+  (which recomputes them block by block in its backward pass) do not."""
+  return _attention(cfg, seq_len, platform) in ("einsum", "xla")
+
+
+def _attention(cfg, seq_len: int, platform: str) -> str:
   from rlhf_jax.models.transformer import attention_impl  # pylint: disable=g-import-not-at-top
   return attention_impl(cfg, seq_len, cached=False, dropout=bool(cfg.dropout_attn),
-                        platform=platform) in ("einsum", "xla")
+                        platform=platform)
 
 
 def layer_bytes_per_token(cfg, seq_len: int, tensor: int, platform: str) -> float:
   """Bytes one layer keeps for its backward pass, per token, a = bytes of cfg.dtype,
   h/k/f = heads, kv heads, d_ff over the tensor axis (where it divides them):
-    6*4*d (norms' float32 inputs, statistics, outputs) + 2*a*d (their casts, when a < 4)
-    + a*(h + 2k)*hd (q, k, v) + a*h*hd (attention output) + 6*a*f (MLP intermediates)
+    2*4*d (the norms' float32 inputs; norms and activations are checkpointed, so their
+    statistics are recomputed) + 2*a*d (the norms' outputs) + a*(h + 2k)*hd (q, k, v)
+    + a*h*hd (attention output) + m*a*f (MLP: up and its activation, m = 2; llama adds the gate,
+    m = 3) + 4*h (the blocked attention's log-sum-exp)
     + (4 + a)*h*s (float32 scores and probs, when attention materialises them: `scores_kept`)
     + 2d (residual dropout masks) + h*s (attention dropout mask)."""
   a = _DTYPE_BYTES[cfg.dtype]
   d, hd = cfg.d_model, cfg.head_dim
   h, k, f = _split(cfg.num_heads, tensor), _split(cfg.num_kv_heads, tensor), _split(cfg.d_ff, tensor)
-  saved = 6 * 4 * d + (2 * a * d if a < 4 else 0) + a * (h + 2 * k) * hd + a * h * hd + 6 * a * f
-  if scores_kept(cfg, seq_len, platform):
+  mlp = 2 if cfg.flavour == "gpt2" else 3
+  saved = 2 * 4 * d + 2 * a * d + a * (h + 2 * k) * hd + a * h * hd + mlp * a * f
+  impl = _attention(cfg, seq_len, platform)
+  if impl == "blocked":
+    saved += 4 * h
+  if impl in ("einsum", "xla"):
     saved += (4 + a) * h * seq_len
   if cfg.dropout_resid:
     saved += 2 * d

@@ -45,6 +45,7 @@ class SamplingConfig:
   greedy: bool = False
   eos_token_id: Optional[int] = None   # None: never stop early
   pad_token_id: int = 0                # written after a row's EOS
+  entropy: bool = False                # also return each step's entropy (Samples.entropy)
 
   def __post_init__(self):
     if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -62,6 +63,15 @@ class Samples(NamedTuple):
   mask: jax.Array        # (B*K, N) float32; 1 on generated tokens up to and including EOS
   logprobs: jax.Array    # (B*K, N) float32; log softmax(logits / T) of the chosen token, 0 where masked
   lengths: jax.Array     # (B*K,) int32; number of generated tokens (EOS included)
+  # (B*K, N) float32 with SamplingConfig.entropy: the entropy of softmax(logits / T) at each
+  # step (unfiltered, as logprobs), 0 where masked; else None
+  entropy: Optional[jax.Array] = None
+
+
+def step_entropy(logits: jax.Array, temperature: float) -> jax.Array:
+  """H = -sum_v p_v log p_v of p = softmax(logits / T), per row of logits (B, V)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
 def filter_logits(z: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -175,14 +185,17 @@ def sample(params, cfg: ModelConfig, prompts: jax.Array, prompt_segment_ids: jax
   done = (token == sc.eos_token_id) if sc.eos_token_id is not None else jnp.zeros(rows, bool)
   tokens = jnp.full((rows, n), sc.pad_token_id, jnp.int32).at[:, 0].set(token)
   logprobs = jnp.zeros((rows, n), jnp.float32).at[:, 0].set(logprob)
+  # (per-step entropies, or an empty carry when not asked for)
+  entropy = (jnp.zeros((rows, n), jnp.float32).at[:, 0].set(step_entropy(last, sc.temperature))
+             if sc.entropy else jnp.zeros((rows, 0), jnp.float32))
   lengths = jnp.ones((rows,), jnp.int32)
 
   def cond(state):
-    i, _, _, _, _, done, _, _ = state
+    i, _, _, _, _, _, done, _, _ = state
     return (i < n) & ~jnp.all(done)
 
   def body(state):
-    i, cache, token, tokens, logprobs, done, lengths, rng = state
+    i, cache, token, tokens, logprobs, entropy, done, lengths, rng = state
     rng, step_rng = jax.random.split(rng)
     logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
     new, logprob = choose_token(logits[:, 0], step_rng, sc, draw_rows)
@@ -190,15 +203,20 @@ def sample(params, cfg: ModelConfig, prompts: jax.Array, prompt_segment_ids: jax
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new[:, None], i, axis=1)
     logprobs = jax.lax.dynamic_update_slice_in_dim(
         logprobs, jnp.where(done, 0.0, logprob)[:, None], i, axis=1)
+    if sc.entropy:
+      entropy = jax.lax.dynamic_update_slice_in_dim(
+          entropy, jnp.where(done, 0.0, step_entropy(logits[:, 0], sc.temperature))[:, None], i,
+          axis=1)
     lengths = lengths + (~done).astype(jnp.int32)
     if sc.eos_token_id is not None:
       done = done | (new == sc.eos_token_id)
-    return i + 1, cache, new, tokens, logprobs, done, lengths, rng
+    return i + 1, cache, new, tokens, logprobs, entropy, done, lengths, rng
 
-  state = (jnp.int32(1), cache, token, tokens, logprobs, done, lengths, rng)
-  _, _, _, tokens, logprobs, _, lengths, _ = jax.lax.while_loop(cond, body, state)
+  state = (jnp.int32(1), cache, token, tokens, logprobs, entropy, done, lengths, rng)
+  _, _, _, tokens, logprobs, entropy, _, lengths, _ = jax.lax.while_loop(cond, body, state)
   mask = (jnp.arange(n)[None, :] < lengths[:, None]).astype(jnp.float32)
-  return Samples(tokens, mask, logprobs * mask, lengths)
+  return Samples(tokens, mask, logprobs * mask, lengths,
+                 entropy * mask if sc.entropy else None)
 
 
 def left_pad(sequences, pad_token_id: int, length: Optional[int] = None):

@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from unittest import mock
 
 from rlhf_jax import sharding
-from rlhf_jax.models import Transformer, get_model_config, init_cache, init_params
+from rlhf_jax.models import Transformer, blocked_attention, get_model_config, init_cache, init_params
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import attention_impl, target_platform
 
@@ -56,28 +57,82 @@ def _max_diff(a, b):
 # dtypes; splash float32 4.8e-7 / 2.4e-7, bfloat16 4.2e-3 / 1.6e-2 (bfloat16 spacing at 2.5 is
 # 1.6e-2: one rounding step of the largest gradient entry).
 TOLERANCE = {("xla", "float32"): (1e-6, 1e-6), ("xla", "bfloat16"): (1e-2, 2e-2),
+             ("blocked", "float32"): (2e-6, 2e-6), ("blocked", "bfloat16"): (1e-2, 4e-2),
              ("splash", "float32"): (2e-6, 1e-6), ("splash", "bfloat16"): (1e-2, 4e-2)}
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_xla_attention_equals_einsum_with_packing(name, dtype):
-  cfg = get_model_config(name, dtype=dtype)
+@pytest.mark.parametrize("impl", ["xla", "blocked"])
+def test_attention_equals_einsum_with_packing(name, dtype, impl):
+  """Through the whole model, forward and backward; 'blocked' at T = 128 with 32-row blocks
+  (4 blocks, the last query block sees all keys, the first a quarter)."""
+  cfg = get_model_config(name, dtype=dtype, attention_impl="einsum")
   params = init_params(cfg, jax.random.key(0))
   tokens, seg = _packed(cfg)
-  fused = cfg.replace(attention_impl="xla")
+  fused = cfg.replace(attention_impl=impl)
   real = seg != 0
-  ref, got = _logits(cfg, params, tokens, seg), _logits(fused, params, tokens, seg)
-  tol_logits, tol_grad = TOLERANCE[("xla", dtype)]
+  with mock.patch.object(blocked_attention, "default_block", lambda t: 32):
+    ref, got = _logits(cfg, params, tokens, seg), _logits(fused, params, tokens, seg)
+    grads = _grads(fused, params, tokens, seg)
+  tol_logits, tol_grad = TOLERANCE[(impl, dtype)]
   assert np.abs(got - ref)[real].max() <= tol_logits
-  assert _max_diff(_grads(fused, params, tokens, seg), _grads(cfg, params, tokens, seg)) <= tol_grad
+  assert _max_diff(grads, _grads(cfg, params, tokens, seg)) <= tol_grad
+
+
+def _attention64(q, k, v, mask):
+  """Brute-force float64 causal attention: q (B, T, K, G, D), k, v (B, T, K, D), mask (B, T, T)."""
+  s = np.einsum("btkgd,bskd->bkgts", q, k) / np.sqrt(q.shape[-1])
+  s = np.where(mask[:, None, None], s, -1e30)   # finite, as the model: padding rows stay finite
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bkgts,bskd->btkgd", p, v)
+
+
+@pytest.mark.parametrize("t,block", [(100, 32), (64, 64), (96, 16)])
+def test_blocked_attention_against_float64(t, block):
+  """Values and all three gradients against float64 numpy (finite differences of the brute-force
+  reference for the gradients), with grouped queries (2 kv heads x 2), packing and padding rows
+  (their cotangent is 0, as a loss mask makes it), and a short last block (t = 100, block 32)."""
+  rng = np.random.RandomState(0)
+  b, kv, g, d = 2, 2, 2, 8
+  q, k, v = (rng.randn(b, t, kv, *s, d) for s in ((g,), (), ()))
+  seg = np.ones((b, t), np.int32)
+  seg[0, :7] = 0
+  seg[1, t // 2:] = 2
+  pos = np.arange(t)
+  mask = (pos[None, :] <= pos[:, None])[None] & (seg[:, :, None] == seg[:, None, :]) & \
+      (seg != 0)[:, None, :]
+  real = (seg != 0)[:, :, None, None, None]
+  ct = rng.randn(b, t, kv, g, d) * real
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  out, vjp = jax.vjp(lambda q, k, v: blocked_attention.blocked_attention(q, k, v, mask, block),
+                     f32(q), f32(k), f32(v))
+  ref = _attention64(q, k, v, mask)
+  np.testing.assert_allclose(np.asarray(out) * real, ref * real, atol=2e-6, rtol=0)
+  grads = vjp(f32(ct))
+  eps = 1e-6
+  for i, x in enumerate((q, k, v)):    # d<ct, f>/dx by central differences on 40 random entries
+    flat = x.reshape(-1)
+    for j in rng.choice(flat.size, 40, replace=False):
+      hi, lo = [a.copy() for a in (q, k, v)], [a.copy() for a in (q, k, v)]
+      hi[i].reshape(-1)[j] += eps
+      lo[i].reshape(-1)[j] -= eps
+      num = ((_attention64(*hi, mask) - _attention64(*lo, mask)) * ct).sum() / (2 * eps)
+      assert abs(float(np.asarray(grads[i]).reshape(-1)[j]) - num) <= 2e-5 + 1e-5 * abs(num)
+
+
+def test_blocked_attention_blocks():
+  assert blocked_attention.block_bounds(100, 32) == [(0, 32), (32, 64), (64, 96), (96, 100)]
+  assert [blocked_attention.default_block(t) for t in (64, 255, 256, 512, 2048, 4096)] == [
+      64, 255, 128, 128, 128, 256]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_splash_kernel_equals_einsum_with_packing(dtype):
   """The Pallas splash kernel (interpreted on CPU), forward and backward, llama flavour with
   grouped-query attention (4 heads on 2 key/value heads)."""
-  cfg = get_model_config("tiny", dtype=dtype)
+  cfg = get_model_config("tiny", dtype=dtype, attention_impl="einsum")
   params = init_params(cfg, jax.random.key(0))
   tokens, seg = _packed(cfg)
   fused = cfg.replace(attention_impl="splash")
@@ -101,12 +156,12 @@ def test_splash_kernel_per_shard_under_a_mesh():
     fn = jax.jit(lambda p, t, s: Transformer(fused).apply({"params": p}, t, segment_ids=s)[0])
     assert "manual_computation" in fn.lower(params, tokens, seg).as_text()
     got = np.asarray(fn(params, tokens, seg))
-  ref = _logits(cfg, params, tokens, seg)
+  ref = _logits(cfg.replace(attention_impl="einsum"), params, tokens, seg)
   assert np.abs(got - ref)[seg != 0].max() <= 2e-6      # measured 3.6e-7
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
-@pytest.mark.parametrize("impl", ["xla", "cudnn", "splash"])
+@pytest.mark.parametrize("impl", ["xla", "cudnn", "splash", "blocked"])
 def test_kv_cache_decode_with_each_impl(name, impl):
   """Prefill of left-padded prompts then token-by-token decoding with the cache == the einsum
   path's full forward (the cache path of cudnn and splash is XLA's: same check)."""
@@ -135,7 +190,9 @@ def test_attention_impl_resolution():
   pick = lambda impl, platform, length=256, cached=False, dropout=False, **kw: attention_impl(
       cfg.replace(attention_impl=impl, **kw), length, cached, dropout, platform)
   assert pick("einsum", "tpu") == "einsum"
-  assert pick("auto", "cpu") == "einsum"           # the CPU default path stays the reference
+  assert pick("auto", "cpu") == "blocked"
+  assert pick("auto", "cpu", cached=True) == "einsum"   # decoding: the reference path
+  assert pick("blocked", "cpu", dropout=True) == "einsum"
   assert pick("auto", "tpu") == "splash"
   assert pick("auto", "tpu", length=200) == "xla"  # not a multiple of the kernel's block
   assert pick("auto", "tpu", cached=True) == "xla"

@@ -200,10 +200,14 @@ def test_ratio_is_one_on_first_minibatch_only():
   seg = np.concatenate([batch["prompt_segment_ids"], (mask > 0).astype(np.int32)], 1)
   logp, _ = rollout.policy_logprobs(CFG, policy, full, seg, P, temperature)
   np.testing.assert_allclose(np.asarray(logp) * mask, sampler_logp, atol=2e-5)
+  # ... and so is the entropy metric (the sampler's per-step entropies, no policy forward)
+  _, entropy = rollout.policy_logprobs(CFG, policy, full, seg, P, temperature)
+  assert float(metrics["entropy"]) == pytest.approx(
+      float((np.asarray(entropy) * mask).sum() / mask.sum()), rel=1e-5)
 
   dev, akl = np.asarray(per_mb["ratio_dev"]), np.asarray(per_mb["approx_kl"])
   assert dev.shape == (4,)
-  assert dev[0] < 1e-6 and akl[0] < 1e-9
+  assert dev[0] == 0.0 and akl[0] == 0.0       # its own forward, held constant: exactly 1
   assert np.all(dev[1:] > 1e-3) and np.all(akl[1:] > 1e-7)
 
   # KL = E[sum_t log pi(y_t) - log pi_ref(y_t)], pi from the sampler, pi_ref by a plain forward.

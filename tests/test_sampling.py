@@ -1,4 +1,5 @@
 """The sampler: greedy == transformers generate, sampled frequencies == softmax, log-probs == forward."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -171,7 +172,7 @@ def test_logprobs_equal_fresh_forward_and_eos_stops_rows():
   # Use a token the model samples often as EOS, so some rows end early and some do not.
   eos = int(np.bincount(np.asarray(free.tokens[:, 1:]).ravel()).argmax())
   sc = SamplingConfig(max_new_tokens=n, temperature=temperature, top_k=20, eos_token_id=eos,
-                      pad_token_id=0)
+                      pad_token_id=0, entropy=True)
   out = sample(params, cfg, tokens, seg, jax.random.key(5), sc, num_samples=4)
   rows = tokens.shape[0] * 4
   assert out.tokens.shape == (rows, n)
@@ -183,6 +184,12 @@ def test_logprobs_equal_fresh_forward_and_eos_stops_rows():
   ref = np.take_along_axis(np.asarray(logp), np.asarray(out.tokens)[..., None], -1)[..., 0]
   mask = np.asarray(out.mask)
   np.testing.assert_allclose(np.asarray(out.logprobs), ref * mask, atol=1e-4)
+  # Entropy of the unfiltered softmax(logits / T) at each step, float64 from the fresh forward
+  lp64 = np.asarray(logp, np.float64)
+  entropy = -(np.exp(lp64) * lp64).sum(-1)
+  np.testing.assert_allclose(np.asarray(out.entropy), entropy * mask, atol=1e-4)
+  assert sample(params, cfg, tokens, seg, jax.random.key(5),
+                dataclasses.replace(sc, entropy=False)).entropy is None
   # Rows stop at their first EOS: the mask covers it, the rest is padding.
   toks = np.asarray(out.tokens)
   for r in range(rows):

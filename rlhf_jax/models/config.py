@@ -9,12 +9,14 @@ FLAVOURS = ("gpt2", "llama")
 # activation; 'full' recomputes the whole layer; 'dots_saveable' keeps the outputs of the weight
 # matmuls (projections, MLP) and recomputes the rest (norms, attention, activations); 'offload'
 # keeps the same matmul outputs in host memory (pinned_host: TPU, GPU; also runs on CPU).
-REMAT_POLICIES = ("none", "full", "dots_saveable", "offload")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "lean", "offload")
 # How attention is computed (transformer.attention_impl): 'einsum' (float32 scores, the
-# reference), 'xla' / 'cudnn' (jax.nn.dot_product_attention's implementations; cuDNN flash
-# attention needs a GPU and bfloat16/float16), 'splash' (the Pallas splash-attention kernel, TPU),
-# 'auto' (per backend: splash on TPU, cuDNN on GPU where it applies, else xla; einsum on CPU).
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "splash", "auto")
+# reference), 'blocked' (causal query blocks, backward pass recomputing the probabilities:
+# models/blocked_attention.py, the CPU path), 'xla' / 'cudnn' (jax.nn.dot_product_attention's
+# implementations; cuDNN flash attention needs a GPU and bfloat16/float16), 'splash' (the Pallas
+# splash-attention kernel, TPU), 'auto' (the default, per backend: splash on TPU, cuDNN on GPU
+# where it applies, else xla; blocked on CPU).
+ATTENTION_IMPLS = ("einsum", "blocked", "xla", "cudnn", "splash", "auto")
 
 
 def remat_policy_name(value) -> str:
@@ -57,7 +59,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   # Rematerialisation policy (REMAT_POLICIES; the old booleans still read: True = 'full').
   remat: str = "none"
-  attention_impl: str = "einsum"   # ATTENTION_IMPLS
+  attention_impl: str = "auto"   # ATTENTION_IMPLS
   scan_layers: bool = True      # False: layers one by one with per-layer params (the decode path)
   # Embedding and LM-head rows padded to a multiple of this (0 or 1: none), so that the
   # vocabulary divides the tensor axis; the padded ids' logits are masked (transformer._MASKED)

@@ -25,7 +25,9 @@ Precision: matmul inputs and activations in `cfg.dtype`, parameters in `cfg.para
 scalar head in float32 whatever the dtype.
 
 Attention (`cfg.attention_impl`, resolved per call by `attention_impl`): 'einsum' is the
-reference (float32 scores, the default); 'xla' and 'cudnn' go through
+reference (float32 scores); 'blocked' (`blocked_attention`, what 'auto', the default, picks on
+CPU) computes causal query blocks and recomputes the probabilities in its backward pass instead of
+keeping them; 'xla' and 'cudnn' go through
 `jax.nn.dot_product_attention` with the same mask (cuDNN flash attention: causal in the kernel,
 segments as a bias); 'splash' is the Pallas splash-attention kernel (TPU; causal and segment masks
 in the kernel, no scores in HBM); 'auto' picks per backend. Where a fused kernel cannot take a call
@@ -48,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.models import blocked_attention
 from rlhf_jax.models.config import ModelConfig
 
 try:   # the Pallas TPU splash-attention kernel (attention_impl 'splash')
@@ -72,6 +75,9 @@ _MASKED = -1e30  # finite, so a fully masked (padding) query row gives uniform w
 REMAT_POLICIES = {
     "full": lambda: None,
     "dots_saveable": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "lean": lambda: jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*blocked_attention.RESIDUAL_NAMES)),
     "offload": lambda: jax.checkpoint_policies.offload_dot_with_no_batch_dims(
         "device", "pinned_host"),
 }
@@ -132,16 +138,37 @@ class Norm(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     pdt = _dtype(cfg.param_dtype)
-    xf = x.astype(jnp.float32)
     scale = _param(self, "scale", nn.initializers.ones, (cfg.d_model,), ("embed",), pdt)
-    if cfg.flavour == "gpt2":
-      bias = _param(self, "bias", nn.initializers.zeros, (cfg.d_model,), ("embed",), pdt)
-      mean = xf.mean(-1, keepdims=True)
-      var = jnp.square(xf - mean).mean(-1, keepdims=True)
-      y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * scale + bias
-    else:
-      y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + cfg.norm_eps) * scale
-    return y.astype(_dtype(cfg.dtype))
+    bias = (_param(self, "bias", nn.initializers.zeros, (cfg.d_model,), ("embed",), pdt)
+            if cfg.flavour == "gpt2" else None)
+    return _norm(x, scale, bias, cfg.norm_eps, _dtype(cfg.dtype))
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3, 4))
+def _norm(x, scale, bias, eps, dtype):
+  """LayerNorm (with bias) or RMSNorm (bias None), in float32. Checkpointed: the backward pass
+  keeps x only and recomputes the statistics (elementwise work) instead of storing each
+  intermediate (B, T, d) array autodiff would keep, which on CPU costs more in memory traffic."""
+  xf = x.astype(jnp.float32)
+  if bias is not None:
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+  else:
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + eps) * scale
+  return y.astype(dtype)
+
+
+@jax.checkpoint
+def _gelu(x):
+  """GELU (tanh approximation); checkpointed like `_norm`: the backward keeps only x."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+@jax.checkpoint
+def _swiglu(gate, up):
+  """silu(gate) * up; checkpointed like `_norm`: the backward keeps only gate and up."""
+  return jax.nn.silu(gate) * up
 
 
 def _project(x, kernel, n_in: int, dtype: str):
@@ -216,10 +243,12 @@ def attention_impl(cfg: ModelConfig, length: int, cached: bool, dropout: bool,
   `platform` (default: `target_platform` or `jax.default_backend()`) and these fallbacks:
 
     attention dropout in training          -> 'einsum' (the only one that drops probabilities)
-    'auto' on CPU                          -> 'einsum'; on TPU 'splash'; on a CUDA GPU 'cudnn'
+    'auto' on CPU                          -> 'blocked'; on TPU 'splash'; on a CUDA GPU 'cudnn'
     'cudnn', 'splash' with the KV cache    -> 'xla' (the cache's (B, K, S, D) layout and moving
                                               causal offset are not theirs; one decode query reads
                                               the cache once either way)
+    'blocked' with the KV cache            -> 'einsum' (no causal blocks to skip; the sampler's
+                                              path, unchanged)
     'cudnn' outside float16/bfloat16, head_dim % 8 or > 128, odd length           -> 'xla'
     'splash' when the length is not a multiple of 128 (its smallest block), or
     without jax's Pallas TPU ops                                                     -> 'xla'
@@ -230,9 +259,10 @@ def attention_impl(cfg: ModelConfig, length: int, cached: bool, dropout: bool,
     return "einsum"
   platform = platform or _platform()
   if impl == "auto":
-    if platform == "cpu":
-      return "einsum"
-    impl = "splash" if platform == "tpu" else "cudnn" if _cudnn_available() else "xla"
+    impl = ("blocked" if platform == "cpu" else "splash" if platform == "tpu" else
+            "cudnn" if _cudnn_available() else "xla")
+  if impl == "blocked" and cached:
+    return "einsum"
   if impl in ("cudnn", "splash") and cached:
     return "xla"
   if impl == "cudnn" and (cfg.dtype not in ("bfloat16", "float16") or cfg.head_dim % 8
@@ -350,7 +380,11 @@ class Attention(nn.Module):
       new_kv, layout = {"k": keys, "v": values}, "bksd"
     dropout = bool(cfg.dropout_attn) and not deterministic
     impl = attention_impl(cfg, t, cached=layer_cache is not None, dropout=dropout)
-    if impl == "einsum":
+    if impl == "blocked":
+      out = blocked_attention.blocked_attention(
+          q.reshape(b, t, kv, h // kv, hd), keys, values, ctx["mask"],
+          blocked_attention.default_block(t))
+    elif impl == "einsum":
       drop = nn.Dropout(cfg.dropout_attn) if dropout else None
       out = _einsum_attention(q, keys, values.astype(v.dtype), ctx["mask"], layout, cfg,
                               None if drop is None else functools.partial(drop,
@@ -373,10 +407,10 @@ class Mlp(nn.Module):
     proj = functools.partial(Projection, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     up = proj((cfg.d_model,), (cfg.d_ff,), ("embed",), ("mlp",), std=0.02, name="up")(x)
     if cfg.flavour == "gpt2":
-      hidden = jax.nn.gelu(up, approximate=True)
+      hidden = _gelu(up)
     else:
       gate = proj((cfg.d_model,), (cfg.d_ff,), ("embed",), ("mlp",), std=0.02, name="gate")(x)
-      hidden = jax.nn.silu(gate) * up
+      hidden = _swiglu(gate, up)
     return proj((cfg.d_ff,), (cfg.d_model,), ("mlp",), ("embed",),
                 std=0.02 / math.sqrt(2 * cfg.num_layers), name="down")(hidden)
 

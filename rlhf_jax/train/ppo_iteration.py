@@ -13,7 +13,8 @@ jitted pure function:
      call on the whole batch, so the samples do not depend on the chunking. The policy's weights
      are first cast to `rollout_dtype` and resharded into the decode layout (`rollout_layout`,
      `sampling.decode_weights`), once per rollout, when the config asks;
-  2. score: old log-probs and entropy (policy), reference log-probs, old values (value function,
+  2. score: old log-probs and entropy (the sampler's, from the rollout's own forward passes; a
+     policy forward when `rollout_dtype` is not float32), reference log-probs, old values (value function,
      the state before each response token), the reward at the last token (reward model), minus
      `missing_eos_penalty` for a response that never emitted EOS; in max(minibatches,
      rollout_micro_batches) chunks;
@@ -41,8 +42,8 @@ jitted pure function:
      `grad_accum_steps`), in a fraction of the activation memory. Logged: `grad_norm`
      (the whole unclipped gradient, policy and value), `grad_norm_ppo` and `grad_norm_ptx` (the
      policy gradient of each term before clipping), per-minibatch means over the iteration.
-     The old log-probs/values of step 2 are computed on the same minibatch split as the first
-     epoch, so the first minibatch of the first epoch has ratio exactly 1 up to float rounding;
+     The first minibatch of the first epoch (no update yet) takes its old log-probs from its own
+     forward (held constant), so its ratio is exactly 1; later ones use step 2's;
   5. the KL coefficient: fixed, or the Ziegler et al. controller on the rollout's KL. The optional
      EMA of the policy weights (paper 0.992), which is what the stage saves, is updated after
      every applied optimizer step (ema <- d ema + (1 - d) policy), not once per iteration.
@@ -165,16 +166,20 @@ class _Iteration:
     self.policy_cfg, self.value_cfg, self.rm_cfg, self.s = policy_cfg, value_cfg, rm_cfg, s
     self.txs, self.mesh, self.score_fn = txs, mesh, score_fn
     self.decode_mesh = decode_mesh(policy_cfg, s, mesh)
+    # A float32 rollout's log-probs and entropies are the policy's own (the sampler's forward
+    # with the KV cache equals a full forward up to float rounding, tests/test_ppo.py), so the
+    # scoring pass does not forward the policy again; a reduced-precision rollout's are not.
+    self.sampler_logprobs = s.rollout_dtype == "float32"
     self.sc = SamplingConfig(max_new_tokens=s.response_len, temperature=s.temperature,
-                             eos_token_id=s.eos_token_id, pad_token_id=s.pad_token_id)
+                             eos_token_id=s.eos_token_id, pad_token_id=s.pad_token_id,
+                             entropy=self.sampler_logprobs)
 
   def __call__(self, state, frozen, batch, rng):
     params = state["params"]
     sample_rng, shuffle_rng = jax.random.split(rng)
     out, tokens, seg, has_eos = self.rollout(params["policy"], batch, sample_rng)
     mask = out.mask
-    logp, entropy, ref_logp, values, scores = self.score(params, frozen, tokens, seg,
-                                                         out.lengths, mask)
+    logp, entropy, ref_logp, values, scores = self.score(params, frozen, tokens, seg, out)
     penalised, seq_kl, advantages, returns = self.advantages(
         logp, ref_logp, values, scores, has_eos, mask, state["kl_coef"])
     data = {"tokens": tokens, "segment_ids": seg, "mask": mask, "old_logp": logp,
@@ -210,15 +215,19 @@ class _Iteration:
     has_eos = jnp.any((out.tokens == self.s.eos_token_id) & (mask > 0), axis=1)
     return out, tokens, seg, has_eos
 
-  # 2. score, on the minibatch split of the first epoch (so ratios start at exactly 1)
-  def score(self, params, frozen, tokens, seg, lengths, mask):
+  # 2. score, on the minibatch split of the first epoch
+  def score(self, params, frozen, tokens, seg, out):
     """(old log-probs, entropy, reference log-probs, old values (masked), scores) of the
-    rollout, computed minibatch by minibatch."""
+    rollout, computed minibatch by minibatch; the old log-probs and entropy are the sampler's
+    (`sampler_logprobs`) or a policy forward's."""
     s, p_len = self.s, self.s.prompt_len
 
     def one(mb):
-      logp, entropy = policy_logprobs(self.policy_cfg, params["policy"], mb["tokens"],
-                                      mb["segment_ids"], p_len, s.temperature)
+      if self.sampler_logprobs:
+        logp, entropy = mb["logp"], mb["entropy"]
+      else:
+        logp, entropy = policy_logprobs(self.policy_cfg, params["policy"], mb["tokens"],
+                                        mb["segment_ids"], p_len, s.temperature)
       ref_logp, _ = policy_logprobs(self.policy_cfg, frozen["ref"], mb["tokens"],
                                     mb["segment_ids"], p_len, s.temperature)
       values = response_outputs(self.value_cfg, "scalar", params["value"], mb["tokens"],
@@ -229,10 +238,12 @@ class _Iteration:
       else:
         scores = self.score_fn(mb["tokens"], mb["lengths"], p_len).astype(jnp.float32)
       return logp, entropy, ref_logp, values, scores
-    rollout = {"tokens": tokens, "segment_ids": seg, "lengths": lengths}
+    rollout = {"tokens": tokens, "segment_ids": seg, "lengths": out.lengths}
+    if self.sampler_logprobs:
+      rollout.update(logp=out.logprobs, entropy=out.entropy)
     split = split_micro_batches(rollout, max(s.minibatches, s.rollout_micro_batches), self.mesh)
     logp, entropy, ref_logp, values, scores = jax.tree.map(_unsplit, jax.lax.map(one, split))
-    return logp, entropy, ref_logp, values * mask, scores
+    return logp, entropy, ref_logp, values * out.mask, scores
 
   # 3. rewards, advantages
   def advantages(self, logp, ref_logp, values, scores, has_eos, mask, kl_coef):
@@ -260,18 +271,22 @@ class _Iteration:
       perm = jnp.where(e == 0, jnp.arange(b),
                        jax.random.permutation(jax.random.fold_in(shuffle_rng, e), b))
       mbs = split_micro_batches(jax.tree.map(lambda x: x[perm], data), m, self.mesh)
-      return jax.lax.scan(self.update, carry, (mbs, ptx))
+      first = (e == 0) & (jnp.arange(m) == 0)   # the one update before any parameter change
+      return jax.lax.scan(self.update, carry, (mbs, ptx, first))
     updated, per_mb = jax.lax.scan(
         epoch, (params, state["opt_state"], state.get("ema")), jnp.arange(s.epochs))
     per_mb = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), per_mb)
     return updated, per_mb
 
-  def ppo_term(self, params, mb):
-    """policy loss + vf_coef x value loss on one minibatch of episodes."""
+  def ppo_term(self, params, mb, first):
+    """policy loss + vf_coef x value loss on one minibatch of episodes. On the `first` update
+    (no parameter has changed since the rollout) the old log-probs are this forward's own, held
+    constant: the ratio is exactly 1 there, whatever computed mb['old_logp']."""
     s, p_len = self.s, self.s.prompt_len
     logp, _ = policy_logprobs(self.policy_cfg, params["policy"], mb["tokens"], mb["segment_ids"],
                               p_len, s.temperature)   # (the unused entropy is compiled away)
-    pg_sum, count, stats = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"],
+    old_logp = jnp.where(first, jax.lax.stop_gradient(logp), mb["old_logp"])
+    pg_sum, count, stats = losses.ppo_policy_loss(logp, old_logp, mb["advantages"],
                                                   mb["mask"], s.clip_eps)
     values = response_outputs(self.value_cfg, "scalar", params["value"], mb["tokens"],
                               mb["segment_ids"], p_len)
@@ -284,7 +299,7 @@ class _Iteration:
            "tokens": count, "clipped": stats["clipped_sum"], "approx_kl": stats["approx_kl_sum"],
            "ratio_sum": stats["ratio_sum"], "ratio_max": stats["ratio_max"],
            "ratio_dev": jnp.max(jnp.abs(jnp.exp(losses.clamped_log_ratio(
-               logp, mb["old_logp"])) - 1.0) * mask)}
+               logp, old_logp)) - 1.0) * mask)}
     return policy_loss + s.vf_coef * value_loss, aux
 
   def ptx_term(self, policy_params, ptx):
@@ -320,8 +335,8 @@ class _Iteration:
     AdamW steps and the EMA, all kept only when the loss and gradient are finite."""
     s, txs = self.s, self.txs
     params, opt_state, ema = carry
-    mb, ptx = xs
-    (loss, aux), grads = jax.value_and_grad(self.ppo_term, has_aux=True)(params, mb)
+    mb, ptx, first = xs
+    (loss, aux), grads = jax.value_and_grad(self.ppo_term, has_aux=True)(params, mb, first)
     g_ppo = grads["policy"]
     aux["grad_norm_ppo"] = optax.tree.norm(g_ppo)
     g_policy = clip_by_global_norm(g_ppo, aux["grad_norm_ppo"], s.grad_clip)
