@@ -2,7 +2,7 @@
 
   python benchmarks/generate.py [--rounds=3] [--shapes=small-b1,small-b8,small-b32,gpt2-b8]
                                 [--repeats=3] [--prompt_len=64] [--new_tokens=64]
-                                [--only=ours,hf,tunix] [--peak_n=2048]
+                                [--only=ours,ours_int8,hf,tunix] [--peak_n=2048] [--bandwidth_mb=512]
                                 [--tunix_python=/path/to/venv/bin/python]
 
 Each measurement runs in its own subprocess (ours, transformers, tunix), interleaved round by round
@@ -16,14 +16,23 @@ batch 2) is a smoke test, not a measurement: tests/test_benchmarks.py runs `--sh
 --rounds=1 --repeats=1 --prompt_len=8 --new_tokens=8 --peak_n=128` with ours only and tunix
 pointed at a missing interpreter.
 
-Roofline: this machine's float32 matmul peak is measured in the same run (jnp.dot 2048^2, both
-cores; --peak_n sets the size); FLOPs per generated token = 2 x (non-embedding matmul params +
-d_model x vocab) + attention over the cache (4 x layers x context x d_model at the mean
-context). roofline_fraction = ours tok/s x FLOPs/token / peak.
+Sides: ours (float32, the default), ours_int8 (the opt-in int8 decoding of `generate --int8`,
+rlhf_jax/models/int8.py: weights quantized once before timing; not exact, see tests/test_int8.py),
+transformers, tunix.
 
-The last line is `RESULT {json}` with matmul_peak_gflops [before, after] and, per shape name:
-ours_tok_s, hf_tok_s, tunix_tok_s, ratio_vs_hf, ratio_vs_tunix (each null when that side did not
-run), roofline_fraction, rounds.
+Rooflines, from machine figures measured in the same run: this machine's float32 matmul peak
+(jnp.dot 2048^2, both cores; --peak_n) and its read bandwidth (a jitted sum over --bandwidth_mb
+MiB, `machine.read_bandwidth`). Compute: FLOPs per generated token = 2 x (non-embedding matmul
+params + d_model x vocab) + attention over the cache (4 x layers x context x d_model at the mean
+context); roofline_fraction = ours tok/s x FLOPs/token / peak. Bandwidth: a decode step reads
+every matmul weight once (4 bytes, 1 for int8) and the KV cache at the mean context
+(`bytes_per_step`); bandwidth_roofline_fraction = ours tok/s / (batch x bandwidth / bytes per
+step), and int8_bandwidth_roofline_fraction the same for ours_int8 with its 1-byte weights.
+
+The last line is `RESULT {json}` with matmul_peak_gflops [before, after], read_gb_s and, per
+shape name: ours_tok_s, ours_int8_tok_s, hf_tok_s, tunix_tok_s, ratio_vs_hf, ratio_vs_tunix,
+int8_ratio_vs_hf, int8_ratio_vs_tunix (each null when a side did not run), roofline_fraction,
+bandwidth_roofline_fraction, int8_bandwidth_roofline_fraction, bytes_per_step, rounds.
 """
 import argparse
 import json
@@ -33,7 +42,7 @@ import subprocess
 import sys
 import time
 
-from machine import matmul_peak  # benchmarks/machine.py (this script's folder)
+from machine import matmul_peak, read_bandwidth  # benchmarks/machine.py (this script's folder)
 from peers.worker_io import read_result  # noqa: E402
 
 SHAPES = {
@@ -43,7 +52,7 @@ SHAPES = {
     "gpt2-b8": dict(layers=12, d_model=768, heads=12, vocab=50257, batch=8),
     "tiny": dict(layers=1, d_model=32, heads=2, vocab=64, batch=2),
 }
-SIDES = ("ours", "hf", "tunix")
+SIDES = ("ours", "ours_int8", "hf", "tunix")
 DEFAULT_TUNIX = os.path.expanduser(os.environ.get("RLHF_JAX_TUNIX_PYTHON",
                                                   "/work/peers/tunix/bin/python"))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,16 +66,19 @@ def _prompts(shape, prompt_len, seed=0):
   return rng.randint(1, shape["vocab"], (shape["batch"], prompt_len)).astype("int32")
 
 
-def worker_ours(shape, repeats, prompt_len, new):
+def worker_ours(shape, repeats, prompt_len, new, dtype=""):
+  """Our sampler; dtype 'int8': on weights quantized once beforehand (`generate --int8`)."""
   import jax
   import numpy as np
   from rlhf_jax.models import get_model_config, init_params
-  from rlhf_jax.sampling import SamplingConfig, sample
+  from rlhf_jax.sampling import SamplingConfig, decode_weights, sample
   cfg = get_model_config("gpt2-small", num_layers=shape["layers"], d_model=shape["d_model"],
                          num_heads=shape["heads"], num_kv_heads=shape["heads"],
                          head_dim=shape["d_model"] // shape["heads"], d_ff=4 * shape["d_model"],
                          vocab_size=shape["vocab"], max_len=max(512, prompt_len + new))
   params = init_params(cfg, jax.random.key(0))
+  if dtype:
+    cfg, params = decode_weights(params, cfg, dtype)
   tokens = _prompts(shape, prompt_len)
   seg = np.ones_like(tokens)
   sc = SamplingConfig(max_new_tokens=new, temperature=1.0, eos_token_id=None)
@@ -103,6 +115,14 @@ def worker_hf(shape, repeats, prompt_len, new):
       times.append(time.perf_counter() - t)
   assert out.shape[1] == prompt_len + new
   return times
+
+
+def bytes_per_step(shape, prompt_len, new, weight_bytes=4):
+  """Bytes one decode step must read: every matmul weight once (`weight_bytes` each: 4 float32,
+  1 int8) and the float32 KV cache at the mean context, 2 x layers x batch x context x d_model."""
+  d, layers, v = shape["d_model"], shape["layers"], shape["vocab"]
+  weights = (layers * 12 * d * d + d * v) * weight_bytes
+  return weights + 2 * layers * shape["batch"] * (prompt_len + new / 2) * d * 4
 
 
 def flops_per_token(shape, prompt_len, new):
@@ -156,9 +176,9 @@ def measure(kind, shape_name, repeats, tunix_python, prompt_len, new):
   return None if res is None else res["tok_s"]
 
 
-def _round_ratio(res, peer):
-  """Median over rounds of ours / peer measured in the same round (robust to a busy moment)."""
-  pairs = [(o, p) for o, p in zip(res.get("ours", []), res.get(peer, [])) if o and p]
+def _round_ratio(res, peer, side="ours"):
+  """Median over rounds of side / peer measured in the same round (robust to a busy moment)."""
+  pairs = [(o, p) for o, p in zip(res.get(side, []), res.get(peer, [])) if o and p]
   return statistics.median(o / p for o, p in pairs) if pairs else None
 
 
@@ -177,8 +197,10 @@ def main():
   parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--only", default=",".join(SIDES), help="comma list of ours,hf,tunix")
   parser.add_argument("--peak_n", type=int, default=2048, help="matrix size of the peak matmul")
+  parser.add_argument("--bandwidth_mb", type=int, default=512,
+                      help="MiB read by the bandwidth probe (machine.read_bandwidth)")
   parser.add_argument("--tunix_python", default=DEFAULT_TUNIX)
-  parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
+  parser.add_argument("--worker", choices=["ours", "ours_int8", "hf"], help=argparse.SUPPRESS)
   args = parser.parse_args()
   shapes = args.shapes.split(",")
   unknown = sorted(set(shapes) - set(SHAPES))
@@ -188,8 +210,11 @@ def main():
 
   if args.worker:
     shape = SHAPES[shapes[0]]
-    times = (worker_ours if args.worker == "ours" else worker_hf)(shape, args.repeats,
-                                                                   args.prompt_len, new)
+    if args.worker == "hf":
+      times = worker_hf(shape, args.repeats, args.prompt_len, new)
+    else:
+      times = worker_ours(shape, args.repeats, args.prompt_len, new,
+                          "int8" if args.worker == "ours_int8" else "")
     print("RESULT " + json.dumps({"tok_s": shape["batch"] * new / statistics.median(times),
                                   "times_s": times}))
     return
@@ -208,6 +233,7 @@ def main():
     else:
       kinds.append(kind)
   peak = matmul_peak(n=args.peak_n)
+  bandwidth = read_bandwidth(mb=args.bandwidth_mb)
   results = {s: {k: [] for k in kinds} for s in shapes}
   for r in range(args.rounds):
     for s in shapes:
@@ -217,27 +243,44 @@ def main():
         sys.stderr.write(f"[round {r + 1}/{args.rounds}] {s} {kind}: {tok_s}\n")
   peak_after = matmul_peak(n=args.peak_n)
 
-  summary = {"matmul_peak_gflops": [round(peak / 1e9, 1), round(peak_after / 1e9, 1)]}
+  summary = {"matmul_peak_gflops": [round(peak / 1e9, 1), round(peak_after / 1e9, 1)],
+             "read_gb_s": round(bandwidth / 1e9, 2)}
   print(f"\nmatmul peak (float32, {args.peak_n}^2): {peak / 1e9:.0f} GFLOP/s before, "
-        f"{peak_after / 1e9:.0f} after; prompt {args.prompt_len}, {new} new tokens, "
-        "sampling T=1\n")
-  print("| shape | ours tok/s | transformers tok/s | tunix tok/s | ours/hf | ours/tunix | roofline |")
-  print("|---|---|---|---|---|---|---|")
+        f"{peak_after / 1e9:.0f} after; read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt "
+        f"{args.prompt_len}, {new} new tokens, sampling T=1\n")
+  print("| shape | ours tok/s | ours int8 tok/s | transformers tok/s | tunix tok/s | ours/hf | "
+        "ours/tunix | int8/hf | int8/tunix | compute roofline | bandwidth roofline (int8) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   best_peak = max(peak, peak_after)
   for s in shapes:
     ok = {k: [x for x in v if x] for k, v in results[s].items()}
     med = {k: (statistics.median(v) if v else None) for k, v in ok.items()}
     ours, hf, tunix = med.get("ours"), med.get("hf"), med.get("tunix")
+    ours8 = med.get("ours_int8")
     ratio_hf = _round_ratio(results[s], "hf")
     ratio_tunix = _round_ratio(results[s], "tunix")
-    roof = ours * flops_per_token(SHAPES[s], args.prompt_len, new) / best_peak if ours else None
-    summary[s] = {"ours_tok_s": ours, "hf_tok_s": hf, "tunix_tok_s": tunix,
-                  "ratio_vs_hf": ratio_hf, "ratio_vs_tunix": ratio_tunix,
-                  "roofline_fraction": roof, "rounds": results[s]}
+    shape = SHAPES[s]
+    roof = ours * flops_per_token(shape, args.prompt_len, new) / best_peak if ours else None
+    # tokens/s if every step read its bytes at the measured bandwidth: batch x bandwidth / bytes
+    bw_roof = (ours * bytes_per_step(shape, args.prompt_len, new) / (shape["batch"] * bandwidth)
+               if ours else None)
+    bw_roof8 = (ours8 * bytes_per_step(shape, args.prompt_len, new, 1) /
+                (shape["batch"] * bandwidth) if ours8 else None)
+    summary[s] = {"ours_tok_s": ours, "ours_int8_tok_s": ours8, "hf_tok_s": hf,
+                  "tunix_tok_s": tunix, "ratio_vs_hf": ratio_hf, "ratio_vs_tunix": ratio_tunix,
+                  "int8_ratio_vs_hf": _round_ratio(results[s], "hf", "ours_int8"),
+                  "int8_ratio_vs_tunix": _round_ratio(results[s], "tunix", "ours_int8"),
+                  "roofline_fraction": roof, "bandwidth_roofline_fraction": bw_roof,
+                  "int8_bandwidth_roofline_fraction": bw_roof8,
+                  "bytes_per_step": bytes_per_step(shape, args.prompt_len, new),
+                  "rounds": results[s]}
     f = lambda x, p=2: "n/a" if x is None else f"{x:.{p}f}"
-    print(f"| {s} ({SHAPES[s]['layers']}x{SHAPES[s]['d_model']}, vocab {SHAPES[s]['vocab']}, "
-          f"batch {SHAPES[s]['batch']}) | {_fmt(ok.get('ours', []))} | {_fmt(ok.get('hf', []))} | "
-          f"{_fmt(ok.get('tunix', []))} | {f(ratio_hf)} | {f(ratio_tunix)} | {f(roof, 3)} |")
+    print(f"| {s} ({shape['layers']}x{shape['d_model']}, vocab {shape['vocab']}, "
+          f"batch {shape['batch']}) | {_fmt(ok.get('ours', []))} | "
+          f"{_fmt(ok.get('ours_int8', []))} | {_fmt(ok.get('hf', []))} | "
+          f"{_fmt(ok.get('tunix', []))} | {f(ratio_hf)} | {f(ratio_tunix)} | "
+          f"{f(summary[s]['int8_ratio_vs_hf'])} | {f(summary[s]['int8_ratio_vs_tunix'])} | "
+          f"{f(roof, 3)} | {f(bw_roof, 3)} ({f(bw_roof8, 3)}) |")
   print("RESULT " + json.dumps(summary))
 
 

@@ -25,7 +25,8 @@ SFT the LM head + cross-entropy (forward + backward on fixed hidden states) is t
 
 Last line: `RESULT {json}` with peak_gflops, seq_len, fraction_of_peak {"<shape>/<sft|rm>": x} and
 details {"<shape>/<sft|rm>": {fraction_of_peak, step_s, tflops, flops, sequences, compile_s,
-forward_s, forward_backward_s, backward_s, optimizer_s, and for SFT lm_head_and_loss_s}}.
+forward_s, forward_backward_s, backward_s, backward_over_forward, optimizer_s, and for SFT
+lm_head_and_loss_s}}.
 """
 import argparse
 import json
@@ -137,6 +138,7 @@ def bench_step(cfg, kind, batch, repeats):
         times[name].append(time.perf_counter() - t)
     out.update({name: statistics.median(v) for name, v in times.items()})
     out["backward_s"] = out["forward_backward_s"] - out["forward_s"]
+    out["backward_over_forward"] = out["backward_s"] / out["forward_s"]
     out["optimizer_s"] = out["step_s"] - out["forward_backward_s"]
   return out
 
@@ -172,21 +174,23 @@ def main():
       r.update(flops=flops, sequences=sequences, tflops=flops / r["step_s"] / 1e12)
       results[f"{name}/{kind}"] = r
       print(f"{name} {kind}: {sequences} x {args.seq_len} tokens, step {r['step_s']:.3f} s "
-            f"(forward {r['forward_s']:.3f}, backward {r['backward_s']:.3f}, optimizer "
+            f"(forward {r['forward_s']:.3f}, backward {r['backward_s']:.3f} = "
+            f"{r['backward_over_forward']:.2f} x forward, optimizer "
             f"{r['optimizer_s']:.3f}"
             + (f", LM head + loss fwd+bwd {r['lm_head_and_loss_s']:.3f}" if kind == "sft" else "")
             + f"), {flops / r['step_s'] / 1e9:.1f} GFLOP/s", flush=True)
   peak_after = matmul_peak(n=args.peak_n)
   best = max(peak, peak_after)
   print(f"matmul peak after: {peak_after / 1e9:.1f} GFLOP/s; using {best / 1e9:.1f}")
-  print("\n| shape | step | step s | GFLOP/s | fraction of peak |\n|---|---|---|---|---|")
+  print("\n| shape | step | step s | GFLOP/s | fraction of peak | backward / forward |\n"
+        "|---|---|---|---|---|---|")
   summary = {"peak_gflops": best / 1e9, "seq_len": args.seq_len, "fraction_of_peak": {}}
   for key, r in results.items():
     r["fraction_of_peak"] = r["flops"] / r["step_s"] / best
     summary["fraction_of_peak"][key] = round(r["fraction_of_peak"], 4)
     shape, kind = key.split("/")
     print(f"| {shape} | {kind} | {r['step_s']:.3f} | {r['flops'] / r['step_s'] / 1e9:.1f} | "
-          f"{r['fraction_of_peak']:.1%} |")
+          f"{r['fraction_of_peak']:.1%} | {r['backward_over_forward']:.2f} |")
   summary["details"] = {k: {n: (round(v, 4) if isinstance(v, float) else v) for n, v in r.items()}
                         for k, r in results.items()}
   print("RESULT " + json.dumps(summary))

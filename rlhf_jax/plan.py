@@ -146,7 +146,8 @@ def layer_bytes_per_token(cfg, seq_len: int, tensor: int, platform: str) -> floa
     2*4*d (the norms' float32 inputs; norms and activations are checkpointed, so their
     statistics are recomputed) + 2*a*d (the norms' outputs) + a*(h + 2k)*hd (q, k, v)
     + a*h*hd (attention output) + m*a*f (MLP: up and its activation, m = 2; llama adds the gate,
-    m = 3) + 4*h (the blocked attention's log-sum-exp)
+    m = 3) + a*h*hd + 4*h (the blocked attention's own copy of its output, head-major, and its
+    log-sum-exp)
     + (4 + a)*h*s (float32 scores and probs, when attention materialises them: `scores_kept`)
     + 2d (residual dropout masks) + h*s (attention dropout mask)."""
   a = _DTYPE_BYTES[cfg.dtype]
@@ -156,7 +157,7 @@ def layer_bytes_per_token(cfg, seq_len: int, tensor: int, platform: str) -> floa
   saved = 2 * 4 * d + 2 * a * d + a * (h + 2 * k) * hd + a * h * hd + mlp * a * f
   impl = _attention(cfg, seq_len, platform)
   if impl == "blocked":
-    saved += 4 * h
+    saved += a * h * hd + 4 * h
   if impl in ("einsum", "xla"):
     saved += (4 + a) * h * seq_len
   if cfg.dropout_resid:
@@ -167,11 +168,14 @@ def layer_bytes_per_token(cfg, seq_len: int, tensor: int, platform: str) -> floa
 
 
 def shared_bytes_per_token(cfg, seq_len: int, tensor: int, platform: str) -> float:
-  """Kept through the whole backward pass: embeddings, and the attention mask (built once) when
-  attention materialises scores."""
+  """Kept through the whole backward pass: embeddings, and the attention mask (built once): its
+  float32 broadcast over the heads when attention materialises scores, the (T, T) booleans the
+  blocked attention recomputes its blocks from."""
   out = 2 * _DTYPE_BYTES[cfg.dtype] * cfg.d_model
   if scores_kept(cfg, seq_len, platform):
     out += 5 * _split(cfg.num_heads, tensor) * seq_len
+  elif _attention(cfg, seq_len, platform) == "blocked":
+    out += seq_len
   return out
 
 
@@ -201,21 +205,33 @@ def train_activation_bytes(cfg, head: str, rows: int, seq_len: int, tensor: int,
                            head_len: Optional[int] = None) -> int:
   """Peak activation bytes per device of a forward+backward pass on `rows` local sequences of
   seq_len tokens, the head on the last `head_len` positions (all by default):
-    no remat:  rows * s * (L * saved_layer + shared) + head
-    remat:     rows * s * (L * a*d + shared) + max(rows * s * saved_layer, head)
+    no remat:  rows * s * (L * saved_layer + shared) + max(head, attention backward)
+    remat:     rows * s * (L * a*d + shared)
+               + max(rows * s * saved_layer + attention backward, head)
                (the layer inputs stay; one layer's residuals are rebuilt at a time, after the
-               head's buffers are gone)
+               head's buffers are gone; `attention_backward_bytes`)
   plus 2 gathered layers of weights (`layer_weight_bytes`)."""
   layer = layer_bytes_per_token(cfg, seq_len, tensor, platform)
   shared = shared_bytes_per_token(cfg, seq_len, tensor, platform)
   top = head_bytes(cfg, head, rows, seq_len if head_len is None else head_len, tensor)
   tokens = rows * seq_len
+  scratch = attention_backward_bytes(cfg, rows, seq_len, tensor, platform)
   if cfg.remat != "none":
     act = tokens * (cfg.num_layers * _DTYPE_BYTES[cfg.dtype] * cfg.d_model + shared)
-    act += max(tokens * layer, top)
+    act += max(tokens * layer + scratch, top)
   else:
-    act = tokens * (cfg.num_layers * layer + shared) + top
+    act = tokens * (cfg.num_layers * layer + shared) + max(top, scratch)
   return int(act + 2 * layer_weight_bytes(cfg, tensor))
+
+
+def attention_backward_bytes(cfg, rows: int, seq_len: int, tensor: int, platform: str) -> int:
+  """The blocked attention's backward working set, one query block at a time: its scores,
+  probabilities and their two gradients, 4 float32 (rows, h, block, s) arrays (0 for the other
+  implementations, whose kept scores `layer_bytes_per_token` counts)."""
+  if _attention(cfg, seq_len, platform) != "blocked":
+    return 0
+  from rlhf_jax.models.blocked_attention import default_block  # pylint: disable=g-import-not-at-top
+  return 4 * 4 * rows * _split(cfg.num_heads, tensor) * default_block(seq_len) * seq_len
 
 
 def rollout_bytes(cfg, rows: int, seq_len: int, tensor: int, weights: int = 0) -> int:

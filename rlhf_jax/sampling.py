@@ -34,6 +34,7 @@ import numpy as np
 from rlhf_jax import sharding
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import ModelConfig, Transformer, abstract_params, init_cache, unstack_layers
+from rlhf_jax.models import int8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +131,16 @@ def decode_weights(params, cfg: ModelConfig, dtype: str = "", mesh=None):
   decode loop reads local weights instead of all-gathering FSDP shards every token. Slice, cast
   and reshard are one pass per leaf: the decode copy is the only extra copy of the weights.
   The returned cfg decodes layer by layer (scan_layers False) with activations and the KV cache
-  in `dtype`."""
+  in `dtype`. dtype 'int8' instead quantizes the matmul weights (`models/int8.py`: int8 weights
+  and activations, int32 sums; everything else float32), on one device (no `mesh`)."""
   dcfg = cfg.replace(scan_layers=False)
+  params = unstack_layers(params) if cfg.scan_layers else params
+  if dtype == "int8":
+    if mesh is not None:
+      raise UserError("int8 decoding runs on one device; drop the decode layout (mesh)")
+    return dcfg, int8.quantize_params(params)
   if dtype:
     dcfg = dcfg.replace(dtype=dtype, param_dtype=dtype)
-  params = unstack_layers(params) if cfg.scan_layers else params
-  if dtype:
     params = jax.tree.map(lambda x: x.astype(dtype), params)
   if mesh is not None:
     shardings = sharding.decode_param_shardings(abstract_params(dcfg, "lm", boxed=True), mesh)

@@ -31,9 +31,10 @@ def _number(x, positive=False):
   return ok and (x > 0 if positive else True)
 
 
-@_smoke("machine.py", "--n=128", "--repeats=2")
+@_smoke("machine.py", "--n=128", "--repeats=2", "--mb=4")
 def _check_machine(res, stderr):
   assert _number(res["matmul_peak_gflops"], positive=True)
+  assert _number(res["read_gb_s"], positive=True) and res["mb"] == 4
   assert res["n"] == 128 and res["repeats"] == 2 and res["platform"] == "cpu"
   assert res["device_count"] >= 1
 
@@ -44,7 +45,7 @@ def _check_train_step(res, stderr):
   assert set(res["fraction_of_peak"]) == {"tiny/sft", "tiny/rm"}
   assert all(_number(v) for v in res["fraction_of_peak"].values())
   keys = {"fraction_of_peak", "step_s", "tflops", "flops", "sequences", "compile_s", "forward_s",
-          "forward_backward_s", "backward_s", "optimizer_s"}
+          "forward_backward_s", "backward_s", "optimizer_s", "backward_over_forward"}
   for name, d in res["details"].items():
     want = keys | ({"lm_head_and_loss_s"} if name.endswith("/sft") else set())
     assert want <= set(d), (name, want - set(d))
@@ -53,13 +54,19 @@ def _check_train_step(res, stderr):
 
 
 @_smoke("generate.py", "--shapes=tiny", "--rounds=1", "--repeats=1", "--prompt_len=8",
-        "--new_tokens=8", "--peak_n=128", "--only=ours,tunix", f"--tunix_python={MISSING}")
+        "--new_tokens=8", "--peak_n=128", "--bandwidth_mb=4", "--only=ours,ours_int8,tunix",
+        f"--tunix_python={MISSING}")
 def _check_generate(res, stderr):
   assert len(res["matmul_peak_gflops"]) == 2
   assert all(_number(v, positive=True) for v in res["matmul_peak_gflops"])
   tiny = res["tiny"]
   assert _number(tiny["ours_tok_s"], positive=True) and _number(tiny["roofline_fraction"])
-  for key in ("hf_tok_s", "tunix_tok_s", "ratio_vs_hf", "ratio_vs_tunix"):
+  assert _number(tiny["bandwidth_roofline_fraction"], positive=True)
+  assert _number(tiny["bytes_per_step"], positive=True) and _number(res["read_gb_s"], positive=True)
+  assert _number(tiny["ours_int8_tok_s"], positive=True)
+  assert _number(tiny["int8_bandwidth_roofline_fraction"], positive=True)
+  for key in ("hf_tok_s", "tunix_tok_s", "ratio_vs_hf", "ratio_vs_tunix", "int8_ratio_vs_hf",
+              "int8_ratio_vs_tunix"):
     assert key in tiny and tiny[key] is None, (key, tiny)
   assert "tunix not available" in stderr
 

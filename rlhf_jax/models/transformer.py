@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models import blocked_attention
+from rlhf_jax.models import int8
 from rlhf_jax.models.config import ModelConfig
 
 try:   # the Pallas TPU splash-attention kernel (attention_impl 'splash')
@@ -194,7 +195,10 @@ class Projection(nn.Module):
     pdt = _dtype(self.param_dtype)
     kernel = _param(self, "kernel", _dense_init(self.std), self.in_shape + self.out_shape,
                     self.in_axes + self.out_axes, pdt)
-    y = _project(x, kernel, len(self.in_shape), self.dtype)
+    if kernel.dtype == jnp.int8:   # int8 decoding (models/int8.py): kernel_scale beside it
+      y = int8.project(x, kernel, self.get_variable("params", "kernel_scale"), len(self.in_shape))
+    else:
+      y = _project(x, kernel, len(self.in_shape), self.dtype)
     if self.use_bias:
       y = y + _param(self, "bias", nn.initializers.zeros, self.out_shape, self.out_axes,
                      pdt).astype(y.dtype)
@@ -531,7 +535,12 @@ class Transformer(nn.Module):
 
     embedding = _param(self, "embed", _dense_init(0.02), (cfg.padded_vocab, cfg.d_model),
                        ("vocab", "embed"), pdt)
-    x = jnp.take(embedding, tokens, axis=0).astype(_dtype(cfg.dtype))
+    quantized = embedding.dtype == jnp.int8   # int8 decoding (models/int8.py)
+    if quantized:
+      embed_scale = self.get_variable("params", "embed_scale")
+      x = int8.embed_lookup(embedding, embed_scale, tokens).astype(_dtype(cfg.dtype))
+    else:
+      x = jnp.take(embedding, tokens, axis=0).astype(_dtype(cfg.dtype))
     if cfg.flavour == "gpt2":
       pos_embedding = _param(self, "pos_embed", _dense_init(0.01), (cfg.max_len, cfg.d_model),
                              (None, "embed"), pdt)
@@ -572,7 +581,8 @@ class Transformer(nn.Module):
                        cfg.param_dtype, name="scalar_head")(x)
       return out[..., 0], new_cache
     if cfg.tie_embeddings:
-      logits = _tied_logits(x, embedding)
+      logits = int8.tied_logits(x, embedding, embed_scale) if quantized else _tied_logits(
+          x, embedding)
     else:
       logits = Projection((cfg.d_model,), (cfg.padded_vocab,), ("embed",), ("vocab",), False, 0.02,
                           cfg.dtype, cfg.param_dtype, name="lm_head")(x).astype(jnp.float32)
