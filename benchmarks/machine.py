@@ -15,19 +15,23 @@ import statistics
 import time
 
 
-def matmul_peak(repeats=10, n=2048):
-  """FLOP/s of a jitted float32 `x @ x` (n x n, all cores), median of `repeats` timed calls."""
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
+def _median_seconds(f, a, repeats):
+  """Median wall time of `repeats` calls f(a) (after one untimed call that compiles)."""
   f(a).block_until_ready()
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
     f(a).block_until_ready()
     times.append(time.perf_counter() - t)
-  return 2 * n ** 3 / statistics.median(times)
+  return statistics.median(times)
+
+
+def matmul_peak(repeats=10, n=2048):
+  """FLOP/s of a jitted float32 `x @ x` (n x n, all cores), median of `repeats` timed calls."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  return 2 * n ** 3 / _median_seconds(jax.jit(lambda x: x @ x), a, repeats)
 
 
 def read_bandwidth(repeats=10, mb=512):
@@ -36,14 +40,7 @@ def read_bandwidth(repeats=10, mb=512):
   import jax
   import jax.numpy as jnp
   a = jnp.ones((mb * 2 ** 20 // 4,), jnp.float32)
-  f = jax.jit(jnp.sum)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return a.nbytes / statistics.median(times)
+  return a.nbytes / _median_seconds(jax.jit(jnp.sum), a, repeats)
 
 
 def main():

@@ -18,7 +18,9 @@ uniform weights, as in the reference):
              dq = scale * ds k,  dk += scale * ds^T q
 
 (delta equals sum_j p_j dp_j, the softmax Jacobian's row term, as in FlashAttention.) The
-residuals are q, k, v, o and lse, O(T) per row instead of O(T * S).
+residuals are q, k, v, the mask, o and lse: O(T) floats per row instead of O(T * S). A fully
+masked (padding) row's recomputed p is not its forward's uniform weights, but no real token
+attends to padding and losses mask it, so its output's cotangent, and its gradient, are 0.
 
 Only for the training / scoring forward (no KV cache) with a causal mask: the caller passes the
 (B, T, S = T) boolean mask, which already contains causality, segments and padding.
@@ -27,11 +29,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 _MASKED = -1e30
-# checkpoint names of the residuals the backward pass needs beyond q, k, v (remat policy 'lean')
-RESIDUAL_NAMES = ("attention_out", "attention_lse")
 
 
 def block_bounds(t: int, block: int):
@@ -85,8 +84,6 @@ def blocked_attention(q, k, v, mask, block):
 
 def _fwd(q, k, v, mask, block):
   out, out_h, lse = _forward(q, k, v, mask, block)
-  out_h = checkpoint_name(out_h, RESIDUAL_NAMES[0])
-  lse = checkpoint_name(lse, RESIDUAL_NAMES[1])
   return out, (q, k, v, mask, out_h, lse)
 
 

@@ -9,7 +9,7 @@ FLAVOURS = ("gpt2", "llama")
 # activation; 'full' recomputes the whole layer; 'dots_saveable' keeps the outputs of the weight
 # matmuls (projections, MLP) and recomputes the rest (norms, attention, activations); 'offload'
 # keeps the same matmul outputs in host memory (pinned_host: TPU, GPU; also runs on CPU).
-REMAT_POLICIES = ("none", "full", "dots_saveable", "lean", "offload")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "offload")
 # How attention is computed (transformer.attention_impl): 'einsum' (float32 scores, the
 # reference), 'blocked' (causal query blocks, backward pass recomputing the probabilities:
 # models/blocked_attention.py, the CPU path), 'xla' / 'cudnn' (jax.nn.dot_product_attention's

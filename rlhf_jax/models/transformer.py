@@ -76,9 +76,6 @@ _MASKED = -1e30  # finite, so a fully masked (padding) query row gives uniform w
 REMAT_POLICIES = {
     "full": lambda: None,
     "dots_saveable": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "lean": lambda: jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(*blocked_attention.RESIDUAL_NAMES)),
     "offload": lambda: jax.checkpoint_policies.offload_dot_with_no_batch_dims(
         "device", "pinned_host"),
 }
