@@ -208,16 +208,18 @@ def ppo_step(config, mesh):
   return step, state, frozen, ppo_batch(s, config.ppo.ptx_seq_len, mesh)
 
 
-def lowered_stage(stage, config, mesh):
+def lowered_stage(stage, config, mesh, platform=None):
   """The stage's jitted step lowered on abstract arguments (traced under the mesh's logical
-  rules; the abstract arguments are built outside it: nothing may run on compile-only devices)."""
+  rules, attention_impl 'auto' resolved for `platform`, default the mesh's devices' platform; the
+  abstract arguments are built outside it: nothing may run on compile-only devices)."""
   rng = abstract_rng(mesh)
+  platform = platform or mesh.devices.flat[0].platform
   if stage == "ppo":
     step, state, frozen, batch = ppo_step(config, mesh)
-    with sharding.activate(mesh):
+    with sharding.activate(mesh), target_platform(platform):
       return step.jitted(batch).lower(state, frozen, batch, rng)
   step, state, batch = train_step(config, mesh, "scalar" if stage == "rm" else "lm")
-  with sharding.activate(mesh):
+  with sharding.activate(mesh), target_platform(platform):
     return step.jitted(state, batch).lower(state, batch, rng)
 
 
@@ -229,8 +231,7 @@ def compile_stage(stage, config, mesh, platform="tpu"):
   cache = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)   # no TPU executables in a CPU cache
   try:
-    with target_platform(platform):
-      compiled = lowered_stage(stage, config, mesh).compile()
+    compiled = lowered_stage(stage, config, mesh, platform).compile()
   finally:
     jax.config.update("jax_enable_compilation_cache", cache)
   m = compiled.memory_analysis()
