@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import losses
 from rlhf_jax import sharding
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import ModelConfig, Transformer, abstract_params, init_cache, unstack_layers
@@ -70,9 +71,10 @@ class Samples(NamedTuple):
 
 
 def step_entropy(logits: jax.Array, temperature: float) -> jax.Array:
-  """H = -sum_v p_v log p_v of p = softmax(logits / T), per row of logits (B, V)."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  """H = -sum_v p_v log p_v of p = softmax(logits / T), per row of logits (B, V): the formula of
+  `losses.token_logprobs`, which PPO's scoring forward uses (its picked log-prob is unused)."""
+  rows = jnp.zeros(logits.shape[:1] + (1,), jnp.int32)
+  return losses.token_logprobs(logits[:, None], rows, temperature)[1][:, 0]
 
 
 def filter_logits(z: jax.Array, top_k: int, top_p: float) -> jax.Array:

@@ -29,13 +29,17 @@ import jax.numpy as jnp
 _INPUT_AXES = {"o": 2}
 
 
+def _symmetric(a: jax.Array, axes: tuple, keepdims: bool):
+  """(int8 round(a / s), s) with s = max |a| / 127 over `axes` (1 where that max is 0)."""
+  a = a.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(a), axis=axes, keepdims=keepdims) / 127.0
+  scale = jnp.where(scale == 0, 1.0, scale)
+  return jnp.round(a / (scale if keepdims else jnp.expand_dims(scale, axes))).astype(jnp.int8), scale
+
+
 def quantize(w: jax.Array, n_in: int):
   """(int8 weights, float32 scales over the output axes) of w (in_axes + out_axes)."""
-  w = w.astype(jnp.float32)
-  axes = tuple(range(n_in))
-  scale = jnp.max(jnp.abs(w), axis=axes) / 127.0
-  scale = jnp.where(scale == 0, 1.0, scale)
-  return jnp.round(w / scale).astype(jnp.int8), scale
+  return _symmetric(w, tuple(range(n_in)), keepdims=False)
 
 
 def quantize_params(params):
@@ -60,11 +64,7 @@ def quantize_params(params):
 
 def _quantize_rows(x: jax.Array, n_in: int):
   """(int8 x, float32 per-row scales (..., 1 x n_in)) over x's last n_in axes."""
-  x = x.astype(jnp.float32)
-  axes = tuple(range(x.ndim - n_in, x.ndim))
-  scale = jnp.max(jnp.abs(x), axis=axes, keepdims=True) / 127.0
-  scale = jnp.where(scale == 0, 1.0, scale)
-  return jnp.round(x / scale).astype(jnp.int8), scale
+  return _symmetric(x, tuple(range(x.ndim - n_in, x.ndim)), keepdims=True)
 
 
 def project(x: jax.Array, kernel: jax.Array, scale: jax.Array, n_in: int) -> jax.Array:
