@@ -102,26 +102,66 @@ def _uniforms(rng, rows: int, draw_rows=None):
   return jax.random.uniform(rng, (total, 1), jnp.float32)[index]
 
 
+# Block width of the two-level inverse-CDF search (`inverse_cdf`).
+CDF_BLOCK = 128
+
+
+def first_argmax(z: jax.Array) -> jax.Array:
+  """jnp.argmax(z, -1) for finite z (the first index of the maximum), as two plain reductions:
+  XLA:CPU runs argmax's (value, index) reduction element by element, about 10x slower than a
+  max and a min over the same array."""
+  iota = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+  return jnp.min(jnp.where(z == jnp.max(z, -1, keepdims=True), iota, z.shape[-1]), -1)
+
+
+def _last_positive(x: jax.Array) -> jax.Array:
+  """Index of the last entry > 0 along the last axis (0 if none)."""
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  return jnp.max(jnp.where(x > 0, iota, 0), -1)
+
+
+def inverse_cdf(probs: jax.Array, u: jax.Array) -> jax.Array:
+  """token = the first index i with cdf_i > u * cdf_V (cdf = cumulative sum of the unnormalised
+  probs (B, V) >= 0, u (B, 1) uniform in [0, 1)): a draw from probs / sum(probs).
+
+  Two levels instead of one cumulative sum over V (a long associative scan on CPU): the sums of
+  blocks of CDF_BLOCK entries, their cumulative sum (V / CDF_BLOCK entries) picks the block, then
+  a cumulative sum inside that block picks the token. Both picks are clamped to the last block /
+  entry with positive mass, so rounding (u * total at the very end of the CDF, or the in-block
+  sums falling short of the block's total) never lands on a zero-probability token."""
+  b, v = probs.shape
+  nb = -(-v // CDF_BLOCK)
+  p = jnp.pad(probs, ((0, 0), (0, nb * CDF_BLOCK - v))).reshape(b, nb, CDF_BLOCK)
+  sums = p.sum(-1)
+  cdf = jnp.cumsum(sums, -1)
+  target = u * cdf[:, -1:]
+  block = jnp.minimum(jnp.sum(cdf <= target, -1), _last_positive(sums))
+  before = jnp.take_along_axis(cdf - sums, block[:, None], -1)
+  inner = jnp.take_along_axis(p, block[:, None, None], 1)[:, 0]
+  inner_cdf = before + jnp.cumsum(inner, -1)
+  k = jnp.minimum(jnp.sum(inner_cdf <= target, -1), _last_positive(inner))
+  return block * CDF_BLOCK + k
+
+
 def choose_token(logits: jax.Array, rng, sc: SamplingConfig, draw_rows=None):
   """(token, logprob at the sampling temperature) for each row of logits (B, V).
 
-  Sampling is by inverse CDF: one uniform u per row, token = first index whose cumulative
-  (filtered) probability exceeds u * total. Exact for the categorical distribution, and it needs
-  B random numbers per step instead of B x V Gumbel draws. draw_rows: see `_uniforms`.
+  Sampling is by inverse CDF (`inverse_cdf`): one uniform u per row, token = first index whose
+  cumulative (filtered) probability exceeds u * total. Exact for the categorical distribution,
+  and it needs B random numbers per step instead of B x V Gumbel draws. The log-prob is
+  z_token - logsumexp(z) of the unfiltered z = logits / T (log_softmax(z)[token], without
+  writing the whole log_softmax). draw_rows: see `_uniforms`.
   """
   z = logits.astype(jnp.float32) / sc.temperature
-  logp = jax.nn.log_softmax(z, axis=-1)
+  shifted = z - jnp.max(z, axis=-1, keepdims=True)
+  log_total = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
   if sc.greedy:
-    token = jnp.argmax(z, axis=-1)
+    token = first_argmax(z)
   else:
     filtered = filter_logits(z, sc.top_k, sc.top_p) if (sc.top_k or sc.top_p < 1.0) else z
     probs = jnp.exp(filtered - jnp.max(filtered, axis=-1, keepdims=True))
-    cdf = jnp.cumsum(probs, axis=-1)
-    u = _uniforms(rng, z.shape[0], draw_rows) * cdf[:, -1:]
-    token = jnp.minimum(jnp.sum(cdf <= u, axis=-1), z.shape[-1] - 1)
-    # Never land on a zero-probability (filtered) token through rounding at a flat CDF step.
-    token = jnp.where(probs[jnp.arange(z.shape[0]), token] > 0, token, jnp.argmax(filtered, -1))
-  logprob = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    token = inverse_cdf(probs, _uniforms(rng, z.shape[0], draw_rows))
+  logprob = jnp.take_along_axis(shifted, token[:, None], axis=-1)[:, 0] - log_total
   return token.astype(jnp.int32), logprob
 
 

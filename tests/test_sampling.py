@@ -128,6 +128,55 @@ def test_sampled_frequencies_match_softmax(temperature, top_k, top_p):
   assert _chi2_pvalue(counts, wrong) < 1e-6
 
 
+def _reference_inverse_cdf(probs, u):
+  """float64 numpy: the first index whose cumulative probability exceeds u * total, and the
+  distance of u * total from the nearest CDF step (relative to the total)."""
+  cdf = np.cumsum(probs.astype(np.float64), -1)
+  target = u * cdf[:, -1:]
+  token = np.minimum((cdf <= target).sum(-1), probs.shape[-1] - 1)
+  margin = np.abs(cdf - target).min(-1) / cdf[:, -1]
+  return token, margin
+
+
+@pytest.mark.parametrize("vocab", [8192, 1000, 130, 7])
+def test_inverse_cdf_matches_float64_cumsum(vocab):
+  """The two-level inverse CDF picks the float64 one-pass answer wherever u * total is not
+  within float32 rounding of a CDF step, never picks a zero-probability entry (zeros inside,
+  a zero tail as vocabulary padding, a whole zero block, u next to 1), and picks each entry
+  with its probability."""
+  rs = np.random.RandomState(vocab)
+  rows = 512
+  probs = np.exp(rs.randn(rows, vocab) * 3).astype(np.float32)
+  probs[rs.rand(rows, vocab) < 0.3] = 0.0                    # filtered entries
+  probs[: rows // 2, -min(vocab - 1, 200):] = 0.0            # a zero tail (padding, whole blocks)
+  probs[:, 0] += 1e-3                                        # every row has some mass
+  u = rs.rand(rows, 1).astype(np.float32)
+  u[:8] = np.float32(1 - 2**-24)                             # the largest float32 below 1
+  got = np.asarray(jax.jit(sampling.inverse_cdf)(probs, u))
+  want, margin = _reference_inverse_cdf(probs, u)
+  assert (probs[np.arange(rows), got] > 0).all()
+  clear = margin > 1e-6
+  assert clear.mean() > 0.95
+  np.testing.assert_array_equal(got[clear], want[clear])
+  # Frequencies: one row drawn many times.
+  p = probs[rows // 2 + 1]
+  draws = 40000
+  uu = np.random.RandomState(1).rand(draws, 1).astype(np.float32)
+  tokens = np.asarray(jax.jit(sampling.inverse_cdf)(np.broadcast_to(p, (draws, vocab)), uu))
+  counts = np.bincount(tokens, minlength=vocab)
+  top = np.argsort(p)[::-1][:5]                     # the likeliest entries, binomial bounds
+  expected = p[top] / p.sum() * draws
+  assert (np.abs(counts[top] - expected) < 5 * np.sqrt(expected) + 1).all()
+
+
+def test_first_argmax_equals_argmax_with_ties():
+  rs = np.random.RandomState(0)
+  z = rs.randint(0, 5, (64, 300)).astype(np.float32)      # many ties at the maximum
+  z[3] = -1e30                                            # a fully masked row
+  np.testing.assert_array_equal(np.asarray(sampling.first_argmax(jnp.asarray(z))),
+                                np.argmax(z, -1))
+
+
 def test_filter_logits_keeps_the_right_sets():
   z = jnp.asarray([[3.0, 1.0, 2.0, 0.0, -1.0]])
   np.testing.assert_array_equal(np.isfinite(filter_logits(z, 2, 1.0))[0], [1, 0, 1, 0, 0])
