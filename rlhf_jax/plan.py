@@ -35,8 +35,11 @@ scoring, the update (PPO term on a minibatch, then the ptx term on its pretraini
 both policy gradients alive at once).
 
 Compiled (--topology): `plan_compile.compile_stage`, the stage's real jitted step compiled by
-the TPU compiler for that slice; fits = compiled bytes <= the chip's HBM (`plan_compile.HBM_BYTES`).
-The last line is `RESULT {json}`: per stage mesh, estimate_bytes, compiled_bytes, hbm_bytes, fits.
+the TPU compiler for that slice; compiled bytes = the compiler's peak per chip; fits = compiled
+bytes <= the chip's HBM (`plan_compile.HBM_BYTES`), false when the compiler refuses the step for
+lack of memory (`compile_error`). rollout_layout 'auto' is resolved with that chip memory.
+The last line is `RESULT {json}`: per stage mesh, estimate_bytes, compiled_bytes, sum_bytes,
+hbm_bytes, fits. --markdown prints the rows of the README's fit table.
 """
 import dataclasses
 import json
@@ -243,14 +246,18 @@ def rollout_bytes(cfg, rows: int, seq_len: int, tensor: int, weights: int = 0) -
              + weights)
 
 
-def decode_copy_bytes(ppo_config, policy_params: int, dp: int) -> int:
+def decode_copy_bytes(ppo_config, policy_params: int, dp: int, hbm: Optional[int] = None) -> int:
   """The policy's weights as the rollout decodes them (`sampling.decode_weights`): one copy in
-  ppo.rollout_dtype, laid out as in training ('train'; also 'auto', which picks 'decode' only on
-  devices that report their memory) or replicated over data x fsdp ('decode'). `policy_params`:
-  the policy's float32 bytes per device in the training layout."""
+  ppo.rollout_dtype, laid out as in training ('train') or replicated over data x fsdp
+  ('decode'); 'auto' is 'decode' where that copy takes at most a quarter of the device memory
+  `hbm` (as `sharding.decode_layout_fits` decides on the devices; 'train' when hbm is unknown).
+  `policy_params`: the policy's float32 bytes per device in the training layout."""
   dtype = ppo_config.get("rollout_dtype", "float32")
   layout = ppo_config.get("rollout_layout", "train")
-  return int(policy_params * _DTYPE_BYTES[dtype] / 4 * (dp if layout == "decode" else 1))
+  one = policy_params * _DTYPE_BYTES[dtype] / 4
+  if layout == "auto":
+    layout = "decode" if hbm and one * dp <= 0.25 * hbm else "train"
+  return int(one * (dp if layout == "decode" else 1))
 
 
 def scoring_bytes(cfg, rows: int, seq_len: int, head_len: int, tensor: int, platform: str) -> int:
@@ -284,7 +291,8 @@ def train_plan(stage, config, mesh_shape, platform) -> Plan:
   return Plan(stage, tuple(mesh_shape), shape, params, grads, opt, 0, 0, 0, act, notes)
 
 
-def ppo_activation_bytes(config, cfg, value_cfg, mesh_shape, platform, policy_params) -> int:
+def ppo_activation_bytes(config, cfg, value_cfg, mesh_shape, platform, policy_params,
+                         hbm=None) -> int:
   """Peak of the iteration's phases besides the models: max(rollout chunk, scoring chunk,
   update) where update = PPO term (policy + value) on a minibatch, or the ptx term on one chunk
   of its pretraining rows, whichever is larger."""
@@ -293,7 +301,7 @@ def ppo_activation_bytes(config, cfg, value_cfg, mesh_shape, platform, policy_pa
   seq = p.prompt_len + p.response_len
   minibatch = p.batch_size // p.minibatches
   rollout = rollout_bytes(cfg, p.batch_size // p.rollout_micro_batches // dp, seq, tensor,
-                          decode_copy_bytes(p, policy_params, dp))
+                          decode_copy_bytes(p, policy_params, dp, hbm))
   scoring = scoring_bytes(cfg, p.batch_size // max(p.minibatches, p.rollout_micro_batches) // dp,
                           seq, p.response_len + 1, tensor, platform)
   update = (train_activation_bytes(cfg, "lm", minibatch // dp, seq, tensor, platform,
@@ -305,7 +313,7 @@ def ppo_activation_bytes(config, cfg, value_cfg, mesh_shape, platform, policy_pa
   return max(rollout, scoring, update)
 
 
-def ppo_plan(config, mesh_shape, platform) -> Plan:
+def ppo_plan(config, mesh_shape, platform, hbm=None) -> Plan:
   """Estimate of one PPO(-ptx) iteration: the four models, the EMA, the phases' peak."""
   from rlhf_jax import plan_compile  # pylint: disable=g-import-not-at-top
   cfg, value_cfg, rm_cfg = plan_compile.ppo_models(config)
@@ -319,20 +327,21 @@ def ppo_plan(config, mesh_shape, platform) -> Plan:
   # chunked ptx rows accumulate into a third.
   grads = params * ((2 + (p.ptx_micro_batches > 1)) if p.ptx_coef else 1)
   ema = params if p.ema_decay else 0
-  act = ppo_activation_bytes(config, cfg, value_cfg, mesh_shape, platform, params)
+  act = ppo_activation_bytes(config, cfg, value_cfg, mesh_shape, platform, params, hbm)
   shape = (f"{p.batch_size} x {p.prompt_len}+{p.response_len}, mb {p.batch_size // p.minibatches}"
            + (f", ptx {p.ptx_per_episode}/ep x {p.ptx_seq_len}" if p.ptx_coef else ""))
   return Plan("ppo", tuple(mesh_shape), shape, params, grads, opt, frozen,
               2 * v_params + v_opt, ema, act, notes)
 
 
-def estimate(stage, config, mesh_shape, platform="cpu") -> Plan:
-  """The estimated bytes per device of `stage` of `config` on a (data, fsdp, tensor) mesh."""
+def estimate(stage, config, mesh_shape, platform="cpu", hbm=None) -> Plan:
+  """The estimated bytes per device of `stage` of `config` on a (data, fsdp, tensor) mesh of
+  devices with `hbm` bytes each (None: unknown)."""
   from rlhf_jax import plan_compile, sharding  # pylint: disable=g-import-not-at-top
   for rows in plan_compile.batch_rows(stage, config):
     sharding.check_batch_size(rows, mesh_shape, f"{stage} batch rows per step")
   if stage == "ppo":
-    return ppo_plan(config, mesh_shape, platform)
+    return ppo_plan(config, mesh_shape, platform, hbm)
   return train_plan(stage, config, mesh_shape, platform)
 
 
@@ -383,7 +392,7 @@ def _devices(opts, name):
 def plan_job(config, opts: dict, name: str = "") -> dict:
   """The RESULT of one job: per stage its mesh, estimate and, with devices, the compiler's
   figure and the verdict. opts: the flags by name (topology, mesh, num_devices, stage)."""
-  from rlhf_jax import plan_compile  # pylint: disable=g-import-not-at-top
+  from rlhf_jax import plan_compile, sharding  # pylint: disable=g-import-not-at-top
   devices, n, platform = _devices(opts, name)
   hbm = plan_compile.device_memory(devices[0]) if devices else None
   stages = {}
@@ -391,16 +400,19 @@ def plan_job(config, opts: dict, name: str = "") -> dict:
     if opts.get("stage") and opts["stage"] != stage:
       continue
     shape = plan_compile.choose_mesh(stage, sub, n, opts.get("mesh"))
-    est = estimate(stage, sub, shape, platform)
+    est = estimate(stage, sub, shape, platform, hbm)
     row = {"mesh": list(shape), "batch": est.shape, "estimate_bytes": est.total,
            "estimate_parts": {k: getattr(est, k) for k in ("params", "grads", "opt", "frozen",
                                                            "value", "ema", "act")},
            "notes": est.notes, "compiled_bytes": None, "hbm_bytes": hbm, "fits": None}
     if devices:
-      mesh = plan_compile.make_topology_mesh(devices, shape)
+      mesh = sharding.make_mesh(shape, devices)
       row.update(plan_compile.compile_stage(stage, sub, mesh, platform))
-      row["fits"] = hbm is not None and row["compiled_bytes"] <= hbm
-      row["estimate_over_compiled"] = round(est.total / row["compiled_bytes"], 3)
+      if row["compiled_bytes"] is None:    # the compiler refused it: out of memory
+        row["fits"] = False
+      else:
+        row["fits"] = hbm is not None and row["compiled_bytes"] <= hbm
+        row["estimate_over_compiled"] = round(est.total / row["compiled_bytes"], 3)
     stages[stage_label(stage, sub)] = row
   return {"job": name, "topology": opts.get("topology"), "num_devices": n,
           "device_kind": devices[0].device_kind if devices else None, "stages": stages}
@@ -430,6 +442,8 @@ def format_table(results) -> str:
                    s["batch"], human(s["estimate_bytes"] - parts["act"]), human(parts["act"]),
                    human(s["estimate_bytes"]), human(s["compiled_bytes"]), human(s["hbm_bytes"]),
                    fits, str(s.get("compile_seconds", "-"))))
+      if s.get("compile_error"):
+        notes.append((r["job"], stage, ("the compiler refused it: " + s["compile_error"],)))
       if s["notes"] and (r["job"], stage, tuple(s["notes"])) not in notes:
         notes.append((r["job"], stage, tuple(s["notes"])))
   widths = [max(len(row[i]) for row in rows + [head]) for i in range(len(head))]
@@ -437,8 +451,29 @@ def format_table(results) -> str:
                                for i, (c, w) in enumerate(zip(row, widths)))
   out = [line(head), "  ".join("-" * w for w in widths)] + [line(row) for row in rows]
   for job, stage, found in notes:
-    out.append(f"note: {job} {stage}: sharding fallbacks: " + "; ".join(found))
+    what = "" if found[0].startswith("the compiler") else "sharding fallbacks: "
+    out.append(f"note: {job} {stage}: {what}" + "; ".join(found))
   return "\n".join(out)
+
+
+def format_markdown(results) -> str:
+  """The README's fit table: one markdown row per stage compiled for a topology (the compiler's
+  peak per chip, the sum MaxText prints, the verdict, the estimate's ratio to the peak)."""
+  head = ("preset", "slice (chips, HBM/chip)", "stage", "mesh d,f,t", "estimate",
+          "compiled/chip (peak)", "sum/chip", "fits", "estimate/compiled", "compile")
+  rows = [head, ("---",) * len(head)]
+  for r in results:
+    for stage, s in r["stages"].items():
+      where = (f"{r['topology']} ({r['num_devices']}, {human(s['hbm_bytes']).replace('.00', '')})"
+               if r["topology"] else f"{r['num_devices']} devices")
+      fits = "-" if s["fits"] is None else "yes" if s["fits"] else "**no**"
+      compiled = (f"refused by the compiler: {s['compile_error']}" if s.get("compile_error")
+                  else human(s["compiled_bytes"]))
+      rows.append((r["job"], where, stage, ",".join(map(str, s["mesh"])),
+                   human(s["estimate_bytes"]), compiled, human(s.get("sum_bytes")), fits,
+                   str(s.get("estimate_over_compiled", "-")),
+                   f"{s['compile_seconds']:.0f} s" if "compile_seconds" in s else "-"))
+  return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -460,6 +495,8 @@ def define_flags() -> dict:
       "num_devices": flags.DEFINE_integer(
           "num_devices", None, "Devices to plan for without --topology (default: the preset's "
           "reference slice, REFERENCE_DEVICES)."),
+      "markdown": flags.DEFINE_bool("markdown", False, "Print the table as markdown rows (the "
+                                    "README's fit table) instead of aligned text."),
       "platform": flags.DEFINE_enum("platform", None, ["cpu", "gpu", "tpu"],
                                     "Kernels the estimate assumes for attention_impl 'auto' "
                                     "(default tpu: splash; gpu: cuDNN; cpu: einsum)."),
@@ -485,7 +522,7 @@ def main(argv, f: dict):
     from rlhf_jax import plan_compile  # pylint: disable=g-import-not-at-top
     plan_compile.quiet_libtpu()
   results = [plan_job(config, opts, name) for name, config in jobs(opts)]
-  print(format_table(results))
+  print(format_markdown(results) if opts.get("markdown") else format_table(results))
   out = results[0] if len(results) == 1 else {"jobs": results}
   print("RESULT " + json.dumps(out, sort_keys=True))
 

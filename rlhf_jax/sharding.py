@@ -100,12 +100,16 @@ def make_mesh(mesh_cfg: Any = (1, -1, 1), devices: Optional[Sequence[Any]] = Non
 
   mesh_cfg: a config with `.shape` (or `['shape']`), or the shape itself ('1,8,1', (2, -1, 2)).
   Axis types are Auto (jax.make_mesh defaults to Explicit), so sharding follows the jit shardings
-  and `nn.with_logical_constraint`, as on every other platform.
+  and `nn.with_logical_constraint`, as on every other platform. On a TPU slice the mesh is laid
+  out on the physical axes, split where a mesh axis is smaller than one (tensor 2 on a 4x4x4 v4
+  slice); jax.make_mesh allows that split on v5e only and refuses such a mesh elsewhere.
   """
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(_mesh_shape_of(mesh_cfg), len(devices))
-  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+  return jax.sharding.Mesh(grid, MESH_AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def mesh_sizes(mesh: Any) -> dict:
@@ -226,12 +230,11 @@ def decode_param_shardings(boxed_params: Any, mesh: jax.sharding.Mesh):
 def decode_layout_fits(boxed_params: Any, dtype: str, mesh: jax.sharding.Mesh,
                        fraction: float = 0.25) -> bool:
   """Whether each device's part of the decode copy of the weights (`decode_param_shardings`,
-  in `dtype`) is at most `fraction` of its memory (`memory_stats()['bytes_limit']`); False
-  where the devices do not report their memory (CPU)."""
-  try:
-    limit = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
-  except Exception:  # pylint: disable=broad-except   (a backend without memory statistics)
-    limit = None
+  in `dtype`) is at most `fraction` of its memory (`plan_compile.device_memory`: the allocator's
+  limit, or for a TPU topology's compile-only devices the HBM of their kind, so the planner
+  compiles the program a real slice would run); False where the memory is unknown (CPU)."""
+  from rlhf_jax.plan_compile import device_memory  # pylint: disable=g-import-not-at-top (cycle)
+  limit = device_memory(mesh.devices.flat[0])
   if not limit:
     return False
   shardings = decode_param_shardings(boxed_params, mesh)
