@@ -17,6 +17,9 @@ A batch can be sampled in chunks (`batch_rows`, `total_batch`: these prompts are
 in one call on the whole batch, so the samples do not depend on how the batch is chunked (PPO's
 `rollout_micro_batches`).
 
+On CPU with one device the decode step runs feature-major (`models/feature_major.py`: the same
+function, weights transposed once per call, faster matrix-vector products on XLA:CPU).
+
 Returned log-probs are log softmax(l / temperature)[token], with no top-k/top-p mask: exactly what a
 fresh forward pass at the same temperature gives, which is what the PPO ratio needs.
 
@@ -35,6 +38,7 @@ from rlhf_jax import losses
 from rlhf_jax import sharding
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import ModelConfig, Transformer, abstract_params, init_cache, unstack_layers
+from rlhf_jax.models import feature_major
 from rlhf_jax.models import int8
 
 
@@ -241,19 +245,28 @@ def sample(params, cfg: ModelConfig, prompts: jax.Array, prompt_segment_ids: jax
     i, _, _, _, _, _, done, _, _ = state
     return (i < n) & ~jnp.all(done)
 
+  # The one-token step: (logits (rows, V), new cache). On CPU with one device it runs
+  # feature-major on weights transposed here, once (`models/feature_major.py`).
+  if feature_major.use_feature_major(params):
+    fm = feature_major.transpose_params(params, cfg)
+    step = lambda token, cache: feature_major.decode_step(fm, cfg, token, cache)
+  else:
+    def step(token, cache):
+      logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
+      return logits[:, 0], cache
+
   def body(state):
     i, cache, token, tokens, logprobs, entropy, done, lengths, rng = state
     rng, step_rng = jax.random.split(rng)
-    logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
-    new, logprob = choose_token(logits[:, 0], step_rng, sc, draw_rows)
+    logits, cache = step(token, cache)
+    new, logprob = choose_token(logits, step_rng, sc, draw_rows)
     new = jnp.where(done, sc.pad_token_id, new)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new[:, None], i, axis=1)
     logprobs = jax.lax.dynamic_update_slice_in_dim(
         logprobs, jnp.where(done, 0.0, logprob)[:, None], i, axis=1)
     if sc.entropy:
       entropy = jax.lax.dynamic_update_slice_in_dim(
-          entropy, jnp.where(done, 0.0, step_entropy(logits[:, 0], sc.temperature))[:, None], i,
-          axis=1)
+          entropy, jnp.where(done, 0.0, step_entropy(logits, sc.temperature))[:, None], i, axis=1)
     lengths = lengths + (~done).astype(jnp.int32)
     if sc.eos_token_id is not None:
       done = done | (new == sc.eos_token_id)

@@ -177,6 +177,45 @@ def test_first_argmax_equals_argmax_with_ties():
                                 np.argmax(z, -1))
 
 
+@pytest.mark.parametrize("kind", ["llama-gqa", "gpt2", "llama-untied-padded-vocab"])
+def test_feature_major_decode_step_equals_the_module(kind):
+  """`feature_major.decode_step` (the sampler's one-token step on CPU) against
+  `Transformer.apply` with the cache, step by step after a left-padded prefill: the same logits
+  and the same new cache (keys, values, segment ids, index, positions)."""
+  from rlhf_jax.models import feature_major, init_cache, unstack_layers
+  if kind == "gpt2":
+    cfg = get_model_config("gpt2-small", num_layers=2, d_model=64, num_heads=4, num_kv_heads=4,
+                           head_dim=16, d_ff=256, vocab_size=300, max_len=64)
+  else:
+    cfg = get_model_config("tiny", vocab_size=300, num_kv_heads=2)     # 4 heads, 2 kv heads
+    if kind == "llama-untied-padded-vocab":
+      cfg = cfg.replace(tie_embeddings=False, vocab_multiple=128)
+  params = init_params(cfg, jax.random.key(0))
+  dcfg, dparams = cfg.replace(scan_layers=False), unstack_layers(params)
+  if cfg.flavour == "gpt2":   # non-zero biases, so a bias in the wrong place shows
+    dparams = jax.tree.map(lambda x: x + 0.01 * jnp.arange(x.size).reshape(x.shape) / x.size,
+                           dparams)
+  tokens, seg = left_pad([[5, 6, 7, 8], [9, 3]], 0)
+  cache = init_cache(dcfg, 2, 10)
+  model = Transformer(dcfg)
+  _, cache = model.apply({"params": dparams}, tokens, segment_ids=seg, cache=cache)
+  fm = feature_major.transpose_params(dparams, dcfg)
+  ours_cache = cache
+  for token in ([11, 12], [13, 14], [15, 16]):
+    token = jnp.asarray(token, jnp.int32)
+    want, cache = model.apply({"params": dparams}, token[:, None], cache=cache)
+    got, ours_cache = feature_major.decode_step(fm, dcfg, token, ours_cache)
+    assert got.shape == (2, cfg.padded_vocab)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want[:, 0]), rtol=1e-4, atol=1e-4)
+    for name in ("k", "v"):
+      for a, b in zip(ours_cache[name], cache[name]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    for name in ("segment_ids", "index", "pos"):
+      np.testing.assert_array_equal(np.asarray(ours_cache[name]), np.asarray(cache[name]))
+  if cfg.padded_vocab > cfg.vocab_size:
+    assert (np.asarray(got)[:, cfg.vocab_size:] < -1e29).all()
+
+
 def test_filter_logits_keeps_the_right_sets():
   z = jnp.asarray([[3.0, 1.0, 2.0, 0.0, -1.0]])
   np.testing.assert_array_equal(np.isfinite(filter_logits(z, 2, 1.0))[0], [1, 0, 1, 0, 0])

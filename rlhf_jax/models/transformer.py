@@ -139,21 +139,22 @@ class Norm(nn.Module):
     scale = _param(self, "scale", nn.initializers.ones, (cfg.d_model,), ("embed",), pdt)
     bias = (_param(self, "bias", nn.initializers.zeros, (cfg.d_model,), ("embed",), pdt)
             if cfg.flavour == "gpt2" else None)
-    return _norm(x, scale, bias, cfg.norm_eps, _dtype(cfg.dtype))
+    return _norm(x, scale, bias, cfg.norm_eps, _dtype(cfg.dtype), -1)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(3, 4))
-def _norm(x, scale, bias, eps, dtype):
-  """LayerNorm (with bias) or RMSNorm (bias None), in float32. Checkpointed: the backward pass
-  keeps x only and recomputes the statistics (elementwise work) instead of storing each
-  intermediate (B, T, d) array autodiff would keep, which on CPU costs more in memory traffic."""
+@functools.partial(jax.checkpoint, static_argnums=(3, 4, 5))
+def _norm(x, scale, bias, eps, dtype, axis):
+  """LayerNorm (with bias) or RMSNorm (bias None) over `axis` (the features; scale and bias
+  broadcast against x), in float32. Checkpointed: the backward pass keeps x only and recomputes
+  the statistics (elementwise work) instead of storing each intermediate (B, T, d) array
+  autodiff would keep, which on CPU costs more in memory traffic."""
   xf = x.astype(jnp.float32)
   if bias is not None:
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    mean = xf.mean(axis, keepdims=True)
+    var = jnp.square(xf - mean).mean(axis, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale + bias
   else:
-    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + eps) * scale
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(axis, keepdims=True) + eps) * scale
   return y.astype(dtype)
 
 
