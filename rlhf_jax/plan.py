@@ -256,7 +256,8 @@ def decode_copy_bytes(ppo_config, policy_params: int, dp: int, hbm: Optional[int
   layout = ppo_config.get("rollout_layout", "train")
   one = policy_params * _DTYPE_BYTES[dtype] / 4
   if layout == "auto":
-    layout = "decode" if hbm and one * dp <= 0.25 * hbm else "train"
+    from rlhf_jax.sharding import DECODE_LAYOUT_FRACTION  # pylint: disable=g-import-not-at-top
+    layout = "decode" if hbm and one * dp <= DECODE_LAYOUT_FRACTION * hbm else "train"
   return int(one * (dp if layout == "decode" else 1))
 
 
@@ -443,16 +444,16 @@ def format_table(results) -> str:
                    human(s["estimate_bytes"]), human(s["compiled_bytes"]), human(s["hbm_bytes"]),
                    fits, str(s.get("compile_seconds", "-"))))
       if s.get("compile_error"):
-        notes.append((r["job"], stage, ("the compiler refused it: " + s["compile_error"],)))
-      if s["notes"] and (r["job"], stage, tuple(s["notes"])) not in notes:
-        notes.append((r["job"], stage, tuple(s["notes"])))
+        notes.append((r["job"], stage, "the compiler refused it", (s["compile_error"],)))
+      found = (r["job"], stage, "sharding fallbacks", tuple(s["notes"]))
+      if s["notes"] and found not in notes:
+        notes.append(found)
   widths = [max(len(row[i]) for row in rows + [head]) for i in range(len(head))]
   line = lambda row: "  ".join(c.ljust(w) if i < 5 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(row, widths)))
   out = [line(head), "  ".join("-" * w for w in widths)] + [line(row) for row in rows]
-  for job, stage, found in notes:
-    what = "" if found[0].startswith("the compiler") else "sharding fallbacks: "
-    out.append(f"note: {job} {stage}: {what}" + "; ".join(found))
+  for job, stage, what, found in notes:
+    out.append(f"note: {job} {stage}: {what}: " + "; ".join(found))
   return "\n".join(out)
 
 

@@ -26,7 +26,6 @@ that way does not fit (`compile_stage` reports the compiler's line instead of by
 import math
 import os
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -111,13 +110,16 @@ def sum_bytes(memory) -> int:
              - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
 
 
-def out_of_memory(error) -> Optional[str]:
-  """The compiler's one line when `error` is its refusal of a step that does not fit the device
-  memory (XLA's RESOURCE_EXHAUSTED at compile time), else None."""
-  text = str(error).strip()
-  if "RESOURCE_EXHAUSTED" not in text:
-    return None
-  return text.splitlines()[0].replace("RESOURCE_EXHAUSTED: ", "")
+def compile_or_refusal(lowered):
+  """(compiled, None), or (None, the compiler's one line) when it refuses the step for lack of
+  device memory (XLA's RESOURCE_EXHAUSTED at compile time); other errors propagate."""
+  try:
+    return lowered.compile(), None
+  except jax.errors.JaxRuntimeError as e:
+    text = str(e).strip()
+    if "RESOURCE_EXHAUSTED" not in text:
+      raise
+    return None, text.splitlines()[0].replace("RESOURCE_EXHAUSTED: ", "")
 
 
 # ----------------------------------------------------------------------------- abstract inputs
@@ -257,15 +259,12 @@ def compile_stage(stage, config, mesh, platform="tpu"):
   cache = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)   # no TPU executables in a CPU cache
   try:
-    compiled = lowered_stage(stage, config, mesh, platform).compile()
-  except jax.errors.JaxRuntimeError as e:
-    line = out_of_memory(e)
-    if line is None:
-      raise
-    return {"compiled_bytes": None, "compile_error": line,
-            "compile_seconds": round(time.time() - t0, 1)}
+    compiled, refusal = compile_or_refusal(lowered_stage(stage, config, mesh, platform))
   finally:
     jax.config.update("jax_enable_compilation_cache", cache)
+  if refusal:
+    return {"compiled_bytes": None, "compile_error": refusal,
+            "compile_seconds": round(time.time() - t0, 1)}
   m = compiled.memory_analysis()
   return {"compiled_bytes": compiled_bytes(m, mesh.devices.flat[0].platform),
           "sum_bytes": sum_bytes(m),
@@ -313,14 +312,11 @@ def check_fits(lowered_fn, what, knobs, devices):
   if any(x is None for x in limits):
     return None
   available = min(limits)
-  try:
-    needed = compiled_bytes(lowered_fn().compile().memory_analysis(), devices[0].platform)
-  except jax.errors.JaxRuntimeError as e:
-    line = out_of_memory(e)
-    if line is None:
-      raise
+  compiled, refusal = compile_or_refusal(lowered_fn())
+  if refusal:
     raise UserError(f"{what}: the compiler says the step does not fit a {devices[0].device_kind} "
-                    f"({line}); turn down {knobs}") from None
+                    f"({refusal}); turn down {knobs}")
+  needed = compiled_bytes(compiled.memory_analysis(), devices[0].platform)
   if needed > available:
     raise UserError(f"{what}: the compiled step needs {needed / GIB:.1f} GiB per device, a "
                     f"{devices[0].device_kind} has {available / GIB:.1f} GiB; turn down {knobs}")

@@ -227,8 +227,13 @@ def decode_param_shardings(boxed_params: Any, mesh: jax.sharding.Mesh):
   return logical_to_mesh_sharding(boxed_params, mesh, DECODE_AXIS_RULES)
 
 
+# rollout_layout 'auto' decodes in the decode layout when that copy takes at most this fraction of
+# a device's memory (`decode_layout_fits`; the planner's estimate uses the same rule).
+DECODE_LAYOUT_FRACTION = 0.25
+
+
 def decode_layout_fits(boxed_params: Any, dtype: str, mesh: jax.sharding.Mesh,
-                       fraction: float = 0.25) -> bool:
+                       fraction: float = DECODE_LAYOUT_FRACTION) -> bool:
   """Whether each device's part of the decode copy of the weights (`decode_param_shardings`,
   in `dtype`) is at most `fraction` of its memory (`plan_compile.device_memory`: the allocator's
   limit, or for a TPU topology's compile-only devices the HBM of their kind, so the planner
