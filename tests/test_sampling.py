@@ -177,6 +177,21 @@ def test_first_argmax_equals_argmax_with_ties():
                                 np.argmax(z, -1))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_step_entropy_matches_float64(temperature):
+  rs = np.random.RandomState(1)
+  logits = (rs.randn(6, 1000) * np.array([[0.1], [1], [5], [30], [1], [1]])).astype(np.float32)
+  logits[4, 700:] = -1e30                           # a masked (padded) vocabulary tail
+  logits[5, :] = 0.0
+  logits[5, 17] = 80.0                              # almost all mass on one token
+  z = logits.astype(np.float64) / temperature
+  logp = z - z.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  expected = -(np.exp(logp) * logp).sum(-1)
+  got = np.asarray(sampling.step_entropy(jnp.asarray(logits), temperature))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["llama-gqa", "gpt2", "llama-untied-padded-vocab"])
 def test_feature_major_decode_step_equals_the_module(kind):
   """`feature_major.decode_step` (the sampler's one-token step on CPU) against
