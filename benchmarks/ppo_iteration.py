@@ -105,12 +105,14 @@ PEER_SCRIPTS = {"trl": "trl_ppo.py", "tunix": "tunix_ppo.py"}
 # their own processes, never loads them.)
 
 def model_config(shape=SHAPE):
-  """The GPT-2 flavoured ModelConfig at the benchmark shape (as benchmarks/generate.py builds it)."""
+  """The GPT-2 flavoured ModelConfig at the benchmark shape (as benchmarks/generate.py builds it),
+  its few layers unrolled in the training and scoring forwards as in the offline default's model
+  (configs/models.py: `unroll_layers`)."""
   from rlhf_jax.models import get_model_config
   d, h = shape["d_model"], shape["heads"]
   return get_model_config("gpt2-small", num_layers=shape["layers"], d_model=d, num_heads=h,
                           num_kv_heads=h, head_dim=d // h, d_ff=4 * d,
-                          vocab_size=shape["vocab"], max_len=512)
+                          vocab_size=shape["vocab"], max_len=512, unroll_layers=True)
 
 
 def iteration_settings(**fields):

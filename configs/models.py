@@ -20,9 +20,11 @@ from rlhf_jax.models import preset as model_preset
 # positions at a time (model.vocab_multiple, model.logits_chunk; rlhf_jax/logprobs.py).
 _SCALE = {"vocab_multiple": 128, "logits_chunk": 256}
 
-# config preset -> model preset, model overrides
+# config preset -> model preset, model overrides. The tiny model's 2 layers run unrolled on the
+# stacked parameters in training and scoring (model.unroll_layers: no layer scan; 8% off a PPO
+# iteration on CPU, benchmarks/ppo_iteration.py); deep models keep the scan (compile time).
 MODELS = {
-    "tiny": ("tiny", {}),
+    "tiny": ("tiny", {"unroll_layers": True}),
     "smollm2": ("smollm2-135m", {}),
     "1.3b": ("1.3b", {"dtype": "bfloat16", "remat": "full", "attention_impl": "auto", **_SCALE}),
     "6.7b": ("6.7b", {"dtype": "bfloat16", "remat": "full", "attention_impl": "auto", **_SCALE}),

@@ -61,6 +61,12 @@ class ModelConfig:
   remat: str = "none"
   attention_impl: str = "auto"   # ATTENTION_IMPLS
   scan_layers: bool = True      # False: layers one by one with per-layer params (the decode path)
+  # Training and scoring forwards (train/step.py `forward`) run the layers as an unrolled loop on
+  # per-layer slices of the stacked parameters (their gradient stacked back once): no layer
+  # scan, so no stacked buffers of saved activations and gradients written and read slice by
+  # slice. Faster on CPU for a few layers (the tiny presets); compile time grows with the layer
+  # count, so deep models keep the scan. Parameters and checkpoints are unchanged.
+  unroll_layers: bool = False
   # Embedding and LM-head rows padded to a multiple of this (0 or 1: none), so that the
   # vocabulary divides the tensor axis; the padded ids' logits are masked (transformer._MASKED)
   # in every output, so nothing samples or scores them. `padded_vocab` is the row count.

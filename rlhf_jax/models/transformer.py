@@ -460,10 +460,29 @@ class _Unrolled(nn.Module):
 
 
 def unstack_layers(params):
-  """Stacked (scanned) parameters -> per-layer parameters for cfg.replace(scan_layers=False)."""
-  layers = params["layers"]
+  """Stacked (scanned) parameters -> per-layer parameters for cfg.replace(scan_layers=False).
+  Differentiable: the gradient of the per-layer parameters is stacked back in one concatenation
+  (`_split_layers`), not summed from one zero-padded copy per layer."""
+  return dict(params, layers={str(i): layer for i, layer in enumerate(_split_layers(
+      params["layers"]))})
+
+
+@jax.custom_vjp
+def _split_layers(layers):
+  """A pytree of stacked (L, ...) arrays -> a tuple of L per-layer pytrees."""
   n = jax.tree.leaves(layers)[0].shape[0]
-  return dict(params, layers={str(i): jax.tree.map(lambda x: x[i], layers) for i in range(n)})
+  return tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n))
+
+
+def _split_layers_fwd(layers):
+  return _split_layers(layers), None
+
+
+def _split_layers_bwd(_, per_layer):
+  return (jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer),)
+
+
+_split_layers.defvjp(_split_layers_fwd, _split_layers_bwd)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax import sharding
 from rlhf_jax.errors import UserError, check_positive
-from rlhf_jax.models import Transformer
+from rlhf_jax.models import Transformer, unstack_layers
 
 
 # ----------------------------------------------------------------------------- config
@@ -66,6 +66,8 @@ def forward(cfg, head, params, batch, *, rng=None, train=False, head_from=0):
   kwargs = {"head_from": head_from}
   if train:
     kwargs.update(deterministic=False, rngs={"dropout": rng})
+  if cfg.unroll_layers and cfg.scan_layers:
+    cfg, params = cfg.replace(scan_layers=False), unstack_layers(params)
   out, _ = Transformer(cfg, head=head).apply(
       {"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
       positions=batch.get("positions"), **kwargs)
