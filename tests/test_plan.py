@@ -34,6 +34,9 @@ def test_estimate_within_25_percent_of_the_compiled_sft_step(remat):
   """The sft estimate against XLA's memory_analysis of the step training runs (CPU here)."""
   config = _config("sft")
   config.model.remat = remat
+  # The estimate models the layer scan every preset but tiny trains with; tiny's unrolled layers
+  # (a CPU speed option) compile to more separate temporaries (0.67 of this sum at remat none).
+  config.model.unroll_layers = False
   config.batch_size, config.seq_len = 16, 128
   mesh = sharding.make_mesh((1, 8, 1))
   compiled = plan_compile.compile_stage("sft", config, mesh, platform="cpu")["compiled_bytes"]
