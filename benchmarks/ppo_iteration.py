@@ -104,23 +104,29 @@ PEER_SCRIPTS = {"trl": "trl_ppo.py", "tunix": "tunix_ppo.py"}
 # (jax and rlhf_jax are imported inside these functions: the driver, which times the peers in
 # their own processes, never loads them.)
 
+def tiny_config():
+  """configs/ppo_ptx.py's tiny config: where the benchmark's settings and model options come from."""
+  from rlhf_jax import config_files
+  return config_files.get_config(os.path.join(HERE, "..", "configs", "ppo_ptx.py"), "tiny")
+
+
 def model_config(shape=SHAPE):
   """The GPT-2 flavoured ModelConfig at the benchmark shape (as benchmarks/generate.py builds it),
-  its few layers unrolled in the training and scoring forwards as in the offline default's model
-  (configs/models.py: `unroll_layers`)."""
+  its few layers unrolled in the training and scoring forwards if the tiny config's model is
+  (`model.unroll_layers`, configs/models.py)."""
   from rlhf_jax.models import get_model_config
   d, h = shape["d_model"], shape["heads"]
   return get_model_config("gpt2-small", num_layers=shape["layers"], d_model=d, num_heads=h,
                           num_kv_heads=h, head_dim=d // h, d_ff=4 * d,
-                          vocab_size=shape["vocab"], max_len=512, unroll_layers=True)
+                          vocab_size=shape["vocab"], max_len=512,
+                          unroll_layers=tiny_config().model.unroll_layers)
 
 
 def iteration_settings(**fields):
   """`ppo_iteration.Settings` from configs/ppo_ptx.py's tiny config (their one source, through
   `ppo.settings_from_config`) with ptx and the missing-EOS penalty off and `fields` replaced."""
-  from rlhf_jax import config_files
   from rlhf_jax.train import ppo
-  config = config_files.get_config(os.path.join(HERE, "..", "configs", "ppo_ptx.py"), "tiny")
+  config = tiny_config()
   config.ppo.ptx_coef = 0.0
   config.ppo.missing_eos_penalty = 0.0
   return dataclasses.replace(ppo.settings_from_config(config), **fields)

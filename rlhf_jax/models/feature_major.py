@@ -112,10 +112,7 @@ def decode_step(fm, cfg: ModelConfig, token: jax.Array, cache: dict):
     out = tfm._einsum_attention(q, keys, values.astype(v.dtype), ctx["mask"], "bksd", cfg, None)
     x = x + _matmul(p["o"], out.reshape(b, h * hd).T, p.get("o_bias"))
     up = _matmul(p["up"], _norm(x, p["mlp_norm"], cfg), p.get("up_bias"))
-    if cfg.flavour == "gpt2":
-      hidden = jax.nn.gelu(up, approximate=True)
-    else:
-      hidden = jax.nn.silu(up[:cfg.d_ff]) * up[cfg.d_ff:]
+    hidden = tfm._gelu(up) if cfg.flavour == "gpt2" else tfm._swiglu(up[:cfg.d_ff], up[cfg.d_ff:])
     x = x + _matmul(p["down"], hidden, p.get("down_bias"))
   x = _norm(x, fm["final_norm"], cfg)
   # logits^T (V, B); the barrier keeps XLA from folding the transpose into the product (which
