@@ -146,17 +146,19 @@ def sequences(prompt_tokens, prompt_seg, out, num_samples):
 
 # ----------------------------------------------------------------------------- scoring
 
-def scores_at(cfg, params, rows, last_index, *, rng=None, train=False):
+def scores_at(cfg, params, rows, last_index, *, rng=None, train=False, head_from=0):
   """The scalar head of `cfg` on `rows` (tokens, segment_ids[, positions]) read at `last_index`
-  (N,): the reward of each row at its last token."""
-  values = forward(cfg, "scalar", params, rows, rng=rng, train=train)
-  return losses.gather_last(values, last_index)
+  (N,): the reward of each row at its last token. head_from: the head (and with unrolled layers
+  the last layer) only from that column on, every last_index being >= it."""
+  values = forward(cfg, "scalar", params, rows, rng=rng, train=train, head_from=head_from)
+  return losses.gather_last(values, last_index - head_from)
 
 
 def last_token_scores(cfg, params, tokens, segment_ids, prompt_len, lengths):
-  """The scalar-head model's score of each (prompt, response) row at the response's last token."""
+  """The scalar-head model's score of each (prompt, response) row at the response's last token
+  (column >= prompt_len: the head from there on)."""
   return scores_at(cfg, params, {"tokens": tokens, "segment_ids": segment_ids},
-                   last_response_index(prompt_len, lengths))
+                   last_response_index(prompt_len, lengths), head_from=prompt_len)
 
 
 def make_reward_fn(cfg):

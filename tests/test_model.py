@@ -192,6 +192,61 @@ def test_unroll_layers_gives_the_scanned_loss_and_gradients(name, remat):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9), g, base_g)
 
 
+@pytest.mark.parametrize("name,remat", [("tiny", "none"), ("tiny-gpt2", "none"),
+                                         ("tiny", "full")])
+def test_unrolled_last_layer_runs_only_where_the_head_reads(name, remat):
+  """With unrolled layers and head_from > 0 (PPO's log-probs and values, the reward at the last
+  token) the last layer computes queries, attention output and MLP at positions >= head_from
+  only (`Block.query_from`); the head's outputs and every gradient equal the layer scan's, which
+  runs the whole last layer and slices after. Packed rows, both heads, both flavours (Llama's
+  RoPE on the query suffix). Up to float rounding (the last layer attends through the einsum
+  path, as with a cache): gradients within 1e-6 of their largest entry, the key bias (whose exact
+  gradient is 0) within 3e-8."""
+  from rlhf_jax.train.step import forward
+  cfg, params = _model(name, remat=remat, num_layers=3)
+  rs = np.random.RandomState(1)
+  b, t, head_from = 3, 16, 9
+  batch = {"tokens": jnp.asarray(rs.randint(3, 100, (b, t)), jnp.int32),
+           "segment_ids": jnp.asarray(np.repeat([[1] * 6 + [2] * 10], b, 0), jnp.int32)}
+  scalar = with_scalar_head(params, cfg, jax.random.key(2))
+  unrolled = cfg.replace(unroll_layers=True)
+  for head, p in (("lm", params), ("scalar", scalar)):
+    def loss(p, c):
+      out = forward(c, head, p, batch, head_from=head_from)
+      return jnp.sum(jnp.sin(out)), out
+    mlp_rows = [re.findall(r"f32\[3,(\d+),%d\]" % cfg.d_ff,
+                           str(jax.make_jaxpr(loss, static_argnums=1)(p, c)))
+                for c in (cfg, unrolled)]
+    assert str(t - head_from) in mlp_rows[1] and str(t - head_from) not in mlp_rows[0]
+    (base_l, base_out), base_g = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                         static_argnums=1)(p, cfg)
+    (l, out), g = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(p, unrolled)
+    assert out.shape == base_out.shape and out.shape[1] == t - head_from
+    np.testing.assert_allclose(out, base_out, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=max(1e-5 * float(np.abs(b).max()), 1e-7)), g, base_g)
+
+
+def test_prefill_last_only_with_unrolled_layers_fills_the_whole_cache():
+  """The sampler's prefill (last_only with a cache, per-layer params): the last layer computes the
+  last position alone but still writes every position's keys and values; logits and cache equal
+  the scanned prefill's."""
+  for name in FLAVOURS:
+    cfg, params = _model(name)
+    tokens = np.random.RandomState(5).randint(3, cfg.vocab_size, (2, 9)).astype(np.int32)
+    seg = np.ones_like(tokens); seg[0, :3] = 0            # a left-padded row
+    outs = []
+    for c, p in ((cfg, params), (cfg.replace(scan_layers=False), unstack_layers(params))):
+      cache = init_cache(c, 2, 16)
+      logits, cache = Transformer(c).apply({"params": p}, tokens, segment_ids=seg, cache=cache,
+                                           last_only=True)
+      outs.append((logits, jnp.stack(cache["k"]) if not c.scan_layers else cache["k"],
+                   jnp.stack(cache["v"]) if not c.scan_layers else cache["v"]))
+    assert outs[1][0].shape == (2, 1, cfg.padded_vocab)
+    for a, b in zip(*outs):
+      np.testing.assert_allclose(a, b, atol=2e-6)
+
+
 def test_remat_names_and_old_booleans():
   from rlhf_jax.errors import UserError
   from rlhf_jax.models import ModelConfig

@@ -357,18 +357,22 @@ class Attention(nn.Module):
                       cfg.dtype, cfg.param_dtype, name=name)
 
   @nn.compact
-  def __call__(self, x, ctx, layer_cache, deterministic):
+  def __call__(self, x, ctx, layer_cache, deterministic, query_from: int = 0):
+    """Queries from positions >= query_from only (keys and values from all of x): the output is
+    (B, T - query_from, d_model), the attention of those positions (see `Block.query_from`)."""
     cfg = self.cfg
     d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     std = 0.02
-    q = self._proj("q", (d,), (h, hd), ("embed",), ("heads", "head_dim"), std)(x)
+    if query_from:
+      ctx = dict(ctx, mask=ctx["mask"][:, query_from:])
+    q = self._proj("q", (d,), (h, hd), ("embed",), ("heads", "head_dim"), std)(x[:, query_from:])
     k = self._proj("k", (d,), (kv, hd), ("embed",), ("kv_heads", "head_dim"), std)(x)
     v = self._proj("v", (d,), (kv, hd), ("embed",), ("kv_heads", "head_dim"), std)(x)
     if cfg.flavour == "llama":
-      q = apply_rope(q, ctx["positions"], ctx["inv_freq"])
+      q = apply_rope(q, ctx["positions"][:, query_from:], ctx["inv_freq"])
       k = apply_rope(k, ctx["positions"], ctx["inv_freq"])
 
-    b, t = x.shape[:2]
+    b, t = q.shape[:2]
     if layer_cache is None:
       keys, values, new_kv, layout = k, v, None, "bskd"
     else:
@@ -381,7 +385,9 @@ class Attention(nn.Module):
                       for n, new in (("k", k), ("v", v)))
       new_kv, layout = {"k": keys, "v": values}, "bksd"
     dropout = bool(cfg.dropout_attn) and not deterministic
-    impl = attention_impl(cfg, t, cached=layer_cache is not None, dropout=dropout)
+    # Queries on a suffix of the keys attend like the cache's (a rectangular mask).
+    impl = attention_impl(cfg, t, cached=layer_cache is not None or query_from > 0,
+                          dropout=dropout)
     if impl == "blocked":
       out = blocked_attention.blocked_attention(
           q.reshape(b, t, kv, h // kv, hd), keys, values, ctx["mask"],
@@ -418,9 +424,15 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block; scanned over layers. Carry: hidden states; per layer: cache slice."""
+  """Pre-norm residual block; scanned over layers. Carry: hidden states; per layer: cache slice.
+
+  query_from > 0: the block's output at positions >= query_from only, (B, T - query_from, d):
+  keys and values (and the cache) from every position, queries, the attention output and the
+  MLP from those positions alone. The last layer of an unrolled stack runs so when the head
+  reads a suffix (`Transformer`'s head_from, last_only): nothing after it reads the others."""
   cfg: ModelConfig
   deterministic: bool = True
+  query_from: int = 0
 
   @nn.compact
   def __call__(self, x, layer_cache, ctx):
@@ -428,8 +440,8 @@ class Block(nn.Module):
     drop = lambda y: (nn.Dropout(cfg.dropout_resid)(y, deterministic=False)
                       if cfg.dropout_resid and not self.deterministic else y)
     attn, new_kv = Attention(cfg, name="attn")(Norm(cfg, name="attn_norm")(x), ctx, layer_cache,
-                                                self.deterministic)
-    x = x + drop(attn)
+                                                self.deterministic, self.query_from)
+    x = x[:, self.query_from:] + drop(attn)
     x = x + drop(Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x)))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed_act"))
     return x, new_kv
@@ -445,14 +457,17 @@ class _Unrolled(nn.Module):
   cfg: ModelConfig
   block: type
   deterministic: bool
+  query_from: int = 0   # the last layer's (`Block.query_from`)
 
   @nn.compact
   def __call__(self, x, layer_caches, ctx):
     new = []
-    for i in range(self.cfg.num_layers):
+    n = self.cfg.num_layers
+    for i in range(n):
       layer_cache = (None if layer_caches is None else
                      {"k": layer_caches["k"][i], "v": layer_caches["v"][i]})
-      x, kv = self.block(self.cfg, self.deterministic, name=str(i))(x, layer_cache, ctx)
+      x, kv = self.block(self.cfg, self.deterministic, self.query_from if i == n - 1 else 0,
+                         name=str(i))(x, layer_cache, ctx)
       new.append(kv)
     if layer_caches is None:
       return x, None
@@ -569,13 +584,18 @@ class Transformer(nn.Module):
     if cfg.remat != "none":
       block = nn.remat(block, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat]())
     layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    # The head reads positions >= head_from (or the last one): with unrolled layers the last one
+    # computes only those (`Block.query_from`); the scan runs every layer alike and slices after.
+    suffix = tokens.shape[1] - 1 if last_only else head_from
     if cfg.scan_layers:
       layers = nn.scan(block, variable_axes={"params": 0},
                        split_rngs={"params": True, "dropout": True}, in_axes=(0, nn.broadcast),
                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       x, new_kv = layers(cfg, deterministic, name="layers")(x, layer_caches, ctx)
     else:
-      x, new_kv = _Unrolled(cfg, block, deterministic, name="layers")(x, layer_caches, ctx)
+      x, new_kv = _Unrolled(cfg, block, deterministic, suffix, name="layers")(x, layer_caches,
+                                                                             ctx)
+      suffix = 0
     x = Norm(cfg, name="final_norm")(x)
 
     new_cache = None
@@ -586,10 +606,9 @@ class Transformer(nn.Module):
           "pos": cache["pos"] + (segment_ids != 0).sum(axis=1).astype(jnp.int32),
       }
 
-    if last_only:   # the head at the last position only (a sampler's prefill needs nothing else)
-      x = x[:, -1:]
-    elif head_from:  # the head at positions >= head_from only (PPO scores the response alone)
-      x = x[:, head_from:]
+    # the head at positions >= head_from only (PPO scores the response alone), or at the last
+    # position (a sampler's prefill needs nothing else)
+    x = x[:, suffix:]
     if self.head == "none":
       return x, new_cache
     if self.head == "scalar":
