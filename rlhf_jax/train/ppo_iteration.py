@@ -339,25 +339,29 @@ class _Iteration:
     (loss, aux), grads = jax.value_and_grad(self.ppo_term, has_aux=True)(params, mb, first)
     g_ppo = grads["policy"]
     aux["grad_norm_ppo"] = optax.tree.norm(g_ppo)
-    g_policy = clip_by_global_norm(g_ppo, aux["grad_norm_ppo"], s.grad_clip)
     if s.use_ptx:
       (ptx_value, aux["ptx_loss"]), g_ptx = self.ptx_grad(params["policy"], ptx)
       aux["grad_norm_ptx"] = optax.tree.norm(g_ptx)
-      g_policy = jax.tree.map(jnp.add, g_policy,
-                              clip_by_global_norm(g_ptx, aux["grad_norm_ptx"], s.grad_clip))
       loss = loss + ptx_value
       grad_norm = optax.tree.norm({"policy": jax.tree.map(jnp.add, g_ppo, g_ptx),
                                    "value": grads["value"]})
     else:
       grad_norm = optax.tree.norm(grads)
-    new_params, new_opt = {}, {}
-    for name, g in (("policy", g_policy), ("value", grads["value"])):
-      upd, new_opt[name] = txs[name].update(g, opt_state[name], params[name])
-      new_params[name] = optax.apply_updates(params[name], upd)
-    new_ema = None if ema is None else jax.tree.map(
-        lambda e_, p: s.ema_decay * e_ + (1 - s.ema_decay) * p, ema, new_params["policy"])
-    (params, opt_state, ema), finite = guard_nonfinite(
-        (params, opt_state, ema), (new_params, new_opt, new_ema), loss, grad_norm)
+
+    def apply():   # (run only when the loss and the gradient norm are finite)
+      g_policy = clip_by_global_norm(g_ppo, aux["grad_norm_ppo"], s.grad_clip)
+      if s.use_ptx:
+        g_policy = jax.tree.map(jnp.add, g_policy,
+                                clip_by_global_norm(g_ptx, aux["grad_norm_ptx"], s.grad_clip))
+      new_params, new_opt = {}, {}
+      for name, g in (("policy", g_policy), ("value", grads["value"])):
+        upd, new_opt[name] = txs[name].update(g, opt_state[name], params[name])
+        new_params[name] = optax.apply_updates(params[name], upd)
+      new_ema = None if ema is None else jax.tree.map(
+          lambda e_, p: s.ema_decay * e_ + (1 - s.ema_decay) * p, ema, new_params["policy"])
+      return new_params, new_opt, new_ema
+    (params, opt_state, ema), finite = guard_nonfinite((params, opt_state, ema), apply, loss,
+                                                       grad_norm)
     aux = dict(aux, loss=loss, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
     return (params, opt_state, ema), aux
 
