@@ -12,6 +12,7 @@ from ppo_settings import tiny_settings
 from rlhf_jax import losses, rollout, sharding
 from rlhf_jax.models import ModelConfig, init_params
 from rlhf_jax.train import ppo, ppo_gold, ppo_iteration
+from rlhf_jax.train.step import split_micro_batches
 
 
 def _mask(rng, b, n):
@@ -218,6 +219,42 @@ def test_ratio_is_one_on_first_minibatch_only():
   kl = np.mean(np.sum((sampler_logp - ref_logp) * mask, 1))
   assert abs(kl) > 0.01
   assert float(metrics["kl"]) == pytest.approx(kl, rel=1e-4, abs=1e-5)
+
+
+def test_first_update_takes_its_value_forward_from_scoring():
+  """The first minibatch's value forward is the scoring pass's (`_Iteration.score` keeps it with
+  jax.vjp; no parameter moves in between): that update equals one that runs its own value
+  forward (both networks' new parameters and optimizer states, the losses), with ptx, 2
+  minibatches; the value function moves. Measured: equal within 1e-7."""
+  s = _settings(ptx_coef=0.5, ptx_rows=B)
+  state, frozen, batch, ptx, txs = _setup(s)
+  it = ppo_iteration._Iteration(CFG, CFG, CFG, s, txs, None, None)
+
+  @jax.jit
+  def both(state, frozen, batch):
+    params = state["params"]
+    out, tokens, seg, has_eos = it.rollout(params["policy"], batch, jax.random.key(3))
+    (logp, _, ref_logp, values, scores), first_values = it.score(params, frozen, tokens, seg,
+                                                                 out)
+    _, _, advantages, returns = it.advantages(logp, ref_logp, values, scores, has_eos, out.mask,
+                                              state["kl_coef"])
+    data = {"tokens": tokens, "segment_ids": seg, "mask": out.mask, "old_logp": logp,
+            "old_values": values, "advantages": advantages, "returns": returns}
+    mb0 = jax.tree.map(lambda x: x[0], split_micro_batches(data, s.minibatches))
+    ptx0 = jax.tree.map(lambda x: x[0], split_micro_batches(
+        {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")}, s.minibatches))
+    carry = (params, state["opt_state"], None)
+    xs = (mb0, ptx0, jnp.array(True))
+    return it.update(carry, xs, first_values), it.update(carry, xs)
+  (reused, aux), (own, own_aux) = both(state, frozen, {**batch, **ptx})
+  for a, b_ in zip(jax.tree.leaves(reused), jax.tree.leaves(own)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-7)
+  for k in ("loss", "value_loss", "policy_loss", "grad_norm", "ptx_loss"):
+    assert float(aux[k]) == pytest.approx(float(own_aux[k]), rel=1e-5), k
+  assert float(aux["value_loss"]) > 0
+  moved = [np.abs(np.asarray(a) - np.asarray(b_)).max() for a, b_ in
+           zip(jax.tree.leaves(reused[0]["value"]), jax.tree.leaves(state["params"]["value"]))]
+  assert max(moved) > 1e-4
 
 
 @pytest.mark.slow

@@ -17,7 +17,9 @@ jitted pure function:
      policy forward when `rollout_dtype` is not float32), reference log-probs, old values (value function,
      the state before each response token), the reward at the last token (reward model), minus
      `missing_eos_penalty` for a response that never emitted EOS; in max(minibatches,
-     rollout_micro_batches) chunks;
+     rollout_micro_batches) chunks. When the chunks are the minibatches, the first chunk's value
+     forward is kept (`jax.vjp`) for the first update, which runs at the same parameters on the
+     same rows: that update runs no value forward of its own;
   3. per-token reward r_t = -beta * (logp_t - logp_ref_t) (+ the score at the last token)
      (`losses.kl_penalty_rewards`), optionally whitened; GAE with gamma 1 and lambda
      (`losses.gae`); advantages whitened over the real tokens of the batch;
@@ -179,12 +181,13 @@ class _Iteration:
     sample_rng, shuffle_rng = jax.random.split(rng)
     out, tokens, seg, has_eos = self.rollout(params["policy"], batch, sample_rng)
     mask = out.mask
-    logp, entropy, ref_logp, values, scores = self.score(params, frozen, tokens, seg, out)
+    (logp, entropy, ref_logp, values, scores), first_values = self.score(params, frozen, tokens,
+                                                                         seg, out)
     penalised, seq_kl, advantages, returns = self.advantages(
         logp, ref_logp, values, scores, has_eos, mask, state["kl_coef"])
     data = {"tokens": tokens, "segment_ids": seg, "mask": mask, "old_logp": logp,
             "old_values": values, "advantages": advantages, "returns": returns}
-    updated, per_mb = self.optimize(params, state, data, batch, shuffle_rng)
+    updated, per_mb = self.optimize(params, state, data, batch, shuffle_rng, first_values)
     new_state, kl = self.next_state(state, updated, seq_kl, batch["prompts"].shape[0])
     metrics = self.metrics(state, out, has_eos, mask, entropy, values, returns, scores,
                            penalised, seq_kl, kl, per_mb)
@@ -216,13 +219,23 @@ class _Iteration:
     return out, tokens, seg, has_eos
 
   # 2. score, on the minibatch split of the first epoch
+  def values_of(self, value_params, mb):
+    """The value function on one minibatch: (B, N), the state before each response token."""
+    return response_outputs(self.value_cfg, "scalar", value_params, mb["tokens"],
+                            mb["segment_ids"], self.s.prompt_len)
+
   def score(self, params, frozen, tokens, seg, out):
-    """(old log-probs, entropy, reference log-probs, old values (masked), scores) of the
-    rollout, computed minibatch by minibatch; the old log-probs and entropy are the sampler's
-    (`sampler_logprobs`) or a policy forward's."""
+    """((old log-probs, entropy, reference log-probs, old values (masked), scores), first_values)
+    of the rollout, computed minibatch by minibatch; the old log-probs and entropy are the
+    sampler's (`sampler_logprobs`) or a policy forward's.
+
+    The first chunk is the first update's minibatch (when the chunks are the minibatches), and
+    no parameter changes before that update: its value forward is taken with `jax.vjp` and
+    handed to it (first_values = (values, vjp)), which then runs no value forward of its own.
+    None otherwise."""
     s, p_len = self.s, self.s.prompt_len
 
-    def one(mb):
+    def one(mb, values=None):
       if self.sampler_logprobs:
         logp, entropy = mb["logp"], mb["entropy"]
       else:
@@ -230,8 +243,8 @@ class _Iteration:
                                         mb["segment_ids"], p_len, s.temperature)
       ref_logp, _ = policy_logprobs(self.policy_cfg, frozen["ref"], mb["tokens"],
                                     mb["segment_ids"], p_len, s.temperature)
-      values = response_outputs(self.value_cfg, "scalar", params["value"], mb["tokens"],
-                                mb["segment_ids"], p_len)
+      if values is None:
+        values = self.values_of(params["value"], mb)
       if self.score_fn is None:
         scores = last_token_scores(self.rm_cfg, frozen["rm"], mb["tokens"], mb["segment_ids"],
                                    p_len, mb["lengths"])
@@ -241,9 +254,19 @@ class _Iteration:
     rollout = {"tokens": tokens, "segment_ids": seg, "lengths": out.lengths}
     if self.sampler_logprobs:
       rollout.update(logp=out.logprobs, entropy=out.entropy)
-    split = split_micro_batches(rollout, max(s.minibatches, s.rollout_micro_batches), self.mesh)
-    logp, entropy, ref_logp, values, scores = jax.tree.map(_unsplit, jax.lax.map(one, split))
-    return logp, entropy, ref_logp, values * out.mask, scores
+    chunks = max(s.minibatches, s.rollout_micro_batches)
+    split = split_micro_batches(rollout, chunks, self.mesh)
+    if chunks != s.minibatches:   # chunk 0 is not minibatch 0
+      outs, first_values = jax.lax.map(one, split), None
+    else:
+      mb0 = jax.tree.map(lambda x: x[0], split)
+      first_values = jax.vjp(lambda p: self.values_of(p, mb0), params["value"])
+      outs = jax.tree.map(lambda x: x[None], one(mb0, first_values[0]))
+      if chunks > 1:
+        rest = jax.lax.map(one, jax.tree.map(lambda x: x[1:], split))
+        outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs, rest)
+    logp, entropy, ref_logp, values, scores = jax.tree.map(_unsplit, outs)
+    return (logp, entropy, ref_logp, values * out.mask, scores), first_values
 
   # 3. rewards, advantages
   def advantages(self, logp, ref_logp, values, scores, has_eos, mask, kl_coef):
@@ -258,14 +281,18 @@ class _Iteration:
     return penalised, seq_kl, advantages, returns
 
   # 4. epochs x minibatches
-  def optimize(self, params, state, data, batch, shuffle_rng):
-    """((params, opt_state, ema) after every minibatch update, per-minibatch aux (E*M, ...))."""
+  def optimize(self, params, state, data, batch, shuffle_rng, first_values=None):
+    """((params, opt_state, ema) after every minibatch update, per-minibatch aux (E*M, ...)).
+    first_values: the first minibatch's value forward from `score` (values, vjp) or None; with
+    it the first update runs on its own, the rest of the first epoch and the later epochs in
+    `lax.scan`s."""
     s, m, b = self.s, self.s.minibatches, data["tokens"].shape[0]
     if s.use_ptx:
       ptx = {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")}
       ptx = split_micro_batches(ptx, m, self.mesh)
     else:
       ptx = jnp.zeros((m,), jnp.float32)   # an unused scan input
+    carry = (params, state["opt_state"], state.get("ema"))
 
     def epoch(carry, e):
       perm = jnp.where(e == 0, jnp.arange(b),
@@ -273,23 +300,37 @@ class _Iteration:
       mbs = split_micro_batches(jax.tree.map(lambda x: x[perm], data), m, self.mesh)
       first = (e == 0) & (jnp.arange(m) == 0)   # the one update before any parameter change
       return jax.lax.scan(self.update, carry, (mbs, ptx, first))
-    updated, per_mb = jax.lax.scan(
-        epoch, (params, state["opt_state"], state.get("ema")), jnp.arange(s.epochs))
-    per_mb = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), per_mb)
-    return updated, per_mb
+    if first_values is None:
+      carry, per_mb = jax.lax.scan(epoch, carry, jnp.arange(s.epochs))
+      return carry, jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), per_mb)
 
-  def ppo_term(self, params, mb, first):
+    mbs = split_micro_batches(data, m, self.mesh)   # the first epoch keeps the rollout's order
+    at = lambda i: (lambda x: x[i])
+    carry, aux = self.update(carry, (jax.tree.map(at(0), mbs), jax.tree.map(at(0), ptx),
+                                     jnp.array(True)), first_values)
+    per_mb = [jax.tree.map(lambda x: x[None], aux)]
+    if m > 1:
+      rest = jax.tree.map(lambda x: x[1:], (mbs, ptx))
+      carry, aux = jax.lax.scan(self.update, carry, rest + (jnp.zeros((m - 1,), bool),))
+      per_mb.append(aux)
+    if s.epochs > 1:
+      carry, aux = jax.lax.scan(epoch, carry, jnp.arange(1, s.epochs))
+      per_mb.append(jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), aux))
+    return carry, jax.tree.map(lambda *xs: jnp.concatenate(xs), *per_mb)
+
+  def ppo_term(self, params, mb, first, values=None):
     """policy loss + vf_coef x value loss on one minibatch of episodes. On the `first` update
     (no parameter has changed since the rollout) the old log-probs are this forward's own, held
-    constant: the ratio is exactly 1 there, whatever computed mb['old_logp']."""
+    constant: the ratio is exactly 1 there, whatever computed mb['old_logp']. values: the value
+    function's outputs if already computed (then params['value'] is not read)."""
     s, p_len = self.s, self.s.prompt_len
     logp, _ = policy_logprobs(self.policy_cfg, params["policy"], mb["tokens"], mb["segment_ids"],
                               p_len, s.temperature)   # (the unused entropy is compiled away)
     old_logp = jnp.where(first, jax.lax.stop_gradient(logp), mb["old_logp"])
     pg_sum, count, stats = losses.ppo_policy_loss(logp, old_logp, mb["advantages"],
                                                   mb["mask"], s.clip_eps)
-    values = response_outputs(self.value_cfg, "scalar", params["value"], mb["tokens"],
-                              mb["segment_ids"], p_len)
+    if values is None:
+      values = self.values_of(params["value"], mb)
     vf_sum, _ = losses.ppo_value_loss(values, mb["old_values"], mb["returns"], mb["mask"],
                                       s.value_clip_eps)
     denom = jnp.maximum(count, 1.0)
@@ -330,13 +371,22 @@ class _Iteration:
     scale = self.s.ptx_coef / denom
     return (self.s.ptx_coef * ptx_loss, ptx_loss), jax.tree.map(lambda g: g * scale, grad)
 
-  def update(self, carry, xs):
+  def update(self, carry, xs, first_values=None):
     """One minibatch: both terms' gradients, each policy term clipped by its own norm, both
-    AdamW steps and the EMA, all kept only when the loss and gradient are finite."""
+    AdamW steps and the EMA, all kept only when the loss and gradient are finite.
+    first_values: (values, vjp) of this minibatch's value forward at these parameters (`score`):
+    the value gradient is that forward's vjp of the loss's gradient in the values."""
     s, txs = self.s, self.txs
     params, opt_state, ema = carry
     mb, ptx, first = xs
-    (loss, aux), grads = jax.value_and_grad(self.ppo_term, has_aux=True)(params, mb, first)
+    if first_values is None:
+      (loss, aux), grads = jax.value_and_grad(self.ppo_term, has_aux=True)(params, mb, first)
+    else:
+      values, value_vjp = first_values
+      (loss, aux), (g_policy, g_values) = jax.value_and_grad(
+          lambda p, v: self.ppo_term({"policy": p}, mb, first, v), argnums=(0, 1),
+          has_aux=True)(params["policy"], values)
+      grads = {"policy": g_policy, "value": value_vjp(g_values)[0]}
     g_ppo = grads["policy"]
     aux["grad_norm_ppo"] = optax.tree.norm(g_ppo)
     if s.use_ptx:
