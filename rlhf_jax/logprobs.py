@@ -7,8 +7,9 @@ a `lax.map` whose body is rematerialised (`jax.checkpoint`): forward and backwar
 (B, c, V) block of logits instead of (B, T, V). Same numbers as the whole logits (per position the
 same float32 logits and the same reductions; tested on values and gradients), a fraction of the
 memory where the vocabulary is large (50k-128k ids: the logits are most of a step's temporaries).
-With logits_chunk 0 these functions are exactly the old code: `forward(cfg, 'lm', ...)` then
-`losses.token_logprobs` / `losses.lm_loss`.
+With logits_chunk 0 the head's logits are computed whole: `lm_loss` is `forward(cfg, 'lm', ...)`
+then `losses.lm_loss`; `next_token_logprobs` runs the head (`lm_head_logits`) on the hidden states
+of the positions that predict a target, then `losses.token_logprobs`.
 """
 import jax
 import jax.numpy as jnp
@@ -47,12 +48,13 @@ def next_token_logprobs(cfg, params, batch, temperature=1.0, *, head_from=0, rng
   of softmax(l_t / T) for t = head_from .. T - 2, l_t the LM head's logits at position t of
   batch (tokens, segment_ids[, positions]); chunked when cfg.logits_chunk > 0."""
   targets = batch["tokens"][:, head_from + 1:]
+  # The head on the positions that predict a target (not the last one): slicing the hidden
+  # states rather than the logits, whose gradient would be padded back to the full (B, T, V).
+  hidden = forward(cfg, "none", params, batch, rng=rng, train=train, head_from=head_from)[:, :-1]
   if not cfg.logits_chunk:
-    logits = forward(cfg, "lm", params, batch, rng=rng, train=train, head_from=head_from)
-    return losses.token_logprobs(logits[:, :-1], targets, temperature)
-  hidden = forward(cfg, "none", params, batch, rng=rng, train=train, head_from=head_from)
-  return chunked_token_logprobs(lambda h: lm_head_logits(cfg, params, h), hidden[:, :-1],
-                                targets, temperature, cfg.logits_chunk)
+    return losses.token_logprobs(lm_head_logits(cfg, params, hidden), targets, temperature)
+  return chunked_token_logprobs(lambda h: lm_head_logits(cfg, params, h), hidden, targets,
+                                temperature, cfg.logits_chunk)
 
 
 def lm_loss(cfg, params, batch, *, rng=None, train=False):
