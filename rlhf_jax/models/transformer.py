@@ -250,7 +250,8 @@ def attention_impl(cfg: ModelConfig, length: int, cached: bool, dropout: bool,
                                               causal offset are not theirs; one decode query reads
                                               the cache once either way)
     'blocked' with the KV cache            -> 'einsum' (no causal blocks to skip; the sampler's
-                                              path, unchanged)
+                                              path, unchanged; also for queries on a suffix
+                                              of the keys, `Block.query_from`)
     'cudnn' outside float16/bfloat16, head_dim % 8 or > 128, odd length           -> 'xla'
     'splash' when the length is not a multiple of 128 (its smallest block), or
     without jax's Pallas TPU ops                                                     -> 'xla'
