@@ -237,9 +237,9 @@ def test_prefill_last_only_with_unrolled_layers_fills_the_whole_cache():
     seg = np.ones_like(tokens); seg[0, :3] = 0            # a left-padded row
     outs = []
     for c, p in ((cfg, params), (cfg.replace(scan_layers=False), unstack_layers(params))):
-      cache = init_cache(c, 2, 16)
-      logits, cache = Transformer(c).apply({"params": p}, tokens, segment_ids=seg, cache=cache,
-                                           last_only=True)
+      prefill = jax.jit(lambda p, cache, c=c: Transformer(c).apply(
+          {"params": p}, tokens, segment_ids=seg, cache=cache, last_only=True))
+      logits, cache = prefill(p, init_cache(c, 2, 16))
       outs.append((logits, jnp.stack(cache["k"]) if not c.scan_layers else cache["k"],
                    jnp.stack(cache["v"]) if not c.scan_layers else cache["v"]))
     assert outs[1][0].shape == (2, 1, cfg.padded_vocab)
