@@ -596,7 +596,7 @@ class Transformer(nn.Module):
     else:
       x, new_kv = _Unrolled(cfg, block, deterministic, suffix, name="layers")(x, layer_caches,
                                                                              ctx)
-      suffix = 0
+      suffix = 0   # (the last layer returned those positions only)
     x = Norm(cfg, name="final_norm")(x)
 
     new_cache = None

@@ -283,9 +283,8 @@ class _Iteration:
   # 4. epochs x minibatches
   def optimize(self, params, state, data, batch, shuffle_rng, first_values=None):
     """((params, opt_state, ema) after every minibatch update, per-minibatch aux (E*M, ...)).
-    first_values: the first minibatch's value forward from `score` (values, vjp) or None; with
-    it the first update runs on its own, the rest of the first epoch and the later epochs in
-    `lax.scan`s."""
+    first_values: the first minibatch's value forward from `score` (values, vjp), or None (the
+    first update runs its own)."""
     s, m, b = self.s, self.s.minibatches, data["tokens"].shape[0]
     if s.use_ptx:
       ptx = {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")}
@@ -293,26 +292,22 @@ class _Iteration:
     else:
       ptx = jnp.zeros((m,), jnp.float32)   # an unused scan input
     carry = (params, state["opt_state"], state.get("ema"))
-
-    def epoch(carry, e):
-      perm = jnp.where(e == 0, jnp.arange(b),
-                       jax.random.permutation(jax.random.fold_in(shuffle_rng, e), b))
-      mbs = split_micro_batches(jax.tree.map(lambda x: x[perm], data), m, self.mesh)
-      first = (e == 0) & (jnp.arange(m) == 0)   # the one update before any parameter change
-      return jax.lax.scan(self.update, carry, (mbs, ptx, first))
-    if first_values is None:
-      carry, per_mb = jax.lax.scan(epoch, carry, jnp.arange(s.epochs))
-      return carry, jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), per_mb)
-
-    mbs = split_micro_batches(data, m, self.mesh)   # the first epoch keeps the rollout's order
-    at = lambda i: (lambda x: x[i])
-    carry, aux = self.update(carry, (jax.tree.map(at(0), mbs), jax.tree.map(at(0), ptx),
-                                     jnp.array(True)), first_values)
+    # Epoch 0 in the rollout's order: its first update (the one before any parameter change)
+    # on its own, with the scoring pass's value forward when there is one, then the rest.
+    mbs = split_micro_batches(data, m, self.mesh)
+    carry, aux = self.update(carry, (jax.tree.map(lambda x: x[0], mbs),
+                                     jax.tree.map(lambda x: x[0], ptx), jnp.array(True)),
+                             first_values)
     per_mb = [jax.tree.map(lambda x: x[None], aux)]
     if m > 1:
       rest = jax.tree.map(lambda x: x[1:], (mbs, ptx))
       carry, aux = jax.lax.scan(self.update, carry, rest + (jnp.zeros((m - 1,), bool),))
       per_mb.append(aux)
+
+    def epoch(carry, e):   # the later epochs, each in its own shuffled order
+      perm = jax.random.permutation(jax.random.fold_in(shuffle_rng, e), b)
+      mbs = split_micro_batches(jax.tree.map(lambda x: x[perm], data), m, self.mesh)
+      return jax.lax.scan(self.update, carry, (mbs, ptx, jnp.zeros((m,), bool)))
     if s.epochs > 1:
       carry, aux = jax.lax.scan(epoch, carry, jnp.arange(1, s.epochs))
       per_mb.append(jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), aux))
