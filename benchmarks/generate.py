@@ -17,8 +17,10 @@ batch 2) is a smoke test, not a measurement: tests/test_benchmarks.py runs `--sh
 pointed at a missing interpreter.
 
 Sides: ours (float32, the default), ours_int8 (the opt-in int8 decoding of `generate --int8`,
-rlhf_jax/models/int8.py: weights quantized once before timing; not exact, see tests/test_int8.py),
-transformers, tunix.
+rlhf_jax/models/int8.py; not exact, see tests/test_int8.py), transformers, tunix. Our weights are
+prepared once before timing, as `generate` does at load (`sampling.decode_weights`: split per
+layer and transposed for the feature-major decode step; int8: quantized), as the peers' models
+hold theirs in the layout they decode from.
 
 Rooflines, from machine figures measured in the same run: this machine's float32 matmul peak
 (jnp.dot 2048^2, both cores; --peak_n) and its read bandwidth (a jitted sum over --bandwidth_mb
@@ -67,7 +69,8 @@ def _prompts(shape, prompt_len, seed=0):
 
 
 def worker_ours(shape, repeats, prompt_len, new, dtype=""):
-  """Our sampler; dtype 'int8': on weights quantized once beforehand (`generate --int8`)."""
+  """Our sampler on weights prepared once beforehand (`sampling.decode_weights`, as `generate`
+  does at load); dtype 'int8': quantized (`generate --int8`)."""
   import jax
   import numpy as np
   from rlhf_jax.models import get_model_config, init_params
@@ -76,9 +79,9 @@ def worker_ours(shape, repeats, prompt_len, new, dtype=""):
                          num_heads=shape["heads"], num_kv_heads=shape["heads"],
                          head_dim=shape["d_model"] // shape["heads"], d_ff=4 * shape["d_model"],
                          vocab_size=shape["vocab"], max_len=max(512, prompt_len + new))
-  params = init_params(cfg, jax.random.key(0))
-  if dtype:
-    cfg, params = decode_weights(params, cfg, dtype)
+  # Prepared once before timing, as `generate` does at load: split per layer, transposed for the
+  # feature-major step (int8: quantized).
+  cfg, params = decode_weights(init_params(cfg, jax.random.key(0)), cfg, dtype)
   tokens = _prompts(shape, prompt_len)
   seg = np.ones_like(tokens)
   sc = SamplingConfig(max_new_tokens=new, temperature=1.0, eos_token_id=None)

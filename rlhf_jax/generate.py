@@ -264,8 +264,10 @@ def _check_modes():
 
 def load_generator(model_path, tokenizer_path, sc: SamplingConfig, chat: bool,
                    int8: bool = False) -> Generator:
-  """The model (LM head), its tokenizer and the sampling settings with its EOS and pad ids; with
-  `int8` the weights quantized once for int8 decoding (`sampling.decode_weights`)."""
+  """The model (LM head), its tokenizer and the sampling settings with its EOS and pad ids; the
+  weights prepared once for decoding (`sampling.decode_weights`: split per layer and, on CPU,
+  transposed for the feature-major step; with `int8` quantized for int8 decoding), so that each
+  `sample` call reuses them."""
   model = load_model(model_path, head="lm")
   tok_path = tokenizer_path or model.tokenizer_dir
   tok = _tokenizer(tok_path) if tok_path else None
@@ -274,9 +276,7 @@ def load_generator(model_path, tokenizer_path, sc: SamplingConfig, chat: bool,
   cfg = model.cfg
   eos = tok.eos_token_id if tok is not None and tok.eos_token_id is not None else cfg.eos_token_id
   sc = dataclasses.replace(sc, eos_token_id=eos, pad_token_id=cfg.pad_token_id)
-  params = model.params
-  if int8:
-    cfg, params = decode_weights(params, cfg, "int8")
+  cfg, params = decode_weights(model.params, cfg, "int8" if int8 else "")
   return Generator(params, cfg, tok, sc, chat)
 
 

@@ -18,13 +18,15 @@ in one call on the whole batch, so the samples do not depend on how the batch is
 `rollout_micro_batches`).
 
 On CPU with one device the decode step runs feature-major (`models/feature_major.py`: the same
-function, weights transposed once per call, faster matrix-vector products on XLA:CPU).
+function, weights transposed once per call, or once for many calls by `decode_weights`, faster
+matrix-vector products on XLA:CPU).
 
 Returned log-probs are log softmax(l / temperature)[token], with no top-k/top-p mask: exactly what a
 fresh forward pass at the same temperature gives, which is what the PPO ratio needs.
 
-`decode_weights` prepares the weights for decoding at scale (per layer, cast, resharded into the
-decode layout) once, where a jitted caller samples many tokens (PPO's rollout).
+`decode_weights` prepares the weights for decoding once (per layer, cast, resharded into the
+decode layout; on CPU the feature-major copy) where a caller samples many tokens: PPO's rollout
+inside its jit, the `generate` command at load.
 """
 import dataclasses
 import functools
@@ -175,10 +177,17 @@ def decode_weights(params, cfg: ModelConfig, dtype: str = "", mesh=None):
   'bfloat16'; '' keeps them), and with a mesh constrained to the decode layout
   (`sharding.decode_param_shardings`: tensor-parallel, replicated over data and fsdp), so the
   decode loop reads local weights instead of all-gathering FSDP shards every token. Slice, cast
-  and reshard are one pass per leaf: the decode copy is the only extra copy of the weights.
+  and reshard are one pass per leaf: the decode copy is the only extra copy of the weights
+  (on CPU, below, with the feature-major copy beside it).
   The returned cfg decodes layer by layer (scan_layers False) with activations and the KV cache
   in `dtype`. dtype 'int8' instead quantizes the matmul weights (`models/int8.py`: int8 weights
-  and activations, int32 sums; everything else float32), on one device (no `mesh`)."""
+  and activations, int32 sums; everything else float32), on one device (no `mesh`).
+
+  Where `sample` decodes feature-major (float weights on CPU, one device, no `mesh`:
+  `feature_major.use_feature_major`), the returned params also carry that step's weights under
+  'feature_major' (`feature_major.transpose_params`), so a caller that samples many times from the
+  same weights (`generate`, which prepares them once at load) does not split and transpose them in
+  every `sample` call."""
   dcfg = cfg.replace(scan_layers=False)
   params = unstack_layers(params) if cfg.scan_layers else params
   if dtype == "int8":
@@ -191,6 +200,8 @@ def decode_weights(params, cfg: ModelConfig, dtype: str = "", mesh=None):
   if mesh is not None:
     shardings = sharding.decode_param_shardings(abstract_params(dcfg, "lm", boxed=True), mesh)
     params = jax.lax.with_sharding_constraint(params, shardings)
+  elif feature_major.use_feature_major(params):
+    params = dict(params, feature_major=feature_major.transpose_params(params, dcfg))
   return dcfg, params
 
 
@@ -210,6 +221,9 @@ def sample(params, cfg: ModelConfig, prompts: jax.Array, prompt_segment_ids: jax
   """Samples `sc.max_new_tokens` tokens after left-padded `prompts` (B, P); see the module doc.
   batch_rows (B,) int32 and total_batch: these prompts are rows `batch_rows` of a batch of
   `total_batch` prompts sampled in chunks (the samples are those of the whole batch's rows)."""
+  # The feature-major step's weights when `decode_weights` prepared them (else made below).
+  params = dict(params)
+  fm = params.pop("feature_major", None)
   # Decode layer by layer with per-layer weights and cache buffers: split the stacked parameters
   # once here, so the loop never slices (copies) weights or caches.
   if cfg.scan_layers:
@@ -246,9 +260,9 @@ def sample(params, cfg: ModelConfig, prompts: jax.Array, prompt_segment_ids: jax
     return (i < n) & ~jnp.all(done)
 
   # The one-token step: (logits (rows, V), new cache). On CPU with one device it runs
-  # feature-major on weights transposed here, once (`models/feature_major.py`).
+  # feature-major on weights transposed once: here, or by `decode_weights` beforehand.
   if feature_major.use_feature_major(params):
-    fm = feature_major.transpose_params(params, cfg)
+    fm = feature_major.transpose_params(params, cfg) if fm is None else fm
     step = lambda token, cache: feature_major.decode_step(fm, cfg, token, cache)
   else:
     def step(token, cache):

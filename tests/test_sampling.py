@@ -231,6 +231,31 @@ def test_feature_major_decode_step_equals_the_module(kind):
     assert (np.asarray(got)[:, cfg.vocab_size:] < -1e29).all()
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_sample_on_prepared_decode_weights_equals_sample_on_params(kind):
+  """`decode_weights` (what `generate` runs once at load) attaches the feature-major step's
+  weights on CPU, and `sample` on them gives the tokens and log-probs of `sample` on the stacked
+  parameters bit for bit. The attached copy is the one the step reads: the same call with the
+  copy of other weights attached samples other tokens."""
+  from rlhf_jax.models import feature_major
+  cfg = (get_model_config("gpt2-small", num_layers=2, d_model=64, num_heads=4, num_kv_heads=4,
+                          head_dim=16, d_ff=256, vocab_size=300, max_len=64)
+         if kind == "gpt2" else get_model_config("tiny", vocab_size=300, num_kv_heads=2))
+  params = init_params(cfg, jax.random.key(0))
+  tokens, seg = left_pad([[5, 6, 7, 8], [9, 3]], 0)
+  sc = SamplingConfig(max_new_tokens=8)
+  want = sample(params, cfg, tokens, seg, jax.random.key(1), sc)
+  dcfg, dparams = sampling.decode_weights(params, cfg)
+  assert not dcfg.scan_layers and feature_major.use_feature_major(dparams)
+  got = sample(dparams, dcfg, tokens, seg, jax.random.key(1), sc)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_array_equal(np.asarray(got.logprobs), np.asarray(want.logprobs))
+  other = sampling.decode_weights(init_params(cfg, jax.random.key(5)), cfg)[1]
+  mixed = sample(dict(dparams, feature_major=other["feature_major"]), dcfg, tokens, seg,
+                 jax.random.key(1), sc)
+  assert not np.array_equal(np.asarray(mixed.tokens[:, 1:]), np.asarray(want.tokens[:, 1:]))
+
+
 def test_filter_logits_keeps_the_right_sets():
   z = jnp.asarray([[3.0, 1.0, 2.0, 0.0, -1.0]])
   np.testing.assert_array_equal(np.isfinite(filter_logits(z, 2, 1.0))[0], [1, 0, 1, 0, 0])

@@ -16,7 +16,8 @@ x^T (d_model, B) from the embedding to the LM head:
   head        logits^T = E h (tied: the embedding is already output-major) or Wlm^T h
 
 `transpose_params` builds those output-major, fused weights ONCE per `sampling.sample` call
-(inside its jit, one pass over the weights); `decode_step` is the step. The KV cache, masks,
+(inside its jit, one pass over the weights), or once for many calls (`sampling.decode_weights`,
+which `generate` runs at load); `decode_step` is the step. The KV cache, masks,
 positions and every formula are the module's (`transformer.Transformer` with scan_layers False);
 tests/test_sampling.py checks the logits and the new cache against it. Only the one-token step
 without a mesh on CPU uses this (`use_feature_major`); prefill, training and scoring, other
