@@ -1,7 +1,8 @@
 """Seconds per PPO iteration: rlhf_jax vs TRL's PPOTrainer vs tunix's PPOLearner, same shapes.
 
   python benchmarks/ppo_iteration.py [--rounds=3] [--warmup=2] [--iters=4] [--only=ours,trl,tunix]
-                                     [--shape=default] [--peak_n=2048] [--wait_idle=60]
+                                     [--shape=default] [--peak_n=2048] [--bandwidth_mb=512]
+                                     [--no_phases] [--wait_idle=60]
                                      [--trl_python=/work/peers/trl/bin/python]
                                      [--tunix_python=/work/peers/tunix/bin/python]
 
@@ -42,6 +43,17 @@ layer only where the head reads (`transformer.Block.query_from`) and the first u
 forward taken from scoring (`ppo_iteration._Iteration.score`), 64.1 of the 76.5 GFLOP at the
 default shape, so the fraction of peak on the FLOPs ours executes is 0.84 x the one printed.
 
+Per phase (ours, round 1 unless --no_phases): the worker also times each phase as its own jitted
+program (`bench_phases`: the rollout; scoring; GAE + the update + the new state) and the driver
+prints each one's FLOPs above (the plain count: ours runs fewer in scoring, whose last layers
+read only the response, so its fraction reads high) over its time x peak, and for the rollout
+also the bytes it must
+read (per sampled token every policy matmul weight and the KV cache at the mean context,
+`generate.bytes_per_step`) over its time x this machine's read bandwidth (a jitted sum over
+--bandwidth_mb MiB, `machine.read_bandwidth`, measured in the same run). Run alone the update
+forwards the value function itself, and nothing is shared or overlapped between phases, so the
+phases' times add up to more than the iteration's.
+
 Setting up the peers (each in its own venv, so their pins never touch the project's environment):
 
   # TRL (PPOTrainer exists only in trl 1.0-1.12). Install torch FIRST, from the local CPU wheel,
@@ -66,7 +78,9 @@ Nothing is downloaded at run time (random init, offline tokenizers). Other venv 
 The last line is `RESULT {json}` with ours_s_per_iter, trl_s_per_iter, tunix_s_per_iter,
 speedup_vs_trl, speedup_vs_tunix (null where a side is not available or failed), plus
 roofline_fraction, model_gflop_per_iter, matmul_peak_gflops [before, after], breakdown_s (the
-per-phase breakdowns each side exposes), shape, and rounds (the raw s/iter per side and round).
+per-phase breakdowns each side exposes; ours: its phases as separate programs),
+phase_roofline_fraction ({phase: {compute[, bandwidth]}} of ours), read_gb_s, shape, and rounds
+(the raw s/iter per side and round).
 """
 import argparse
 import dataclasses
@@ -78,7 +92,7 @@ import subprocess
 import sys
 import time
 
-from machine import matmul_peak  # benchmarks/machine.py (this script's folder)
+from machine import matmul_peak, read_bandwidth  # benchmarks/machine.py (this script's folder)
 from peers.worker_io import read_result  # noqa: E402
 
 SHAPES = {
@@ -137,22 +151,15 @@ def iteration_settings(**fields):
   return dataclasses.replace(ppo.settings_from_config(config), **fields)
 
 
-def bench_iteration(model_cfg, *, num_prompts, prompt_len, response_len, seed=0, epochs=1,
-                    minibatches=1):
-  """A `run()` that does one full PPO iteration (ptx off) on random weights, blocks and returns the
-  iteration's metrics.
-
-  Rollout with the sampler, scoring by policy/reference/value/reward model, GAE, `epochs` x
-  `minibatches` updates: the pieces `rlhf_jax.train.ppo.run` uses (settings_from_config,
-  make_iteration, state_shardings, place, jit_iteration) on one device, the state donated from call
-  to call.
-  """
+def _setup(model_cfg, *, num_prompts, prompt_len, response_len, seed, epochs, minibatches):
+  """What one PPO iteration runs on (ptx off, random weights, one device): the pieces
+  `rlhf_jax.train.ppo.run` uses (settings_from_config, state_shardings, place); a dict."""
   import jax
   import ml_collections
   import numpy as np
   from rlhf_jax import sharding
   from rlhf_jax.models import init_params
-  from rlhf_jax.train import optim, ppo, ppo_iteration
+  from rlhf_jax.train import optim, ppo
   cfg = model_cfg.replace(dropout_resid=0.0, dropout_attn=0.0)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   s = iteration_settings(batch_size=num_prompts, prompt_len=prompt_len, response_len=response_len,
@@ -169,30 +176,95 @@ def bench_iteration(model_cfg, *, num_prompts, prompt_len, response_len, seed=0,
   frozen_sh = {"ref": shardings["params"]["policy"], "rm": shardings["params"]["value"]}
   state, frozen = ppo.place(policy, value, init_params(cfg, keys[2], "scalar"), txs, shardings,
                             frozen_sh, 0.02)
-  holder = {"state": state}
   rng = np.random.default_rng(seed)
   host = {"prompts": rng.integers(3, cfg.vocab_size, (num_prompts, prompt_len)).astype(np.int32),
           "prompt_segment_ids": np.ones((num_prompts, prompt_len), np.int32)}
-  step = ppo.jit_iteration(ppo_iteration.make_iteration(cfg, cfg, cfg, s, txs, mesh), shardings,
-                           frozen_sh, host, mesh)
-  batch = jax.device_put(host)
+  return dict(cfg=cfg, mesh=mesh, s=s, txs=txs, shardings=shardings, frozen_sh=frozen_sh,
+              state=state, frozen=frozen, host=host)
+
+
+def bench_iteration(model_cfg, *, num_prompts, prompt_len, response_len, seed=0, epochs=1,
+                    minibatches=1):
+  """A `run()` that does one full PPO iteration (ptx off) on random weights, blocks and returns the
+  iteration's metrics.
+
+  Rollout with the sampler, scoring by policy/reference/value/reward model, GAE, `epochs` x
+  `minibatches` updates: the pieces `rlhf_jax.train.ppo.run` uses (settings_from_config,
+  make_iteration, state_shardings, place, jit_iteration) on one device, the state donated from call
+  to call.
+  """
+  import jax
+  from rlhf_jax import sharding
+  from rlhf_jax.train import ppo, ppo_iteration
+  e = _setup(model_cfg, num_prompts=num_prompts, prompt_len=prompt_len,
+             response_len=response_len, seed=seed, epochs=epochs, minibatches=minibatches)
+  cfg, mesh = e["cfg"], e["mesh"]
+  holder = {"state": e["state"]}
+  step = ppo.jit_iteration(ppo_iteration.make_iteration(cfg, cfg, cfg, e["s"], e["txs"], mesh),
+                           e["shardings"], e["frozen_sh"], e["host"], mesh)
+  batch = jax.device_put(e["host"])
   counter = [0]
 
   def run():
     counter[0] += 1
     with sharding.activate(mesh):
-      holder["state"], metrics, _ = step(holder["state"], frozen, batch,
+      holder["state"], metrics, _ = step(holder["state"], e["frozen"], batch,
                                          jax.random.key(counter[0]))
     jax.block_until_ready((holder["state"], metrics))
     return metrics
   return run
 
 
-def worker_ours(warmup, iters, seed=0, shape=SHAPE):
-  """Times `bench_iteration(...)()`: `warmup` untimed calls, then `iters` timed ones."""
-  run = bench_iteration(model_config(shape), num_prompts=shape["num_prompts"],
-                        prompt_len=shape["prompt_len"], response_len=shape["response_len"],
-                        seed=seed)
+def bench_phases(model_cfg, *, num_prompts, prompt_len, response_len, seed=0):
+  """{'rollout', 'scoring', 'update'}: `run()`s that each run one phase of the iteration
+  (`ppo_iteration._Iteration`'s methods) as its own jitted program on fixed inputs (made by the
+  phases before it, once) and block. The update is GAE + the minibatch updates + the new state;
+  run on its own it forwards the value function itself (in the whole iteration the first
+  update takes that forward from scoring), so the phases' sum is more than one iteration."""
+  import jax
+  from rlhf_jax import sharding
+  from rlhf_jax.train import ppo_iteration
+  e = _setup(model_cfg, num_prompts=num_prompts, prompt_len=prompt_len,
+             response_len=response_len, seed=seed, epochs=1, minibatches=1)
+  cfg, mesh, state, frozen = e["cfg"], e["mesh"], e["state"], e["frozen"]
+  it = ppo_iteration._Iteration(cfg, cfg, cfg, e["s"], e["txs"], mesh, None)
+  batch = jax.device_put(e["host"])
+  rng = jax.random.key(1)
+
+  def update(state, batch, rolled, scored, rng):
+    out, tokens, seg, has_eos = rolled
+    logp, _, ref_logp, values, scores = scored
+    _, seq_kl, advantages, returns = it.advantages(
+        logp, ref_logp, values, scores, has_eos, out.mask, state["kl_coef"])
+    data = {"tokens": tokens, "segment_ids": seg, "mask": out.mask, "old_logp": logp,
+            "old_values": values, "advantages": advantages, "returns": returns}
+    updated, _ = it.optimize(state["params"], state, data, batch, rng)
+    return it.next_state(state, updated, seq_kl, batch["prompts"].shape[0])[0]
+
+  progs = {"rollout": jax.jit(it.rollout),
+           "scoring": jax.jit(lambda p, f, t, g, o: it.score(p, f, t, g, o)[0]),
+           "update": jax.jit(update)}
+  with sharding.activate(mesh):
+    rolled = progs["rollout"](state["params"]["policy"], batch, rng)
+    scored = progs["scoring"](state["params"], frozen, *rolled[1:3], rolled[0])
+  args = {"rollout": (state["params"]["policy"], batch, rng),
+          "scoring": (state["params"], frozen, *rolled[1:3], rolled[0]),
+          "update": (state, batch, rolled, scored, rng)}
+
+  def runner(name):
+    def run():
+      with sharding.activate(mesh):
+        jax.block_until_ready(progs[name](*args[name]))
+    return run
+  return {name: runner(name) for name in progs}
+
+
+def worker_ours(warmup, iters, seed=0, shape=SHAPE, phases=False):
+  """Times `bench_iteration(...)()`: `warmup` untimed calls, then `iters` timed ones; with
+  `phases` also each of `bench_phases(...)` (one untimed call, then the median of `iters`)."""
+  sizes = dict(num_prompts=shape["num_prompts"], prompt_len=shape["prompt_len"],
+               response_len=shape["response_len"], seed=seed)
+  run = bench_iteration(model_config(shape), **sizes)
 
   def call():
     t = time.perf_counter()
@@ -209,15 +281,25 @@ def worker_ours(warmup, iters, seed=0, shape=SHAPE):
   for i in range(iters):
     times.append(call())
     sys.stderr.write(f"iteration {i}: {times[-1]:.3f} s\n")
-  return {"s_per_iter": statistics.median(times), "times_s": times,
-          # One jitted program (rollout, scoring, GAE and update together): no phase split.
-          "breakdown_s": {}, "model": "gpt2"}
+  breakdown = {}
+  if phases:   # each phase as its own program (the iteration is one: no split inside it)
+    for name, phase in bench_phases(model_config(shape), **sizes).items():
+      phase()
+      phase_times = []
+      for _ in range(iters):
+        t = time.perf_counter()
+        phase()
+        phase_times.append(time.perf_counter() - t)
+      breakdown[name] = statistics.median(phase_times)
+      sys.stderr.write(f"phase {name}: {breakdown[name]:.3f} s\n")
+  return {"s_per_iter": statistics.median(times), "times_s": times, "breakdown_s": breakdown,
+          "model": "gpt2"}
 
 
 # ----------------------------------------------------------------------------- roofline
 
-def flops_per_iteration(shape=SHAPE):
-  """Model FLOPs of one iteration (formula in the module docstring)."""
+def flops_per_phase(shape=SHAPE):
+  """Model FLOPs of each phase of one iteration (formula in the module docstring)."""
   layers, d, v = shape["layers"], shape["d_model"], shape["vocab"]
   b, r = shape["num_prompts"], shape["response_len"]
   t = shape["prompt_len"] + r
@@ -225,7 +307,22 @@ def flops_per_iteration(shape=SHAPE):
   f_h = 2 * d * v
   lm = b * t * f_b + b * r * f_h
   scalar = b * t * f_b
-  return lm + (lm + 2 * scalar) + 3 * (lm + scalar)
+  return {"rollout": lm, "scoring": lm + 2 * scalar, "update": 3 * (lm + scalar)}
+
+
+def flops_per_iteration(shape=SHAPE):
+  """Model FLOPs of one iteration (formula in the module docstring)."""
+  return sum(flops_per_phase(shape).values())
+
+
+def rollout_bytes(shape=SHAPE):
+  """Bytes the rollout must read at least: per sampled token one decode step reading every
+  matmul weight of the policy (float32) and its KV cache at the mean context
+  (`generate.bytes_per_step`)."""
+  from generate import bytes_per_step  # benchmarks/generate.py
+  step = bytes_per_step(dict(shape, batch=shape["num_prompts"]), shape["prompt_len"],
+                        shape["response_len"])
+  return shape["response_len"] * step
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -235,10 +332,10 @@ def _note(msg):
   sys.stderr.flush()
 
 
-def _command(side, python, warmup, iters, shape_name="default"):
+def _command(side, python, warmup, iters, shape_name="default", phases=False):
   if side == "ours":
     return [python, os.path.abspath(__file__), "--worker=ours", f"--warmup={warmup}",
-            f"--iters={iters}", f"--shape={shape_name}"]
+            f"--iters={iters}", f"--shape={shape_name}"] + (["--phases"] if phases else [])
   s = SHAPES[shape_name]
   return [python, os.path.join(HERE, "peers", PEER_SCRIPTS[side]), f"--layers={s['layers']}",
           f"--d_model={s['d_model']}", f"--heads={s['heads']}", f"--vocab={s['vocab']}",
@@ -269,8 +366,9 @@ def probe(side, python):
   return None
 
 
-def _run(side, python, warmup, iters, timeout, omp_wait_policy="", shape_name="default"):
-  cmd = _command(side, python, warmup, iters, shape_name)
+def _run(side, python, warmup, iters, timeout, omp_wait_policy="", shape_name="default",
+         phases=False):
+  cmd = _command(side, python, warmup, iters, shape_name, phases)
   try:
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(side, omp_wait_policy),
                        timeout=timeout)
@@ -346,7 +444,12 @@ def parse_args():
   parser.add_argument("--trl_omp_wait_policy", default="PASSIVE",
                       help="OMP_WAIT_POLICY for the TRL worker unless set in the environment "
                            "('' leaves PyTorch's default: spinning)")
+  parser.add_argument("--bandwidth_mb", type=int, default=512,
+                      help="MiB summed to measure the read bandwidth (the rollout's roofline)")
+  parser.add_argument("--no_phases", action="store_true",
+                      help="skip timing our phases as separate programs (round 1)")
   parser.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
+  parser.add_argument("--phases", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   wanted = [s.strip() for s in args.only.split(",") if s.strip()]
   unknown = sorted(set(wanted) - set(SIDES))
@@ -376,7 +479,7 @@ def run_rounds(args, sides, python):
     for side in sides:
       busy = wait_idle(args.wait_idle) if args.wait_idle > 0 else None
       res = _run(side, python[side], args.warmup, args.iters, args.timeout,
-                 args.trl_omp_wait_policy, args.shape)
+                 args.trl_omp_wait_policy, args.shape, phases=(r == 0 and not args.no_phases))
       results[side].append(res)                # None when the run failed (rounds stay aligned)
       busy_txt = "" if busy is None else f" (CPU {100 * busy:.0f}% busy before)"
       val = "failed" if res is None else f"{res['s_per_iter']:.3f} s/iter"
@@ -384,7 +487,19 @@ def run_rounds(args, sides, python):
   return results
 
 
-def summarize(results, sides, shape, peak, peak_after):
+def phase_rooflines(breakdown, shape, peak, bandwidth):
+  """{phase: {'compute': FLOPs / (s x peak)[, 'bandwidth': bytes / (s x bandwidth)]}} of our
+  phases timed as separate programs (the rollout also against the read bandwidth)."""
+  flops = flops_per_phase(shape)
+  out = {}
+  for name, secs in breakdown.items():
+    out[name] = {"compute": flops[name] / (secs * peak)}
+    if name == "rollout":
+      out[name]["bandwidth"] = rollout_bytes(shape) / (secs * bandwidth)
+  return out
+
+
+def summarize(results, sides, shape, peak, peak_after, bandwidth):
   """The RESULT dict (see the module docstring) from the rounds' results."""
   per_round = {s: [res and res["s_per_iter"] for res in results[s]] for s in sides}
   med = {s: (statistics.median([v for v in per_round[s] if v])
@@ -402,6 +517,10 @@ def summarize(results, sides, shape, peak, peak_after):
       "model_gflop_per_iter": flops / 1e9,
       "matmul_peak_gflops": [round(peak / 1e9, 1), round(peak_after / 1e9, 1)],
       "breakdown_s": {s: _median_breakdown(results[s]) for s in sides},
+      "phase_roofline_fraction": (phase_rooflines(_median_breakdown(results["ours"]), shape,
+                                                  best_peak, bandwidth)
+                                  if "ours" in results else {}),
+      "read_gb_s": bandwidth / 1e9,
       "shape": shape,
       "rounds": per_round,
   }
@@ -426,25 +545,32 @@ def print_table(summary, sides, args, peak, peak_after):
       continue
     bd = summary["breakdown_s"][side]
     bd_txt = ", ".join(f"{k} {v:.3f}" for k, v in bd.items()) or "one jitted program"
+    if side == "ours" and bd:
+      bd_txt = f"one jitted program; phases as separate programs: {bd_txt}"
     speed = "" if side == "ours" else f(summary[f"speedup_vs_{side}"])
     print(f"| {names[side]} | {_fmt(per_round[side])} | {bd_txt} | {speed} |")
   if summary["ours_s_per_iter"]:
     print(f"\nroofline fraction (ours): {summary['roofline_fraction']:.3f}")
+  for name, frac in summary["phase_roofline_fraction"].items():
+    bw = (f", {frac['bandwidth']:.3f} of the read bandwidth ({summary['read_gb_s']:.1f} GB/s)"
+          if "bandwidth" in frac else "")
+    print(f"  {name} (its own program): {frac['compute']:.3f} of the matmul peak{bw}")
 
 
 def main():
   args, wanted = parse_args()
   shape = SHAPES[args.shape]
   if args.worker:
-    res = worker_ours(args.warmup, args.iters, shape=shape)
+    res = worker_ours(args.warmup, args.iters, shape=shape, phases=args.phases)
     print("RESULT " + json.dumps(res))
     return
   python = {"ours": sys.executable, "trl": args.trl_python, "tunix": args.tunix_python}
   sides = available_sides(wanted, python)
   peak = matmul_peak(n=args.peak_n)
+  bandwidth = read_bandwidth(mb=args.bandwidth_mb)
   results = run_rounds(args, sides, python)
   peak_after = matmul_peak(n=args.peak_n)
-  summary = summarize(results, sides, shape, peak, peak_after)
+  summary = summarize(results, sides, shape, peak, peak_after, bandwidth)
   print_table(summary, sides, args, peak, peak_after)
   print("RESULT " + json.dumps(summary))
 

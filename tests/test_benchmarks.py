@@ -72,14 +72,21 @@ def _check_generate(res, stderr):
 
 
 @_smoke("ppo_iteration.py", "--shape=tiny", "--rounds=1", "--warmup=1", "--iters=1",
-        "--wait_idle=0", "--peak_n=128", f"--trl_python={MISSING}", f"--tunix_python={MISSING}")
+        "--wait_idle=0", "--peak_n=128", "--bandwidth_mb=4", f"--trl_python={MISSING}",
+        f"--tunix_python={MISSING}")
 def _check_ppo_iteration(res, stderr):
   assert _number(res["ours_s_per_iter"], positive=True)
   assert _number(res["roofline_fraction"]) and _number(res["model_gflop_per_iter"], positive=True)
   for key in ("trl_s_per_iter", "tunix_s_per_iter", "speedup_vs_trl", "speedup_vs_tunix"):
     assert key in res and res[key] is None, (key, res)
   assert len(res["matmul_peak_gflops"]) == 2
-  assert res["breakdown_s"] == {"ours": {}}
+  phases = ("rollout", "scoring", "update")
+  assert sorted(res["breakdown_s"]["ours"]) == sorted(phases)    # timed in round 1
+  assert all(_number(v, positive=True) for v in res["breakdown_s"]["ours"].values())
+  fractions = res["phase_roofline_fraction"]
+  assert sorted(fractions) == sorted(phases) and _number(res["read_gb_s"], positive=True)
+  assert all(_number(f["compute"], positive=True) for f in fractions.values())
+  assert _number(fractions["rollout"]["bandwidth"], positive=True)
   assert res["shape"]["d_model"] == 32 and len(res["rounds"]["ours"]) == 1
   assert "trl not available" in stderr and "tunix not available" in stderr
 
