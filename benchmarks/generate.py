@@ -30,13 +30,20 @@ context); roofline_fraction = ours tok/s x FLOPs/token / peak. Bandwidth: a deco
 every matmul weight once (4 bytes, 1 for int8) and the KV cache at the mean context
 (`bytes_per_step`); bandwidth_roofline_fraction = ours tok/s / (batch x bandwidth / bytes per
 step), and int8_bandwidth_roofline_fraction the same for ours_int8 with its 1-byte weights.
+These whole-call figures mix the two phases (tok/s counts the prefill's time too), so ours is
+also timed per phase: the prefill alone (the same call with one new token; FLOPs in
+`prefill_flops`) against the compute roofline, and a decode step, (call - prefill) / (new
+tokens - 1), against the bandwidth roofline.
 
 The last line is `RESULT {json}` with matmul_peak_gflops [before, after], read_gb_s and, per
 shape name: ours_tok_s, ours_int8_tok_s, hf_tok_s, tunix_tok_s, ratio_vs_hf, ratio_vs_tunix,
 int8_ratio_vs_hf, int8_ratio_vs_tunix (each null when a side did not run), roofline_fraction,
-bandwidth_roofline_fraction, int8_bandwidth_roofline_fraction, bytes_per_step, rounds.
+bandwidth_roofline_fraction, int8_bandwidth_roofline_fraction, bytes_per_step, rounds, and
+ours_phases / ours_int8_phases: prefill_s, decode_step_s, prefill_roofline_fraction,
+decode_bandwidth_roofline_fraction.
 """
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -69,8 +76,9 @@ def _prompts(shape, prompt_len, seed=0):
 
 
 def worker_ours(shape, repeats, prompt_len, new, dtype=""):
-  """Our sampler on weights prepared once beforehand (`sampling.decode_weights`, as `generate`
-  does at load); dtype 'int8': quantized (`generate --int8`)."""
+  """(seconds per call, seconds per prefill-only call) of our sampler on weights prepared once
+  beforehand (`sampling.decode_weights`, as `generate` does at load); dtype 'int8': quantized
+  (`generate --int8`)."""
   import jax
   import numpy as np
   from rlhf_jax.models import get_model_config, init_params
@@ -94,7 +102,15 @@ def worker_ours(shape, repeats, prompt_len, new, dtype=""):
     out.tokens.block_until_ready()
     times.append(time.perf_counter() - t)
   assert int(out.mask.sum()) == shape["batch"] * new
-  return times
+  # The prefill alone: the same call with one new token (prefill + choosing it, no decode step).
+  one = dataclasses.replace(sc, max_new_tokens=1)
+  sample(params, cfg, tokens, seg, jax.random.key(0), one).tokens.block_until_ready()
+  prefill = []
+  for i in range(repeats):
+    t = time.perf_counter()
+    sample(params, cfg, tokens, seg, jax.random.key(i + 1), one).tokens.block_until_ready()
+    prefill.append(time.perf_counter() - t)
+  return times, prefill
 
 
 def worker_hf(shape, repeats, prompt_len, new):
@@ -126,6 +142,15 @@ def bytes_per_step(shape, prompt_len, new, weight_bytes=4):
   d, layers, v = shape["d_model"], shape["layers"], shape["vocab"]
   weights = (layers * 12 * d * d + d * v) * weight_bytes
   return weights + 2 * layers * shape["batch"] * (prompt_len + new / 2) * d * 4
+
+
+def prefill_flops(shape, prompt_len):
+  """FLOPs of the prefill: every prompt token through the layers' matmuls and causal attention
+  (2 x layers x prompt_len x d_model per token on average, scores and values), the LM head at
+  the last position only (all the first new token needs)."""
+  d, layers, v, b = shape["d_model"], shape["layers"], shape["vocab"], shape["batch"]
+  per_token = 2 * layers * 12 * d * d + 2 * layers * prompt_len * d
+  return b * prompt_len * per_token + b * 2 * d * v
 
 
 def flops_per_token(shape, prompt_len, new):
@@ -163,20 +188,19 @@ def probe(kind, tunix_python):
 
 
 def measure(kind, shape_name, repeats, tunix_python, prompt_len, new):
+  """The worker's result ({'tok_s', ...; ours also 'prefill_s', 'decode_step_s'}) or None."""
   shape = SHAPES[shape_name]
   if kind == "tunix":
-    res = _run([tunix_python, os.path.join(HERE, "peers", "tunix_generate.py"),
-                f"--layers={shape['layers']}", f"--d_model={shape['d_model']}",
-                f"--heads={shape['heads']}", f"--kv_heads={shape['heads']}",
-                f"--d_ff={4 * shape['d_model']}", f"--vocab={shape['vocab']}",
-                f"--batch={shape['batch']}", f"--prompt_len={prompt_len}", f"--new_tokens={new}",
-                f"--repeats={repeats}"])
-    return None if res is None else res["tok_s"]
-  res = _run([sys.executable, os.path.abspath(__file__), f"--worker={kind}",
-              f"--shapes={shape_name}", f"--repeats={repeats}", f"--prompt_len={prompt_len}",
-              f"--new_tokens={new}"],
-             env=dict(os.environ, HF_HUB_OFFLINE="1"))
-  return None if res is None else res["tok_s"]
+    return _run([tunix_python, os.path.join(HERE, "peers", "tunix_generate.py"),
+                 f"--layers={shape['layers']}", f"--d_model={shape['d_model']}",
+                 f"--heads={shape['heads']}", f"--kv_heads={shape['heads']}",
+                 f"--d_ff={4 * shape['d_model']}", f"--vocab={shape['vocab']}",
+                 f"--batch={shape['batch']}", f"--prompt_len={prompt_len}",
+                 f"--new_tokens={new}", f"--repeats={repeats}"])
+  return _run([sys.executable, os.path.abspath(__file__), f"--worker={kind}",
+               f"--shapes={shape_name}", f"--repeats={repeats}", f"--prompt_len={prompt_len}",
+               f"--new_tokens={new}"],
+              env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
 
 def _round_ratio(res, peer, side="ours"):
@@ -215,11 +239,16 @@ def main():
     shape = SHAPES[shapes[0]]
     if args.worker == "hf":
       times = worker_hf(shape, args.repeats, args.prompt_len, new)
+      print("RESULT " + json.dumps({"tok_s": shape["batch"] * new / statistics.median(times),
+                                    "times_s": times}))
     else:
-      times = worker_ours(shape, args.repeats, args.prompt_len, new,
-                          "int8" if args.worker == "ours_int8" else "")
-    print("RESULT " + json.dumps({"tok_s": shape["batch"] * new / statistics.median(times),
-                                  "times_s": times}))
+      times, prefill = worker_ours(shape, args.repeats, args.prompt_len, new,
+                                   "int8" if args.worker == "ours_int8" else "")
+      # a decode step: what the call takes beyond the prefill, per further token
+      step = (statistics.median(times) - statistics.median(prefill)) / max(new - 1, 1)
+      print("RESULT " + json.dumps({"tok_s": shape["batch"] * new / statistics.median(times),
+                                    "times_s": times, "prefill_s": statistics.median(prefill),
+                                    "decode_step_s": step}))
     return
 
   wanted = [k.strip() for k in args.only.split(",") if k.strip()]
@@ -238,11 +267,15 @@ def main():
   peak = matmul_peak(n=args.peak_n)
   bandwidth = read_bandwidth(mb=args.bandwidth_mb)
   results = {s: {k: [] for k in kinds} for s in shapes}
+  phases = {s: {k: [] for k in kinds if k.startswith("ours")} for s in shapes}
   for r in range(args.rounds):
     for s in shapes:
       for kind in kinds:
-        tok_s = measure(kind, s, args.repeats, args.tunix_python, args.prompt_len, new)
+        res = measure(kind, s, args.repeats, args.tunix_python, args.prompt_len, new)
+        tok_s = res and res["tok_s"]
         results[s][kind].append(tok_s)      # None when the run failed (kept: rounds stay aligned)
+        if res and kind in phases[s]:
+          phases[s][kind].append((res["prefill_s"], res["decode_step_s"]))
         sys.stderr.write(f"[round {r + 1}/{args.rounds}] {s} {kind}: {tok_s}\n")
   peak_after = matmul_peak(n=args.peak_n)
 
@@ -277,6 +310,16 @@ def main():
                   "int8_bandwidth_roofline_fraction": bw_roof8,
                   "bytes_per_step": bytes_per_step(shape, args.prompt_len, new),
                   "rounds": results[s]}
+    for kind, weight_bytes in (("ours", 4), ("ours_int8", 1)):   # our two phases
+      done = phases[s].get(kind)
+      if done:
+        pre = statistics.median(p for p, _ in done)
+        step = statistics.median(d for _, d in done)
+        summary[s][f"{kind}_phases"] = {
+            "prefill_s": pre, "decode_step_s": step,
+            "prefill_roofline_fraction": prefill_flops(shape, args.prompt_len) / (pre * best_peak),
+            "decode_bandwidth_roofline_fraction": (
+                bytes_per_step(shape, args.prompt_len, new, weight_bytes) / (step * bandwidth))}
     f = lambda x, p=2: "n/a" if x is None else f"{x:.{p}f}"
     print(f"| {s} ({shape['layers']}x{shape['d_model']}, vocab {shape['vocab']}, "
           f"batch {shape['batch']}) | {_fmt(ok.get('ours', []))} | "
@@ -284,6 +327,18 @@ def main():
           f"{_fmt(ok.get('tunix', []))} | {f(ratio_hf)} | {f(ratio_tunix)} | "
           f"{f(summary[s]['int8_ratio_vs_hf'])} | {f(summary[s]['int8_ratio_vs_tunix'])} | "
           f"{f(roof, 3)} | {f(bw_roof, 3)} ({f(bw_roof8, 3)}) |")
+  print("\nPer phase (ours, median over rounds): the prefill (a call with one new token) against "
+        "the compute roofline, a decode step ((call - prefill) / (new tokens - 1)) against the "
+        "bandwidth roofline\n")
+  print("| shape | side | prefill ms | of the matmul peak | decode step ms | of the read bandwidth |")
+  print("|---|---|---|---|---|---|")
+  for s in shapes:
+    for kind in ("ours", "ours_int8"):
+      ph = summary[s].get(f"{kind}_phases")
+      if ph:
+        print(f"| {s} | {kind} | {1e3 * ph['prefill_s']:.1f} | "
+              f"{ph['prefill_roofline_fraction']:.3f} | {1e3 * ph['decode_step_s']:.2f} | "
+              f"{ph['decode_bandwidth_roofline_fraction']:.3f} |")
   print("RESULT " + json.dumps(summary))
 
 

@@ -65,6 +65,11 @@ def _check_generate(res, stderr):
   assert _number(tiny["bytes_per_step"], positive=True) and _number(res["read_gb_s"], positive=True)
   assert _number(tiny["ours_int8_tok_s"], positive=True)
   assert _number(tiny["int8_bandwidth_roofline_fraction"], positive=True)
+  for side in ("ours_phases", "ours_int8_phases"):   # the prefill and a decode step
+    assert sorted(tiny[side]) == ["decode_bandwidth_roofline_fraction", "decode_step_s",
+                                  "prefill_roofline_fraction", "prefill_s"], tiny[side]
+    assert _number(tiny[side]["prefill_s"], positive=True)
+    assert _number(tiny[side]["prefill_roofline_fraction"], positive=True)
   for key in ("hf_tok_s", "tunix_tok_s", "ratio_vs_hf", "ratio_vs_tunix", "int8_ratio_vs_hf",
               "int8_ratio_vs_tunix"):
     assert key in tiny and tiny[key] is None, (key, tiny)
