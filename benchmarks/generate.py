@@ -93,24 +93,21 @@ def worker_ours(shape, repeats, prompt_len, new, dtype=""):
   tokens = _prompts(shape, prompt_len)
   seg = np.ones_like(tokens)
   sc = SamplingConfig(max_new_tokens=new, temperature=1.0, eos_token_id=None)
-  out = sample(params, cfg, tokens, seg, jax.random.key(0), sc)   # compile
-  out.tokens.block_until_ready()
-  times = []
-  for i in range(repeats):
-    t = time.perf_counter()
-    out = sample(params, cfg, tokens, seg, jax.random.key(i + 1), sc)
-    out.tokens.block_until_ready()
-    times.append(time.perf_counter() - t)
+
+  def timed(sc):
+    """Seconds of `repeats` calls (after one that compiles) and the last call's samples."""
+    sample(params, cfg, tokens, seg, jax.random.key(0), sc).tokens.block_until_ready()
+    times = []
+    for i in range(repeats):
+      t = time.perf_counter()
+      out = sample(params, cfg, tokens, seg, jax.random.key(i + 1), sc)
+      out.tokens.block_until_ready()
+      times.append(time.perf_counter() - t)
+    return times, out
+  times, out = timed(sc)
   assert int(out.mask.sum()) == shape["batch"] * new
   # The prefill alone: the same call with one new token (prefill + choosing it, no decode step).
-  one = dataclasses.replace(sc, max_new_tokens=1)
-  sample(params, cfg, tokens, seg, jax.random.key(0), one).tokens.block_until_ready()
-  prefill = []
-  for i in range(repeats):
-    t = time.perf_counter()
-    sample(params, cfg, tokens, seg, jax.random.key(i + 1), one).tokens.block_until_ready()
-    prefill.append(time.perf_counter() - t)
-  return times, prefill
+  return times, timed(dataclasses.replace(sc, max_new_tokens=1))[0]
 
 
 def worker_hf(shape, repeats, prompt_len, new):
@@ -244,11 +241,11 @@ def main():
     else:
       times, prefill = worker_ours(shape, args.repeats, args.prompt_len, new,
                                    "int8" if args.worker == "ours_int8" else "")
+      call, pre = statistics.median(times), statistics.median(prefill)
       # a decode step: what the call takes beyond the prefill, per further token
-      step = (statistics.median(times) - statistics.median(prefill)) / max(new - 1, 1)
-      print("RESULT " + json.dumps({"tok_s": shape["batch"] * new / statistics.median(times),
-                                    "times_s": times, "prefill_s": statistics.median(prefill),
-                                    "decode_step_s": step}))
+      print("RESULT " + json.dumps({"tok_s": shape["batch"] * new / call, "times_s": times,
+                                    "prefill_s": pre,
+                                    "decode_step_s": (call - pre) / max(new - 1, 1)}))
     return
 
   wanted = [k.strip() for k in args.only.split(",") if k.strip()]

@@ -231,13 +231,9 @@ def bench_phases(model_cfg, *, num_prompts, prompt_len, response_len, seed=0):
   batch = jax.device_put(e["host"])
   rng = jax.random.key(1)
 
-  def update(state, batch, rolled, scored, rng):
+  def update(state, batch, rolled, scored, rng):   # `_Iteration.__call__` after scoring
     out, tokens, seg, has_eos = rolled
-    logp, _, ref_logp, values, scores = scored
-    _, seq_kl, advantages, returns = it.advantages(
-        logp, ref_logp, values, scores, has_eos, out.mask, state["kl_coef"])
-    data = {"tokens": tokens, "segment_ids": seg, "mask": out.mask, "old_logp": logp,
-            "old_values": values, "advantages": advantages, "returns": returns}
+    _, seq_kl, data = it.episodes(tokens, seg, out.mask, scored, has_eos, state["kl_coef"])
     updated, _ = it.optimize(state["params"], state, data, batch, rng)
     return it.next_state(state, updated, seq_kl, batch["prompts"].shape[0])[0]
 
@@ -259,6 +255,13 @@ def bench_phases(model_cfg, *, num_prompts, prompt_len, response_len, seed=0):
   return {name: runner(name) for name in progs}
 
 
+def _seconds(fn):
+  """(wall seconds of fn(), its result)."""
+  t = time.perf_counter()
+  out = fn()
+  return time.perf_counter() - t, out
+
+
 def worker_ours(warmup, iters, seed=0, shape=SHAPE, phases=False):
   """Times `bench_iteration(...)()`: `warmup` untimed calls, then `iters` timed ones; with
   `phases` also each of `bench_phases(...)` (one untimed call, then the median of `iters`)."""
@@ -267,9 +270,7 @@ def worker_ours(warmup, iters, seed=0, shape=SHAPE, phases=False):
   run = bench_iteration(model_config(shape), **sizes)
 
   def call():
-    t = time.perf_counter()
-    metrics = run()
-    elapsed = time.perf_counter() - t
+    elapsed, metrics = _seconds(run)
     loss = float(metrics["value_loss"])   # checked outside the timed region
     if not math.isfinite(loss):           # a timing of a diverged iteration means nothing
       raise SystemExit(f"[ppo_iteration] ours: non-finite value_loss {loss}")
@@ -285,12 +286,7 @@ def worker_ours(warmup, iters, seed=0, shape=SHAPE, phases=False):
   if phases:   # each phase as its own program (the iteration is one: no split inside it)
     for name, phase in bench_phases(model_config(shape), **sizes).items():
       phase()
-      phase_times = []
-      for _ in range(iters):
-        t = time.perf_counter()
-        phase()
-        phase_times.append(time.perf_counter() - t)
-      breakdown[name] = statistics.median(phase_times)
+      breakdown[name] = statistics.median(_seconds(phase)[0] for _ in range(iters))
       sys.stderr.write(f"phase {name}: {breakdown[name]:.3f} s\n")
   return {"s_per_iter": statistics.median(times), "times_s": times, "breakdown_s": breakdown,
           "model": "gpt2"}
@@ -505,6 +501,7 @@ def summarize(results, sides, shape, peak, peak_after, bandwidth):
   med = {s: (statistics.median([v for v in per_round[s] if v])
              if any(per_round[s]) else None) for s in SIDES if s in per_round}
   ours = med.get("ours")
+  breakdown = {s: _median_breakdown(results[s]) for s in sides}
   flops = flops_per_iteration(shape)
   best_peak = max(peak, peak_after)
   return {
@@ -516,10 +513,9 @@ def summarize(results, sides, shape, peak, peak_after, bandwidth):
       "roofline_fraction": flops / (ours * best_peak) if ours else None,
       "model_gflop_per_iter": flops / 1e9,
       "matmul_peak_gflops": [round(peak / 1e9, 1), round(peak_after / 1e9, 1)],
-      "breakdown_s": {s: _median_breakdown(results[s]) for s in sides},
-      "phase_roofline_fraction": (phase_rooflines(_median_breakdown(results["ours"]), shape,
-                                                  best_peak, bandwidth)
-                                  if "ours" in results else {}),
+      "breakdown_s": breakdown,
+      "phase_roofline_fraction": (phase_rooflines(breakdown["ours"], shape, best_peak, bandwidth)
+                                  if "ours" in breakdown else {}),
       "read_gb_s": bandwidth / 1e9,
       "shape": shape,
       "rounds": per_round,

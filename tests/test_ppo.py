@@ -244,8 +244,9 @@ def test_first_update_takes_its_value_forward_from_scoring():
     ptx0 = jax.tree.map(lambda x: x[0], split_micro_batches(
         {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")}, s.minibatches))
     carry = (params, state["opt_state"], None)
-    xs = (mb0, ptx0, jnp.array(True))
-    return it.update(carry, xs, first_values), it.update(carry, xs)
+    xs = (mb0, ptx0)
+    return (it.update(carry, xs, first=True, first_values=first_values),
+            it.update(carry, xs, first=True))
   (reused, aux), (own, own_aux) = both(state, frozen, {**batch, **ptx})
   for a, b_ in zip(jax.tree.leaves(reused), jax.tree.leaves(own)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-7)

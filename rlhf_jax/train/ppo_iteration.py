@@ -181,15 +181,12 @@ class _Iteration:
     sample_rng, shuffle_rng = jax.random.split(rng)
     out, tokens, seg, has_eos = self.rollout(params["policy"], batch, sample_rng)
     mask = out.mask
-    (logp, entropy, ref_logp, values, scores), first_values = self.score(params, frozen, tokens,
-                                                                         seg, out)
-    penalised, seq_kl, advantages, returns = self.advantages(
-        logp, ref_logp, values, scores, has_eos, mask, state["kl_coef"])
-    data = {"tokens": tokens, "segment_ids": seg, "mask": mask, "old_logp": logp,
-            "old_values": values, "advantages": advantages, "returns": returns}
+    scored, first_values = self.score(params, frozen, tokens, seg, out)
+    penalised, seq_kl, data = self.episodes(tokens, seg, mask, scored, has_eos, state["kl_coef"])
     updated, per_mb = self.optimize(params, state, data, batch, shuffle_rng, first_values)
     new_state, kl = self.next_state(state, updated, seq_kl, batch["prompts"].shape[0])
-    metrics = self.metrics(state, out, has_eos, mask, entropy, values, returns, scores,
+    _, entropy, _, values, scores = scored
+    metrics = self.metrics(state, out, has_eos, mask, entropy, values, data["returns"], scores,
                            penalised, seq_kl, kl, per_mb)
     per_minibatch = {k: per_mb[k] for k in ("approx_kl", "ratio_dev", "loss", "nonfinite",
                                             "tokens")}
@@ -280,6 +277,16 @@ class _Iteration:
     advantages = losses.whiten(advantages, mask)
     return penalised, seq_kl, advantages, returns
 
+  def episodes(self, tokens, seg, mask, scored, has_eos, kl_coef):
+    """(penalised scores, per-sequence KL, the episodes the updates read: tokens, segment_ids,
+    mask, old_logp, old_values, advantages, returns) from the rollout and its `score` outputs."""
+    logp, _, ref_logp, values, scores = scored
+    penalised, seq_kl, advantages, returns = self.advantages(
+        logp, ref_logp, values, scores, has_eos, mask, kl_coef)
+    return penalised, seq_kl, {"tokens": tokens, "segment_ids": seg, "mask": mask,
+                               "old_logp": logp, "old_values": values,
+                               "advantages": advantages, "returns": returns}
+
   # 4. epochs x minibatches
   def optimize(self, params, state, data, batch, shuffle_rng, first_values=None):
     """((params, opt_state, ema) after every minibatch update, per-minibatch aux (E*M, ...)).
@@ -295,19 +302,17 @@ class _Iteration:
     # Epoch 0 in the rollout's order: its first update (the one before any parameter change)
     # on its own, with the scoring pass's value forward when there is one, then the rest.
     mbs = split_micro_batches(data, m, self.mesh)
-    carry, aux = self.update(carry, (jax.tree.map(lambda x: x[0], mbs),
-                                     jax.tree.map(lambda x: x[0], ptx), jnp.array(True)),
-                             first_values)
+    carry, aux = self.update(carry, jax.tree.map(lambda x: x[0], (mbs, ptx)), first=True,
+                             first_values=first_values)
     per_mb = [jax.tree.map(lambda x: x[None], aux)]
     if m > 1:
-      rest = jax.tree.map(lambda x: x[1:], (mbs, ptx))
-      carry, aux = jax.lax.scan(self.update, carry, rest + (jnp.zeros((m - 1,), bool),))
+      carry, aux = jax.lax.scan(self.update, carry, jax.tree.map(lambda x: x[1:], (mbs, ptx)))
       per_mb.append(aux)
 
     def epoch(carry, e):   # the later epochs, each in its own shuffled order
       perm = jax.random.permutation(jax.random.fold_in(shuffle_rng, e), b)
       mbs = split_micro_batches(jax.tree.map(lambda x: x[perm], data), m, self.mesh)
-      return jax.lax.scan(self.update, carry, (mbs, ptx, jnp.zeros((m,), bool)))
+      return jax.lax.scan(self.update, carry, (mbs, ptx))
     if s.epochs > 1:
       carry, aux = jax.lax.scan(epoch, carry, jnp.arange(1, s.epochs))
       per_mb.append(jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), aux))
@@ -321,7 +326,7 @@ class _Iteration:
     s, p_len = self.s, self.s.prompt_len
     logp, _ = policy_logprobs(self.policy_cfg, params["policy"], mb["tokens"], mb["segment_ids"],
                               p_len, s.temperature)   # (the unused entropy is compiled away)
-    old_logp = jnp.where(first, jax.lax.stop_gradient(logp), mb["old_logp"])
+    old_logp = jax.lax.stop_gradient(logp) if first else mb["old_logp"]
     pg_sum, count, stats = losses.ppo_policy_loss(logp, old_logp, mb["advantages"],
                                                   mb["mask"], s.clip_eps)
     if values is None:
@@ -366,16 +371,18 @@ class _Iteration:
     scale = self.s.ptx_coef / denom
     return (self.s.ptx_coef * ptx_loss, ptx_loss), jax.tree.map(lambda g: g * scale, grad)
 
-  def update(self, carry, xs, first_values=None):
-    """One minibatch: both terms' gradients, each policy term clipped by its own norm, both
-    AdamW steps and the EMA, all kept only when the loss and gradient are finite.
+  def update(self, carry, xs, first=False, first_values=None):
+    """One minibatch xs = (episodes, ptx rows): both terms' gradients, each policy term clipped
+    by its own norm, both AdamW steps and the EMA, all kept only when the loss and gradient are
+    finite. first: the update before any parameter change (`ppo_term`).
     first_values: (values, vjp) of this minibatch's value forward at these parameters (`score`):
     the value gradient is that forward's vjp of the loss's gradient in the values."""
     s, txs = self.s, self.txs
     params, opt_state, ema = carry
-    mb, ptx, first = xs
+    mb, ptx = xs
     if first_values is None:
-      (loss, aux), grads = jax.value_and_grad(self.ppo_term, has_aux=True)(params, mb, first)
+      (loss, aux), grads = jax.value_and_grad(lambda p: self.ppo_term(p, mb, first),
+                                              has_aux=True)(params)
     else:
       values, value_vjp = first_values
       (loss, aux), (g_policy, g_values) = jax.value_and_grad(
