@@ -7,9 +7,13 @@ import copy
 import dataclasses
 import os
 
+from fake_devices import COLLECTIVE_TIMEOUT, xla_flags  # noqa: E402  (tests/ helper module)
+
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+  os.environ["XLA_FLAGS"] += " " + xla_flags(8)
+elif "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " " + COLLECTIVE_TIMEOUT
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

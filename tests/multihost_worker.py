@@ -25,6 +25,8 @@ import sys
 
 import numpy as np
 
+import fake_devices
+
 BATCH_SIZE = 8
 SEQ_LEN = 32
 
@@ -231,7 +233,7 @@ def _flag(argv, name, default=None):
 
 def main(argv):
   """One fake host: 4 CPU devices, gloo collectives, its own rows of each batch."""
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  os.environ["XLA_FLAGS"] = fake_devices.xla_flags(4)
   os.environ["JAX_PLATFORMS"] = "cpu"
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from rlhf_jax import distributed, sharding

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import multihost_worker as w
+from fake_devices import xla_flags
 from rlhf_jax import distributed, sharding
 from rlhf_jax.errors import UserError
 
@@ -27,7 +28,7 @@ def _free_port() -> int:
 def _start(num_processes: int, out: str, *extra) -> list:
   """Starts the workers (one per fake host)."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
   procs = []
   for i in range(num_processes):
     with open(f"{out}.{i}.log", "w") as log:      # a file, not a pipe: a full pipe would block

@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from fake_devices import xla_flags
 from rlhf_jax import convert, sharding
 from rlhf_jax.models import abstract_params, lazy
 
@@ -239,7 +240,7 @@ def test_two_processes_each_read_their_own_half(hf_dir, gguf_path, tmp_path):
   _, total = _sizes(cfg)
   out = str(tmp_path / "load")
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
   procs = []
   for i in range(2):
     with open(f"{out}.{i}.log", "w") as log:

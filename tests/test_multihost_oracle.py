@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 
 import kill_resume as kr
+from fake_devices import xla_flags
 from rlhf_jax.models import ModelConfig, init_params
 
 ROOT = kr.ROOT
 ONE_PROCESS = os.path.join(ROOT, "tests", "one_process_gloo.py")
 SIZES = {"ptx": 50, "sft": 50, "comparisons": 20, "prompts": 64, "validation": 16}
-XLA = "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count="
+XLA = "--xla_backend_optimization_level=0"
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +66,13 @@ def test_oracle_run_on_two_processes_equals_one(inputs, tmp_path):
   procs, logs = [], []
   port = _free_port()
   for i in range(2):
-    env = dict(os.environ, XLA_FLAGS=XLA + "4", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4, XLA), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                JAX_ENABLE_COMPILATION_CACHE="false")   # (as in test_multihost_pipeline.Run)
     logs.append(f"{two}.{i}.log")
     procs.append(_start([sys.executable, "-m", "rlhf_jax.main",
                          f"--coordinator_address=localhost:{port}", "--num_processes=2",
                          f"--process_id={i}"] + _args(inputs, two), env, logs[-1]))
-  env = dict(os.environ, XLA_FLAGS=XLA + "8", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8, XLA), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   logs.append(f"{one}.log")
   procs.append(_start([sys.executable, ONE_PROCESS, f"--port={_free_port()}"]
                       + _args(inputs, one), env, logs[-1]))

@@ -36,6 +36,7 @@ import time
 import pytest
 
 import kill_resume as kr
+from fake_devices import xla_flags
 
 ROOT = kr.ROOT
 ONE_PROCESS = os.path.join(ROOT, "tests", "one_process_gloo.py")
@@ -81,7 +82,7 @@ ARGS = [
 ]
 # LLVM at -O0: the tiny programs compile in less time than they would save running (each process
 # of a multi-process run compiles for itself: JAX's persistent cache serves process 0 only).
-XLA = "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count="
+XLA = "--xla_backend_optimization_level=0"
 TIMEOUT = 900
 
 
@@ -100,7 +101,7 @@ class Run:
 
   def start(self):
     port, self.starts = _free_port(), self.starts + 1
-    env = dict(os.environ, XLA_FLAGS=XLA + str(8 // self.n), JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8 // self.n, XLA), JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT)
     if self.n > 1:   # JAX's persistent cache serves process 0 only: a process 0 that loads a step
       # from it waits at the step's first collective while process 1 compiles, and gloo gives up

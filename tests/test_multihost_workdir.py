@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from fake_devices import xla_flags
 from rlhf_jax import workdir
 from rlhf_jax.errors import UserError
 
@@ -55,7 +56,7 @@ def _two_processes(tmp_path, *extra):
   from test_multihost import _finish, _free_port
   out = str(tmp_path / "result")
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
   procs = []
   for i in range(2):
     with open(f"{out}.{i}.log", "w") as log:
