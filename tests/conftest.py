@@ -7,7 +7,7 @@ import copy
 import dataclasses
 import os
 
-from fake_devices import COLLECTIVE_TIMEOUT, xla_flags  # noqa: E402  (tests/ helper module)
+from fake_devices import COLLECTIVE_TIMEOUT, xla_flags  # tests/ helper module (imports no jax)
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:

@@ -2,7 +2,8 @@
 
 On fake CPU devices a collective waits, in one rendezvous, for the threads of all N devices; XLA
 aborts the whole process (SIGABRT, exit 134, no Python traceback) when one of them has not arrived
-within `xla_cpu_collective_call_terminate_timeout_seconds` (40 s by default). A device can be that
+within `xla_cpu_collective_call_warn_stuck_timeout_seconds` + `..._terminate_timeout_seconds`
+(20 + 40 s by default). A device can be that
 late with nothing wrong: it is still running a program dispatched before (JAX dispatches
 asynchronously), or a loaded 2-core machine runs its thread late. CI died this way in
 tests/test_micro_batches.py. The tests give it 15 minutes: a real deadlock still ends in an

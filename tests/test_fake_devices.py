@@ -38,7 +38,8 @@ def _run(flags):
 @pytest.mark.slow
 def test_a_device_late_for_a_collective_aborts_xla_unless_the_timeout_is_long():
   """XLA waits `warn_stuck` then `terminate` seconds (3 s here) for the device busy ~8 s, then
-  aborts (SIGABRT: exit 134 in a shell, as CI did); with the tests' flags the same program finishes with the right sum."""
+  aborts (SIGABRT: exit 134 in a shell, as CI did); with the tests' flags the same program
+  finishes with the right sum."""
   short = _run("--xla_force_host_platform_device_count=8 "
                "--xla_cpu_collective_call_warn_stuck_timeout_seconds=1 "
                "--xla_cpu_collective_call_terminate_timeout_seconds=2")

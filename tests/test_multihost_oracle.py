@@ -16,12 +16,12 @@ import pytest
 
 import kill_resume as kr
 from fake_devices import xla_flags
+from test_multihost_pipeline import XLA   # LLVM at -O0, as there
 from rlhf_jax.models import ModelConfig, init_params
 
 ROOT = kr.ROOT
 ONE_PROCESS = os.path.join(ROOT, "tests", "one_process_gloo.py")
 SIZES = {"ptx": 50, "sft": 50, "comparisons": 20, "prompts": 64, "validation": 16}
-XLA = "--xla_backend_optimization_level=0"
 
 
 @pytest.fixture(scope="module")
