@@ -98,7 +98,9 @@ def _iterate(s, txs, mesh=None, frozen_dtype=None):
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
   iteration = jax.jit(ppo_iteration.make_iteration(CFG, CFG, CFG, s, txs, mesh))
   with sharding.activate(mesh) if mesh is not None else _nothing():
-    return iteration(state, frozen, batch, jax.random.key(7))
+    # Finished before returning: a mesh iteration dispatched while the one-device reference still
+    # ran deadlocked XLA:CPU's all-reduce (seen once in 8 runs; CI's exit 134).
+    return jax.block_until_ready(iteration(state, frozen, batch, jax.random.key(7)))
 
 
 class _nothing:
